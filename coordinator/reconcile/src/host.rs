@@ -1,0 +1,728 @@
+//! The `BareMetalHost` type family in the metal3.io/v1alpha1 shape.
+//!
+//! Field names and string values follow metal3's CRD exactly, so existing manifests parse
+//! unchanged and `kubectl get bmh -o yaml` looks familiar. Slipway's own additions to the status
+//! live under clearly named fields (`progress`, `agent`, `currentCommand`, `retryAfter`).
+//!
+//! The spec rejects unknown fields (a typo must not silently drop an intent). metal3 fields that
+//! Slipway parses but does not act on yet (`raid`, `firmware`, `customDeploy`, `bmc` drivers
+//! beyond none) are kept as raw values and refused by [`crate::validate`] with a message,
+//! rather than ignored.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// API group/version of the BareMetalHost kind.
+pub const API_VERSION: &str = "metal3.io/v1alpha1";
+/// The kind name.
+pub const KIND: &str = "BareMetalHost";
+
+/// A host as declared by its owner (spec) and observed by Slipway (status).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BareMetalHost {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: HostSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<HostStatus>,
+}
+
+/// The subset of Kubernetes object metadata Slipway uses. Other metadata fields (managedFields,
+/// ownerReferences, ...) are accepted and dropped, so `kubectl get -o yaml` output parses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+}
+
+/// What the owner wants of the host.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostSpec {
+    /// How to reach the host's BMC. Absent: power is by hand and the host is driven only through
+    /// its agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bmc: Option<BmcDetails>,
+    /// MAC address of the NIC the host PXE-boots from.
+    #[serde(default, rename = "bootMACAddress", skip_serializing_if = "Option::is_none")]
+    pub boot_mac_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_mode: Option<BootMode>,
+    /// Whether the host should be powered on.
+    #[serde(default)]
+    pub online: bool,
+    /// The image to provision. Setting it provisions the host; removing it deprovisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Image>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_device_hints: Option<RootDeviceHints>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_data: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_data: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprovisioning_network_data_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automated_cleaning_mode: Option<CleaningMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_ref: Option<ObjectReference>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub externally_provisioned: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inspection_mode: Option<InspectionMode>,
+    /// Free text for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Deprecated in metal3; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    /// metal3 fields Slipway does not implement yet: parsed so the error can say so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raid: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_deploy: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taints: Option<serde_json::Value>,
+}
+
+impl HostSpec {
+    /// The image to provision, if one is set with a non-empty URL.
+    pub fn wanted_image(&self) -> Option<&Image> {
+        self.image.as_ref().filter(|i| !i.url.is_empty())
+    }
+
+    /// The cleaning mode, with metal3's default (`metadata`).
+    pub fn cleaning_mode(&self) -> CleaningMode {
+        self.automated_cleaning_mode.unwrap_or_default()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BmcDetails {
+    pub address: String,
+    #[serde(default)]
+    pub credentials_name: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disable_certificate_verification: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootMode {
+    #[serde(rename = "UEFI")]
+    Uefi,
+    #[serde(rename = "UEFISecureBoot")]
+    UefiSecureBoot,
+    #[serde(rename = "legacy")]
+    Legacy,
+}
+
+/// The image to write to the root disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Image {
+    /// http(s) URL of the image.
+    pub url: String,
+    /// The expected digest (hex), or a URL of a checksum file (`SHA256SUMS` style).
+    #[serde(default)]
+    pub checksum: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum_type: Option<ChecksumType>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ImageFormat>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChecksumType {
+    Md5,
+    Sha256,
+    Sha512,
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageFormat {
+    #[serde(rename = "raw")]
+    Raw,
+    #[serde(rename = "qcow2")]
+    Qcow2,
+    #[serde(rename = "live-iso")]
+    LiveIso,
+}
+
+/// metal3's root device hints: every set field must match the chosen disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RootDeviceHints {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hctl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_number: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_size_gigabytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn_with_extension: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn_vendor_extension: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotational: Option<bool>,
+}
+
+/// A reference to a Secret holding userData, networkData or metaData.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CleaningMode {
+    /// Wipe partition tables and signatures before and after provisioning (metal3 default).
+    #[default]
+    Metadata,
+    Disabled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InspectionMode {
+    Agent,
+    Disabled,
+}
+
+/// A Kubernetes object reference (consumerRef).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectReference {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_path: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+
+/// What Slipway observed of the host. Written only by [`crate::plan`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostStatus {
+    #[serde(default)]
+    pub operational_status: OperationalStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<ErrorType>,
+    #[serde(default)]
+    pub error_message: String,
+    #[serde(default)]
+    pub error_count: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<HardwareDetails>,
+    #[serde(default)]
+    pub provisioning: ProvisionStatus,
+    #[serde(default)]
+    pub powered_on: bool,
+    #[serde(default)]
+    pub operation_history: OperationHistory,
+
+    // ----- Slipway additions -----
+    /// Progress of the running command (image write), for `slipway get hosts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// The agent session, as last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
+    /// The command the host is waiting on. Persisted so a restarted coordinator asks the agent
+    /// about the same command instead of starting another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_command: Option<CommandRecord>,
+    /// After a failure, the earliest time of the next attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<Timestamp>,
+}
+
+impl HostStatus {
+    pub fn state(&self) -> ProvisioningState {
+        self.provisioning.state
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperationalStatus {
+    #[default]
+    #[serde(rename = "OK")]
+    Ok,
+    #[serde(rename = "discovered")]
+    Discovered,
+    #[serde(rename = "error")]
+    Error,
+    #[serde(rename = "delayed")]
+    Delayed,
+    #[serde(rename = "detached")]
+    Detached,
+}
+
+/// metal3's error types, as shown in the ERROR column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorType {
+    #[serde(rename = "registration error")]
+    Registration,
+    #[serde(rename = "inspection error")]
+    Inspection,
+    #[serde(rename = "preparation error")]
+    Preparation,
+    #[serde(rename = "provisioning error")]
+    Provisioning,
+    #[serde(rename = "provisioned registration error")]
+    ProvisionedRegistration,
+    #[serde(rename = "power management error")]
+    PowerManagement,
+    #[serde(rename = "detach error")]
+    Detach,
+}
+
+impl ErrorType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::Registration => "registration error",
+            ErrorType::Inspection => "inspection error",
+            ErrorType::Preparation => "preparation error",
+            ErrorType::Provisioning => "provisioning error",
+            ErrorType::ProvisionedRegistration => "provisioned registration error",
+            ErrorType::PowerManagement => "power management error",
+            ErrorType::Detach => "detach error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// metal3's provisioning states, with metal3's names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ProvisioningState {
+    /// Not yet seen by the state machine.
+    #[default]
+    #[serde(rename = "")]
+    None,
+    #[serde(rename = "unmanaged")]
+    Unmanaged,
+    #[serde(rename = "registering")]
+    Registering,
+    #[serde(rename = "inspecting")]
+    Inspecting,
+    #[serde(rename = "preparing")]
+    Preparing,
+    #[serde(rename = "available")]
+    Available,
+    #[serde(rename = "provisioning")]
+    Provisioning,
+    #[serde(rename = "provisioned")]
+    Provisioned,
+    #[serde(rename = "externally provisioned")]
+    ExternallyProvisioned,
+    #[serde(rename = "deprovisioning")]
+    Deprovisioning,
+    #[serde(rename = "powering off before delete")]
+    PoweringOffBeforeDelete,
+    #[serde(rename = "deleting")]
+    Deleting,
+}
+
+impl ProvisioningState {
+    /// Every state, in the order of a host's life.
+    pub const ALL: [ProvisioningState; 12] = [
+        ProvisioningState::None,
+        ProvisioningState::Unmanaged,
+        ProvisioningState::Registering,
+        ProvisioningState::Inspecting,
+        ProvisioningState::Preparing,
+        ProvisioningState::Available,
+        ProvisioningState::Provisioning,
+        ProvisioningState::Provisioned,
+        ProvisioningState::ExternallyProvisioned,
+        ProvisioningState::Deprovisioning,
+        ProvisioningState::PoweringOffBeforeDelete,
+        ProvisioningState::Deleting,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProvisioningState::None => "",
+            ProvisioningState::Unmanaged => "unmanaged",
+            ProvisioningState::Registering => "registering",
+            ProvisioningState::Inspecting => "inspecting",
+            ProvisioningState::Preparing => "preparing",
+            ProvisioningState::Available => "available",
+            ProvisioningState::Provisioning => "provisioning",
+            ProvisioningState::Provisioned => "provisioned",
+            ProvisioningState::ExternallyProvisioned => "externally provisioned",
+            ProvisioningState::Deprovisioning => "deprovisioning",
+            ProvisioningState::PoweringOffBeforeDelete => "powering off before delete",
+            ProvisioningState::Deleting => "deleting",
+        }
+    }
+}
+
+impl fmt::Display for ProvisioningState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisionStatus {
+    #[serde(default)]
+    pub state: ProvisioningState,
+    /// The image being (or last) provisioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Image>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_device_hints: Option<RootDeviceHints>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_mode: Option<BootMode>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationHistory {
+    #[serde(default)]
+    pub register: OperationMetric,
+    #[serde(default)]
+    pub inspect: OperationMetric,
+    #[serde(default)]
+    pub provision: OperationMetric,
+    #[serde(default)]
+    pub deprovision: OperationMetric,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OperationMetric {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<Timestamp>,
+}
+
+impl OperationMetric {
+    pub fn begin(&mut self, now: Timestamp) {
+        self.start = Some(now);
+        self.end = None;
+    }
+}
+
+/// Progress of the current command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub command_id: String,
+    pub phase: String,
+    pub bytes_done: u64,
+    /// 0 when unknown.
+    pub bytes_total: u64,
+    #[serde(default)]
+    pub bytes_per_second: u64,
+}
+
+impl Progress {
+    /// Whole percent done, when the total is known.
+    pub fn percent(&self) -> Option<u64> {
+        (self.bytes_total > 0)
+            .then(|| (u128::from(self.bytes_done) * 100 / u128::from(self.bytes_total)) as u64)
+    }
+}
+
+/// The host's agent session, as last seen by the coordinator.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub connected: bool,
+    /// When the current (or last) session started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
+    /// When the session was lost, while disconnected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnected_at: Option<Timestamp>,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// A command sent to the host's agent and not yet answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandRecord {
+    pub id: String,
+    pub kind: CommandKind,
+    pub issued_at: Timestamp,
+}
+
+/// What a command asks the agent to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum CommandKind {
+    Inspect,
+    #[serde(rename_all = "camelCase")]
+    WriteImage {
+        image: Image,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root_device_hints: Option<RootDeviceHints>,
+    },
+    /// Wipe partition tables and signatures of the host's disks (metadata cleaning).
+    EraseMetadata,
+    Reboot,
+    PowerOff,
+}
+
+impl CommandKind {
+    /// The short name used in command ids and messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CommandKind::Inspect => "inspect",
+            CommandKind::WriteImage { .. } => "write-image",
+            CommandKind::EraseMetadata => "erase-metadata",
+            CommandKind::Reboot => "reboot",
+            CommandKind::PowerOff => "power-off",
+        }
+    }
+
+    /// Whether `self` and `other` ask for the same kind of work (arguments aside).
+    pub fn same_kind(&self, other: &CommandKind) -> bool {
+        self.name() == other.name()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hardware (metal3 HardwareDetails)
+
+/// The inventory summary metal3 keeps in `status.hardware`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HardwareDetails {
+    #[serde(default)]
+    pub system_vendor: HardwareSystemVendor,
+    #[serde(default)]
+    pub firmware: Firmware,
+    #[serde(default)]
+    pub ram_mebibytes: u64,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+    #[serde(default)]
+    pub storage: Vec<Storage>,
+    #[serde(default)]
+    pub cpu: Cpu,
+    #[serde(default)]
+    pub hostname: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HardwareSystemVendor {
+    #[serde(default)]
+    pub manufacturer: String,
+    #[serde(default)]
+    pub product_name: String,
+    #[serde(default)]
+    pub serial_number: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Firmware {
+    #[serde(default)]
+    pub bios: Bios,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bios {
+    #[serde(default)]
+    pub date: String,
+    #[serde(default)]
+    pub vendor: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Nic {
+    pub name: String,
+    #[serde(default)]
+    pub model: String,
+    pub mac: String,
+    #[serde(default)]
+    pub ip: String,
+    #[serde(default)]
+    pub speed_gbps: u32,
+    #[serde(default)]
+    pub pxe: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Storage {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternate_names: Vec<String>,
+    #[serde(default)]
+    pub rotational: bool,
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub vendor: String,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub serial_number: String,
+    #[serde(default)]
+    pub wwn: String,
+    #[serde(default)]
+    pub wwn_vendor_extension: String,
+    #[serde(default)]
+    pub wwn_with_extension: String,
+    #[serde(default)]
+    pub hctl: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cpu {
+    #[serde(default)]
+    pub arch: String,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub clock_megahertz: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+    #[serde(default)]
+    pub count: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metal3_example_manifest_parses() {
+        // The shape of metal3's own docs example, with the fields Slipway supports.
+        let yaml = r#"
+apiVersion: metal3.io/v1alpha1
+kind: BareMetalHost
+metadata:
+  name: worker-0
+  namespace: metal3
+  labels: {rack: r1}
+spec:
+  online: true
+  bootMACAddress: "00:11:22:33:44:55"
+  bootMode: UEFI
+  bmc:
+    address: redfish://192.168.111.1:8000/redfish/v1/Systems/1
+    credentialsName: worker-0-bmc-secret
+  image:
+    url: http://172.22.0.1/images/rhcos.qcow2
+    checksum: http://172.22.0.1/images/rhcos.qcow2.sha256sum
+    checksumType: sha256
+    format: qcow2
+  rootDeviceHints:
+    deviceName: /dev/sda
+    minSizeGigabytes: 20
+    rotational: false
+  userData: {name: worker-user-data, namespace: metal3}
+  automatedCleaningMode: disabled
+  consumerRef: {apiVersion: infrastructure.cluster.x-k8s.io/v1beta1, kind: Metal3Machine, name: m0}
+"#;
+        let host: BareMetalHost = serde_yaml_ng::from_str(yaml).unwrap();
+        assert_eq!(host.metadata.name, "worker-0");
+        assert_eq!(host.spec.boot_mac_address.as_deref(), Some("00:11:22:33:44:55"));
+        assert_eq!(host.spec.boot_mode, Some(BootMode::Uefi));
+        let image = host.spec.wanted_image().unwrap();
+        assert_eq!(image.format, Some(ImageFormat::Qcow2));
+        assert_eq!(image.checksum_type, Some(ChecksumType::Sha256));
+        assert_eq!(host.spec.cleaning_mode(), CleaningMode::Disabled);
+        let hints = host.spec.root_device_hints.as_ref().unwrap();
+        assert_eq!(hints.min_size_gigabytes, Some(20));
+        assert_eq!(hints.rotational, Some(false));
+    }
+
+    #[test]
+    fn unknown_spec_field_is_refused() {
+        let yaml = "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata: {name: a}\nspec: {onlin: true}\n";
+        let err = serde_yaml_ng::from_str::<BareMetalHost>(yaml).unwrap_err().to_string();
+        assert!(err.contains("unknown field `onlin`"), "{err}");
+    }
+
+    #[test]
+    fn status_round_trips_with_metal3_strings() {
+        let mut status = HostStatus::default();
+        status.provisioning.state = ProvisioningState::PoweringOffBeforeDelete;
+        status.error_type = Some(ErrorType::Provisioning);
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["provisioning"]["state"], "powering off before delete");
+        assert_eq!(json["errorType"], "provisioning error");
+        assert_eq!(json["operationalStatus"], "OK");
+        let back: HostStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, status);
+    }
+
+    #[test]
+    fn state_names_match_serde() {
+        for state in ProvisioningState::ALL {
+            let json = serde_json::to_value(state).unwrap();
+            assert_eq!(json, state.as_str());
+        }
+    }
+}

@@ -1,0 +1,611 @@
+//! The host state machine: `plan(desired, observed, now) -> Plan`.
+//!
+//! `plan` is level-triggered: it looks at what the owner wants ([`Desired`]), what Slipway last
+//! wrote and what it sees now ([`Observed`]), and returns the status to write and the actions to
+//! take. It is called after every event (a spec change, an agent connecting, a command result,
+//! a timer) and is safe to call any number of times: calling it again with the same inputs and
+//! the returned status asks for nothing new.
+//!
+//! One handler per state, in metal3's vocabulary. A host moves through
+//! `registering -> inspecting -> preparing -> available -> provisioning -> provisioned`;
+//! removing the image deprovisions it, deleting its document removes it.
+//!
+//! Commands to the agent are tracked in `status.currentCommand` (persisted), so a restarted
+//! coordinator asks the agent about the same command instead of starting another, and the agent
+//! (which keeps commands by id) never runs one twice.
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::host::{
+    AgentStatus, CleaningMode, CommandKind, CommandRecord, ErrorType, HardwareDetails, HostSpec,
+    HostStatus, InspectionMode, OperationalStatus, Progress, ProvisioningState,
+};
+use crate::validate;
+
+/// Timing policy for retries and lost agents.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// First retry delay after a failure; doubles with every further failure.
+    pub retry_base: SignedDuration,
+    /// The longest retry delay.
+    pub retry_max: SignedDuration,
+    /// How long a command may wait for a disconnected agent before the host shows an error.
+    pub agent_lost_after: SignedDuration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            retry_base: SignedDuration::from_secs(10),
+            retry_max: SignedDuration::from_mins(10),
+            agent_lost_after: SignedDuration::from_mins(10),
+        }
+    }
+}
+
+impl Policy {
+    /// Delay before attempt `n + 1` after `n` consecutive failures (n >= 1).
+    pub fn backoff(&self, failures: u32) -> SignedDuration {
+        let exp = failures.saturating_sub(1).min(30);
+        let secs = self.retry_base.as_secs().saturating_mul(1i64 << exp);
+        SignedDuration::from_secs(secs).min(self.retry_max)
+    }
+}
+
+/// What the owner wants.
+#[derive(Clone, Copy, Debug)]
+pub struct Desired<'a> {
+    pub spec: &'a HostSpec,
+    /// The host's document was removed (files mode) or is being deleted (Kubernetes).
+    pub deleted: bool,
+    pub policy: &'a Policy,
+}
+
+/// What Slipway knows: the status it last wrote, and what it sees now.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    pub status: &'a HostStatus,
+    /// The host's live agent session, if any.
+    pub agent: Option<&'a AgentLink>,
+    /// What the agent says about `status.current_command`.
+    pub command: CommandView<'a>,
+}
+
+/// A live agent session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentLink {
+    pub since: Timestamp,
+    pub address: String,
+    pub version: String,
+}
+
+/// The agent's view of the host's current command.
+#[derive(Clone, Copy, Debug)]
+pub enum CommandView<'a> {
+    /// No agent, or an agent that has not heard of the command (e.g. it restarted).
+    Unknown,
+    /// Sent in this session, or reported running; with its latest progress.
+    Running(Option<&'a Progress>),
+    Succeeded(&'a CommandSuccess),
+    Failed(&'a CommandFailure),
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CommandSuccess {
+    pub message: String,
+    /// Present in the result of `inspect`.
+    pub hardware: Option<HardwareDetails>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommandFailure {
+    pub message: String,
+}
+
+/// The outcome of [`plan`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The status to write (identical to the observed one when nothing changed).
+    pub status: HostStatus,
+    pub actions: Vec<Action>,
+    /// Call `plan` again at this time even if nothing happens (a retry or a timeout is due).
+    pub wake_at: Option<Timestamp>,
+}
+
+/// Something the executor must do, after it has stored `Plan::status`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send a command to the host's agent (again, if it has the same id as before).
+    Send(CommandRecord),
+    /// The host is gone: drop its record, tokens and certificates.
+    Forget,
+    /// Record an event for `describe` / `kubectl describe`.
+    Record(Event),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub warning: bool,
+    /// CamelCase reason, as in Kubernetes events.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Steps a single `plan` call may take through states that finish at once.
+const MAX_STEPS: usize = 8;
+
+/// Decide what to do for one host.
+pub fn plan(desired: &Desired<'_>, observed: &Observed<'_>, now: Timestamp) -> Plan {
+    let mut p = Planner {
+        d: *desired,
+        o: *observed,
+        now,
+        status: observed.status.clone(),
+        actions: Vec::new(),
+        wake_at: None,
+        view_for: observed.status.current_command.as_ref().map(|c| c.id.clone()),
+    };
+    p.track_agent();
+    for _ in 0..MAX_STEPS {
+        let before = p.status.provisioning.state;
+        p.step();
+        if p.status.provisioning.state == before {
+            break;
+        }
+    }
+    p.finish()
+}
+
+struct Planner<'a> {
+    d: Desired<'a>,
+    o: Observed<'a>,
+    now: Timestamp,
+    status: HostStatus,
+    actions: Vec<Action>,
+    wake_at: Option<Timestamp>,
+    /// The command id the observed `CommandView` is about.
+    view_for: Option<String>,
+}
+
+/// Where a command-driven step stands.
+enum Drive {
+    Waiting,
+    Done(CommandSuccess),
+    Failed,
+}
+
+impl Planner<'_> {
+    fn state(&self) -> ProvisioningState {
+        self.status.provisioning.state
+    }
+
+    fn go(&mut self, to: ProvisioningState) {
+        let from = self.state();
+        if from == to {
+            return;
+        }
+        self.status.provisioning.state = to;
+        let message = if from == ProvisioningState::None {
+            format!("host is {to}")
+        } else {
+            format!("{from} -> {to}")
+        };
+        self.record(false, "StateChanged", message);
+    }
+
+    fn record(&mut self, warning: bool, reason: &'static str, message: String) {
+        self.actions.push(Action::Record(Event { warning, reason, message }));
+    }
+
+    fn wake(&mut self, at: Timestamp) {
+        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+    }
+
+    fn after(&self, d: SignedDuration) -> Timestamp {
+        self.now.checked_add(d).unwrap_or(Timestamp::MAX)
+    }
+
+    /// Mirror the live agent session into `status.agent`.
+    fn track_agent(&mut self) {
+        match (self.o.agent, &mut self.status.agent) {
+            (Some(link), current) => {
+                let fresh = current
+                    .as_ref()
+                    .is_none_or(|a| !a.connected || a.since != Some(link.since));
+                if fresh {
+                    *current = Some(AgentStatus {
+                        connected: true,
+                        since: Some(link.since),
+                        disconnected_at: None,
+                        address: link.address.clone(),
+                        version: link.version.clone(),
+                    });
+                    let message = format!("agent {} connected from {}", link.version, link.address);
+                    self.record(false, "AgentConnected", message);
+                }
+            }
+            (None, Some(agent)) if agent.connected => {
+                agent.connected = false;
+                agent.disconnected_at = Some(self.now);
+                self.record(false, "AgentDisconnected", "agent session ended".into());
+            }
+            (None, _) => {}
+        }
+    }
+
+    fn step(&mut self) {
+        use ProvisioningState as S;
+        if self.d.deleted {
+            if !matches!(self.state(), S::PoweringOffBeforeDelete | S::Deleting) {
+                self.abandon_command();
+                self.go(S::PoweringOffBeforeDelete);
+            }
+        } else if matches!(self.state(), S::PoweringOffBeforeDelete | S::Deleting) {
+            // Deleted and declared again before the record was dropped: start afresh.
+            self.abandon_command();
+            self.go(S::Registering);
+            self.status.operation_history.register.begin(self.now);
+            return;
+        }
+        if !matches!(self.state(), S::None | S::Unmanaged | S::Registering) && !self.d.deleted {
+            // A spec that became invalid after registration holds the host (no new commands)
+            // with the problem shown, until the owner fixes it.
+            let problems = validate::registration_problems(self.d.spec);
+            if !problems.is_empty() {
+                self.fail_steady(ErrorType::Registration, validate::describe(&problems));
+                return;
+            }
+            if self.status.error_type == Some(ErrorType::Registration) {
+                self.clear_error();
+            }
+        }
+        match self.state() {
+            S::None => {
+                self.go(S::Registering);
+                self.status.operation_history.register.begin(self.now);
+            }
+            S::Unmanaged => {
+                if self.d.spec.bmc.is_some() {
+                    self.go(S::Registering);
+                    self.status.operation_history.register.begin(self.now);
+                }
+            }
+            S::Registering => self.registering(),
+            S::Inspecting => self.inspecting(),
+            S::Preparing => self.preparing(),
+            S::Available => self.available(),
+            S::Provisioning => self.provisioning(),
+            S::Provisioned => self.provisioned(),
+            S::ExternallyProvisioned => self.externally_provisioned(),
+            S::Deprovisioning => self.deprovisioning(),
+            S::PoweringOffBeforeDelete => {
+                if self.o.agent.is_some() {
+                    let cmd = self.new_command(CommandKind::PowerOff);
+                    self.actions.push(Action::Send(cmd));
+                }
+                self.go(S::Deleting);
+            }
+            S::Deleting => {
+                if !self.actions.contains(&Action::Forget) {
+                    self.actions.push(Action::Forget);
+                }
+            }
+        }
+    }
+
+    fn registering(&mut self) {
+        let problems = validate::registration_problems(self.d.spec);
+        if !problems.is_empty() {
+            self.fail_steady(ErrorType::Registration, validate::describe(&problems));
+            return;
+        }
+        self.clear_error();
+        self.status.operation_history.register.end = Some(self.now);
+        if self.d.spec.externally_provisioned {
+            self.go(ProvisioningState::ExternallyProvisioned);
+        } else if self.d.spec.inspection_mode == Some(InspectionMode::Disabled) {
+            self.go(ProvisioningState::Preparing);
+        } else {
+            self.status.operation_history.inspect.begin(self.now);
+            self.go(ProvisioningState::Inspecting);
+        }
+    }
+
+    fn inspecting(&mut self) {
+        if self.d.spec.inspection_mode == Some(InspectionMode::Disabled) {
+            self.abandon_command();
+            self.go(ProvisioningState::Preparing);
+            return;
+        }
+        if let Drive::Done(success) = self.drive(CommandKind::Inspect, ErrorType::Inspection) {
+            match success.hardware {
+                Some(hardware) => {
+                    self.status.hardware = Some(hardware);
+                    self.status.operation_history.inspect.end = Some(self.now);
+                    self.clear_error();
+                    self.go(ProvisioningState::Preparing);
+                }
+                None => self.fail(
+                    ErrorType::Inspection,
+                    "the agent answered the inspect command without an inventory; this is a bug \
+                     in the agent, report it with the agent's log"
+                        .into(),
+                ),
+            }
+        }
+    }
+
+    /// Automated cleaning before the host becomes available (metal3's `preparing`).
+    fn preparing(&mut self) {
+        if self.d.spec.externally_provisioned {
+            self.abandon_command();
+            self.go(ProvisioningState::ExternallyProvisioned);
+            return;
+        }
+        if self.d.spec.cleaning_mode() == CleaningMode::Disabled {
+            self.abandon_command();
+            self.go(ProvisioningState::Available);
+            return;
+        }
+        if let Drive::Done(_) = self.drive(CommandKind::EraseMetadata, ErrorType::Preparation) {
+            self.clear_error();
+            self.go(ProvisioningState::Available);
+        }
+    }
+
+    fn available(&mut self) {
+        if self.d.spec.externally_provisioned {
+            self.go(ProvisioningState::ExternallyProvisioned);
+            return;
+        }
+        if let Some(image) = self.d.spec.wanted_image() {
+            self.status.provisioning.image = Some(image.clone());
+            self.status.provisioning.root_device_hints = self.d.spec.root_device_hints.clone();
+            self.status.provisioning.boot_mode = self.d.spec.boot_mode;
+            self.status.operation_history.provision.begin(self.now);
+            self.go(ProvisioningState::Provisioning);
+        }
+    }
+
+    fn provisioning(&mut self) {
+        let Some(image) = self.d.spec.wanted_image().cloned() else {
+            self.abandon_command();
+            self.begin_deprovisioning();
+            return;
+        };
+        // The spec changed since the attempt began: the next attempt uses it, at once.
+        if self.status.current_command.is_none()
+            && self.status.provisioning.image.as_ref() != Some(&image)
+        {
+            self.status.provisioning.image = Some(image.clone());
+            self.status.provisioning.root_device_hints = self.d.spec.root_device_hints.clone();
+            self.status.retry_after = None;
+        }
+        let problems = validate::provisioning_problems(self.d.spec);
+        if !problems.is_empty() && self.status.current_command.is_none() {
+            self.fail_steady(ErrorType::Provisioning, validate::describe(&problems));
+            return;
+        }
+        let written = self.status.provisioning.image.clone().unwrap_or_else(|| image.clone());
+        let want = CommandKind::WriteImage {
+            image: written.clone(),
+            root_device_hints: self.status.provisioning.root_device_hints.clone(),
+        };
+        if let Drive::Done(success) = self.drive(want, ErrorType::Provisioning) {
+            if written != image {
+                // The owner changed the image while the old one was being written.
+                self.wake(self.now);
+                self.record(
+                    false,
+                    "ImageChanged",
+                    format!("spec.image changed to {} while writing {}; writing it now", image.url, written.url),
+                );
+                self.status.provisioning.image = Some(image);
+                self.status.provisioning.root_device_hints = self.d.spec.root_device_hints.clone();
+                return;
+            }
+            self.status.operation_history.provision.end = Some(self.now);
+            self.clear_error();
+            self.record(false, "ProvisioningComplete", success.message);
+            self.go(ProvisioningState::Provisioned);
+            // Boot the new OS (or stay off), without waiting for an answer: the agent goes away.
+            let kind = if self.d.spec.online { CommandKind::Reboot } else { CommandKind::PowerOff };
+            self.status.powered_on = self.d.spec.online;
+            let cmd = self.new_command(kind);
+            self.actions.push(Action::Send(cmd));
+        }
+    }
+
+    fn provisioned(&mut self) {
+        if self.d.spec.wanted_image().is_none() {
+            self.begin_deprovisioning();
+        }
+    }
+
+    fn begin_deprovisioning(&mut self) {
+        self.status.operation_history.deprovision.begin(self.now);
+        self.go(ProvisioningState::Deprovisioning);
+    }
+
+    fn deprovisioning(&mut self) {
+        let done = self.d.spec.cleaning_mode() == CleaningMode::Disabled || {
+            matches!(
+                self.drive(CommandKind::EraseMetadata, ErrorType::Provisioning),
+                Drive::Done(_)
+            )
+        };
+        if done {
+            self.abandon_command();
+            self.status.provisioning.image = None;
+            self.status.provisioning.root_device_hints = None;
+            self.status.operation_history.deprovision.end = Some(self.now);
+            self.clear_error();
+            self.go(ProvisioningState::Available);
+        }
+    }
+
+    fn externally_provisioned(&mut self) {
+        if !self.d.spec.externally_provisioned {
+            if self.status.hardware.is_some() {
+                self.go(ProvisioningState::Preparing);
+            } else {
+                self.status.operation_history.inspect.begin(self.now);
+                self.go(ProvisioningState::Inspecting);
+            }
+        }
+    }
+
+    // ----- commands -----
+
+    fn new_command(&self, kind: CommandKind) -> CommandRecord {
+        CommandRecord {
+            id: format!("{}-{}", kind.name(), self.now.as_millisecond()),
+            kind,
+            issued_at: self.now,
+        }
+    }
+
+    /// The agent's view of the current command, if it is still the one that was observed.
+    fn view(&self) -> CommandView<'_> {
+        let current = self.status.current_command.as_ref().map(|c| &c.id);
+        if current.is_some() && current == self.view_for.as_ref() {
+            self.o.command
+        } else {
+            CommandView::Unknown
+        }
+    }
+
+    fn abandon_command(&mut self) {
+        self.status.current_command = None;
+        self.status.progress = None;
+    }
+
+    /// Get `want` done by the agent: send it, wait for it, resend it after a reconnect, and
+    /// turn its failure or a lost agent into `error_type`.
+    fn drive(&mut self, want: CommandKind, error_type: ErrorType) -> Drive {
+        if let Some(current) = &self.status.current_command {
+            if !current.kind.same_kind(&want) {
+                // Left over from an earlier state; its answer no longer matters.
+                self.abandon_command();
+            }
+        }
+        let view = self.view();
+        let Some(current) = self.status.current_command.clone() else {
+            if self.o.agent.is_none() {
+                return Drive::Waiting;
+            }
+            if let Some(at) = self.status.retry_after.filter(|at| *at > self.now) {
+                self.wake(at);
+                return Drive::Waiting;
+            }
+            let cmd = self.new_command(want);
+            self.status.current_command = Some(cmd.clone());
+            self.status.progress = None;
+            self.status.retry_after = None;
+            self.actions.push(Action::Send(cmd));
+            return Drive::Waiting;
+        };
+        match view {
+            CommandView::Succeeded(success) => {
+                let success = success.clone();
+                self.abandon_command();
+                Drive::Done(success)
+            }
+            CommandView::Failed(failure) => {
+                let message = failure.message.clone();
+                self.abandon_command();
+                self.fail(error_type, message);
+                Drive::Failed
+            }
+            CommandView::Running(progress) => {
+                if let Some(progress) = progress {
+                    self.status.progress = Some(progress.clone());
+                }
+                Drive::Waiting
+            }
+            CommandView::Unknown if self.o.agent.is_some() => {
+                // A new session that has not heard of the command: ask again, same id.
+                self.actions.push(Action::Send(current));
+                Drive::Waiting
+            }
+            CommandView::Unknown => {
+                let lost_since = self
+                    .status
+                    .agent
+                    .as_ref()
+                    .and_then(|a| a.disconnected_at)
+                    .map_or(current.issued_at, |t| t.max(current.issued_at));
+                let deadline = lost_since
+                    .checked_add(self.d.policy.agent_lost_after)
+                    .unwrap_or(Timestamp::MAX);
+                if self.now < deadline {
+                    self.wake(deadline);
+                    return Drive::Waiting;
+                }
+                self.abandon_command();
+                let minutes = self.now.duration_since(lost_since).as_secs() / 60;
+                self.fail_no_retry(
+                    error_type,
+                    format!(
+                        "lost contact with the agent {minutes} min ago while it was running {}; \
+                         the host may have rebooted or lost its network: check its console. \
+                         Slipway sends the command again when the agent reconnects",
+                        current.id
+                    ),
+                );
+                Drive::Failed
+            }
+        }
+    }
+
+    // ----- errors -----
+
+    /// A failure that is retried after a backoff.
+    fn fail(&mut self, error_type: ErrorType, message: String) {
+        self.set_error(error_type, message);
+        let at = self.after(self.d.policy.backoff(self.status.error_count));
+        self.status.retry_after = Some(at);
+        self.wake(at);
+    }
+
+    /// A failure retried as soon as the agent is back.
+    fn fail_no_retry(&mut self, error_type: ErrorType, message: String) {
+        self.set_error(error_type, message);
+        self.status.retry_after = None;
+    }
+
+    /// A failure that only a spec change can fix: counted once, not retried.
+    fn fail_steady(&mut self, error_type: ErrorType, message: String) {
+        if self.status.error_type == Some(error_type) && self.status.error_message == message {
+            return;
+        }
+        self.set_error(error_type, message);
+    }
+
+    fn set_error(&mut self, error_type: ErrorType, message: String) {
+        self.status.error_type = Some(error_type);
+        self.status.error_count = self.status.error_count.saturating_add(1);
+        self.status.operational_status = OperationalStatus::Error;
+        self.record(true, "Error", format!("{error_type}: {message}"));
+        self.status.error_message = message;
+    }
+
+    fn clear_error(&mut self) {
+        if self.status.error_type.is_some() || self.status.error_count > 0 {
+            self.status.error_type = None;
+            self.status.error_message.clear();
+            self.status.error_count = 0;
+            self.status.retry_after = None;
+        }
+        if self.status.operational_status == OperationalStatus::Error {
+            self.status.operational_status = OperationalStatus::Ok;
+        }
+    }
+
+    fn finish(mut self) -> Plan {
+        if self.status != *self.o.status {
+            self.status.last_updated = Some(self.now);
+        }
+        Plan { status: self.status, actions: self.actions, wake_at: self.wake_at }
+    }
+}

@@ -1,0 +1,312 @@
+//! Semantic checks of a host's spec, beyond what parsing already refuses.
+//!
+//! Each problem names the field, says what is wrong and how to fix it. Problems come in two
+//! scopes: those that stop registration (the host cannot be managed at all) and those that only
+//! stop provisioning (the image and first-boot data).
+
+use std::fmt;
+
+use crate::host::{ChecksumType, HostSpec, Image, ImageFormat};
+
+/// One thing wrong with a spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The field, as a path in the document (`spec.image.checksum`).
+    pub field: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Joins problems into one status message.
+pub fn describe(problems: &[Problem]) -> String {
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// Problems that stop the host from being registered.
+pub fn registration_problems(spec: &HostSpec) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if let Some(mac) = &spec.boot_mac_address {
+        if parse_mac(mac).is_none() {
+            out.push(Problem {
+                field: "spec.bootMACAddress",
+                message: format!(
+                    "{mac:?} is not a MAC address; write six hex pairs separated by colons, \
+                     e.g. 52:54:00:12:34:56"
+                ),
+            });
+        }
+    }
+    if let Some(bmc) = &spec.bmc {
+        if let Err(message) = check_bmc_address(&bmc.address) {
+            out.push(Problem { field: "spec.bmc.address", message });
+        }
+    }
+    for (field, value) in [
+        ("spec.raid", &spec.raid),
+        ("spec.firmware", &spec.firmware),
+        ("spec.customDeploy", &spec.custom_deploy),
+    ] {
+        if value.is_some() {
+            out.push(Problem {
+                field,
+                message: "is not supported by Slipway yet; remove it (the host would otherwise \
+                          be provisioned without the settings you asked for)"
+                    .into(),
+            });
+        }
+    }
+    if let Some(hints) = &spec.root_device_hints {
+        if let Some(name) = &hints.device_name {
+            if !name.starts_with('/') {
+                out.push(Problem {
+                    field: "spec.rootDeviceHints.deviceName",
+                    message: format!(
+                        "{name:?} is not an absolute device path; write e.g. /dev/sda or \
+                         /dev/disk/by-path/pci-0000:00:1f.2-ata-1"
+                    ),
+                });
+            }
+        }
+        if let Some(hctl) = &hints.hctl {
+            let parts: Vec<_> = hctl.split(':').collect();
+            if parts.len() != 4 || parts.iter().any(|p| p.parse::<u32>().is_err()) {
+                out.push(Problem {
+                    field: "spec.rootDeviceHints.hctl",
+                    message: format!(
+                        "{hctl:?} is not Host:Channel:Target:Lun; write e.g. 0:0:0:0"
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Problems that stop the host from being provisioned with its current spec.
+pub fn provisioning_problems(spec: &HostSpec) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if let Some(image) = spec.wanted_image() {
+        check_image(image, &mut out);
+    }
+    for (field, value) in [
+        ("spec.userData", &spec.user_data),
+        ("spec.networkData", &spec.network_data),
+        ("spec.metaData", &spec.meta_data),
+    ] {
+        if value.is_some() {
+            out.push(Problem {
+                field,
+                message: "config drives are not written by this version of Slipway yet; remove \
+                          the reference, or the host would boot without its first-boot data"
+                    .into(),
+            });
+        }
+    }
+    out
+}
+
+fn check_image(image: &Image, out: &mut Vec<Problem>) {
+    let url = image.url.as_str();
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+        out.push(Problem {
+            field: "spec.image.url",
+            message: format!("{url:?} is not an http:// or https:// URL"),
+        });
+    }
+    match image.format {
+        None | Some(ImageFormat::Raw) => {}
+        Some(other @ (ImageFormat::Qcow2 | ImageFormat::LiveIso)) => out.push(Problem {
+            field: "spec.image.format",
+            message: format!(
+                "{} images are not written by this version of Slipway yet; convert the image \
+                 to raw (qemu-img convert -O raw) and set format: raw",
+                match other {
+                    ImageFormat::Qcow2 => "qcow2",
+                    _ => "live-iso",
+                }
+            ),
+        }),
+    }
+    let checksum = image.checksum.trim();
+    if checksum.is_empty() {
+        out.push(Problem {
+            field: "spec.image.checksum",
+            message: "is empty; give the image's digest (e.g. the output of sha256sum IMAGE) \
+                      so the agent can verify what it writes"
+                .into(),
+        });
+        return;
+    }
+    if checksum.starts_with("http://") || checksum.starts_with("https://") {
+        out.push(Problem {
+            field: "spec.image.checksum",
+            message: "checksum-file URLs are not supported by this version of Slipway yet; give \
+                      the hex digest itself"
+                .into(),
+        });
+        return;
+    }
+    if let Err(message) = checksum_kind(checksum, image.checksum_type) {
+        out.push(Problem { field: "spec.image.checksum", message });
+    }
+}
+
+/// The digest algorithm a checksum selects: the declared type, or (for `auto` and no type) the
+/// one its length implies. Errors say what is wrong with the digest.
+pub fn checksum_kind(checksum: &str, declared: Option<ChecksumType>) -> Result<ChecksumType, String> {
+    if !checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{checksum:?} is not a hex digest"));
+    }
+    let (want, name) = match declared {
+        Some(ChecksumType::Md5) => (32, "md5"),
+        Some(ChecksumType::Sha256) => (64, "sha256"),
+        Some(ChecksumType::Sha512) => (128, "sha512"),
+        None | Some(ChecksumType::Auto) => {
+            return match checksum.len() {
+                32 => Ok(ChecksumType::Md5),
+                64 => Ok(ChecksumType::Sha256),
+                128 => Ok(ChecksumType::Sha512),
+                n => Err(format!(
+                    "a digest of {n} hex digits matches no supported algorithm (md5: 32, \
+                     sha256: 64, sha512: 128)"
+                )),
+            };
+        }
+    };
+    match declared {
+        Some(kind) if checksum.len() == want => Ok(kind),
+        _ => Err(format!(
+            "checksumType is {name} but the digest has {} hex digits instead of {want}; fix the \
+             digest or the checksumType",
+            checksum.len()
+        )),
+    }
+}
+
+/// The BMC URL schemes Slipway knows, for the registration check.
+const BMC_SCHEMES: &[&str] = &[
+    "redfish",
+    "redfish+http",
+    "redfish+https",
+    "redfish-virtualmedia",
+    "redfish-virtualmedia+http",
+    "redfish-virtualmedia+https",
+    "ipmi",
+    "none",
+];
+
+fn check_bmc_address(address: &str) -> Result<(), String> {
+    if address.is_empty() {
+        return Err("is empty; give the BMC URL, e.g. redfish://10.0.0.5/redfish/v1/Systems/1, \
+                    or remove spec.bmc to power the host by hand"
+            .into());
+    }
+    let scheme = address.split_once("://").map(|(s, _)| s).unwrap_or("ipmi");
+    if BMC_SCHEMES.contains(&scheme) {
+        Ok(())
+    } else {
+        Err(format!(
+            "scheme {scheme:?} is not one Slipway knows; use one of {}",
+            BMC_SCHEMES.join(", ")
+        ))
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (also `-` separated) into bytes.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for byte in &mut out {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::{BmcDetails, RootDeviceHints, SecretRef};
+
+    fn image(url: &str, checksum: &str, kind: Option<ChecksumType>) -> Image {
+        Image { url: url.into(), checksum: checksum.into(), checksum_type: kind, format: None }
+    }
+
+    #[test]
+    fn good_spec_has_no_problems() {
+        let spec = HostSpec {
+            boot_mac_address: Some("52:54:00:12:34:56".into()),
+            image: Some(image("http://10.0.0.1/a.img", &"ab".repeat(32), None)),
+            ..Default::default()
+        };
+        assert_eq!(registration_problems(&spec), vec![]);
+        assert_eq!(provisioning_problems(&spec), vec![]);
+    }
+
+    #[test]
+    fn bad_mac_names_field_and_example() {
+        let spec = HostSpec { boot_mac_address: Some("52:54:00".into()), ..Default::default() };
+        let problems = registration_problems(&spec);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].field, "spec.bootMACAddress");
+        assert!(problems[0].message.contains("52:54:00:12:34:56"));
+    }
+
+    #[test]
+    fn checksum_length_must_fit_type() {
+        assert_eq!(checksum_kind(&"a".repeat(64), None), Ok(ChecksumType::Sha256));
+        assert_eq!(checksum_kind(&"a".repeat(128), Some(ChecksumType::Auto)), Ok(ChecksumType::Sha512));
+        assert_eq!(checksum_kind(&"a".repeat(32), Some(ChecksumType::Md5)), Ok(ChecksumType::Md5));
+        let err = checksum_kind(&"a".repeat(64), Some(ChecksumType::Sha512)).unwrap_err();
+        assert!(err.contains("64 hex digits instead of 128"), "{err}");
+        assert!(checksum_kind("xyz", None).unwrap_err().contains("not a hex digest"));
+        assert!(checksum_kind("abc", None).unwrap_err().contains("3 hex digits"));
+    }
+
+    #[test]
+    fn image_problems() {
+        let mut spec = HostSpec {
+            image: Some(image("ftp://x/y", "", None)),
+            ..Default::default()
+        };
+        let fields: Vec<_> = provisioning_problems(&spec).iter().map(|p| p.field).collect();
+        assert_eq!(fields, ["spec.image.url", "spec.image.checksum"]);
+        spec.image = Some(Image { format: Some(ImageFormat::Qcow2), ..image("http://a/b.img", &"0".repeat(64), None) });
+        let problems = provisioning_problems(&spec);
+        assert_eq!(problems[0].field, "spec.image.format");
+        assert!(problems[0].message.contains("qemu-img convert"));
+    }
+
+    #[test]
+    fn unsupported_features_are_refused_not_ignored() {
+        let spec = HostSpec {
+            raid: Some(serde_json::json!({"hardwareRAIDVolumes": []})),
+            user_data: Some(SecretRef { name: "ud".into(), namespace: None }),
+            bmc: Some(BmcDetails { address: "amt://x".into(), ..Default::default() }),
+            root_device_hints: Some(RootDeviceHints { device_name: Some("sda".into()), hctl: Some("0:0".into()), ..Default::default() }),
+            ..Default::default()
+        };
+        let reg: Vec<_> = registration_problems(&spec).iter().map(|p| p.field).collect();
+        assert_eq!(reg, ["spec.bmc.address", "spec.raid", "spec.rootDeviceHints.deviceName", "spec.rootDeviceHints.hctl"]);
+        let prov: Vec<_> = provisioning_problems(&spec).iter().map(|p| p.field).collect();
+        assert_eq!(prov, ["spec.userData"]);
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(parse_mac("52:54:00:AB:cd:01"), Some([0x52, 0x54, 0, 0xab, 0xcd, 1]));
+        assert_eq!(parse_mac("52-54-00-ab-cd-01"), Some([0x52, 0x54, 0, 0xab, 0xcd, 1]));
+        assert_eq!(parse_mac("52:54:00:ab:cd:01:02"), None);
+        assert_eq!(parse_mac("5:54:00:ab:cd:01"), None);
+        assert_eq!(parse_mac(""), None);
+    }
+}

@@ -1,0 +1,404 @@
+//! `plan` tested as a table: every state x every event, rendered one line per case and compared
+//! with `tests/transitions.txt` (review changes with `UPDATE_EXPECT=1 cargo test -p
+//! slipway-reconcile` and `git diff`). Targeted tests below check whole flows.
+
+use std::fmt::Write as _;
+
+use expect_test::expect_file;
+use jiff::{SignedDuration, Timestamp};
+use slipway_reconcile::host::{
+    AgentStatus, ChecksumType, CleaningMode, CommandKind, CommandRecord, ErrorType,
+    HardwareDetails, HostSpec, HostStatus, Image, ImageFormat, Progress, ProvisioningState as S,
+};
+use slipway_reconcile::{
+    Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Observed, Plan,
+    Policy, plan,
+};
+
+fn t0() -> Timestamp {
+    Timestamp::from_second(1_800_000_000).unwrap()
+}
+
+fn image() -> Image {
+    Image {
+        url: "http://10.0.0.1:8080/images/os.img".into(),
+        checksum: "ab".repeat(32),
+        checksum_type: Some(ChecksumType::Sha256),
+        format: Some(ImageFormat::Raw),
+    }
+}
+
+fn hardware() -> HardwareDetails {
+    HardwareDetails { ram_mebibytes: 2048, hostname: "h".into(), ..Default::default() }
+}
+
+/// The command a host in `state` waits on, if any.
+fn command_for(state: S) -> Option<CommandKind> {
+    match state {
+        S::Inspecting => Some(CommandKind::Inspect),
+        S::Preparing | S::Deprovisioning => Some(CommandKind::EraseMetadata),
+        S::Provisioning => Some(CommandKind::WriteImage { image: image(), root_device_hints: None }),
+        _ => None,
+    }
+}
+
+/// A host sitting in `state` as it would after normal operation, agent connected.
+struct Case {
+    spec: HostSpec,
+    deleted: bool,
+    status: HostStatus,
+    agent: Option<AgentLink>,
+    view: View,
+    now: Timestamp,
+}
+
+#[derive(Clone)]
+enum View {
+    Unknown,
+    Running(Option<Progress>),
+    Succeeded(CommandSuccess),
+    Failed(CommandFailure),
+}
+
+fn link(since: Timestamp) -> AgentLink {
+    AgentLink { since, address: "10.0.0.9:40000".into(), version: "0.1.0".into() }
+}
+
+fn baseline(state: S) -> Case {
+    let mut spec = HostSpec { online: true, ..Default::default() };
+    if matches!(state, S::Provisioning | S::Provisioned) {
+        spec.image = Some(image());
+    }
+    if state == S::ExternallyProvisioned {
+        spec.externally_provisioned = true;
+    }
+    let mut status = HostStatus::default();
+    status.provisioning.state = state;
+    status.agent = Some(AgentStatus {
+        connected: true,
+        since: Some(t0()),
+        address: "10.0.0.9:40000".into(),
+        version: "0.1.0".into(),
+        ..Default::default()
+    });
+    if state >= S::Preparing {
+        status.hardware = Some(hardware());
+    }
+    if matches!(state, S::Provisioning | S::Provisioned) {
+        status.provisioning.image = Some(image());
+    }
+    let view = match command_for(state) {
+        Some(kind) => {
+            status.current_command = Some(CommandRecord {
+                id: format!("{}-1", kind.name()),
+                kind,
+                issued_at: t0(),
+            });
+            View::Running(None)
+        }
+        None => View::Unknown,
+    };
+    Case {
+        spec,
+        deleted: matches!(state, S::PoweringOffBeforeDelete | S::Deleting),
+        status,
+        agent: Some(link(t0())),
+        view,
+        now: t0() + SignedDuration::from_secs(60),
+    }
+}
+
+type Event = (&'static str, fn(&mut Case));
+
+const EVENTS: &[Event] = &[
+    ("nothing", |_| {}),
+    ("agent reconnects", |c| {
+        c.agent = Some(link(c.now));
+        c.view = View::Unknown;
+    }),
+    ("agent disconnects", |c| {
+        c.agent = None;
+        c.view = View::Unknown;
+    }),
+    ("agent lost 11 min", |c| {
+        c.agent = None;
+        c.view = View::Unknown;
+        if let Some(a) = &mut c.status.agent {
+            a.connected = false;
+            a.disconnected_at = Some(t0());
+        }
+        c.now = t0() + SignedDuration::from_mins(11);
+    }),
+    ("progress", |c| {
+        c.view = View::Running(Some(Progress {
+            command_id: "x".into(),
+            phase: "download".into(),
+            bytes_done: 50,
+            bytes_total: 100,
+            bytes_per_second: 10,
+        }))
+    }),
+    ("command succeeds", |c| {
+        c.view = View::Succeeded(CommandSuccess { message: "done".into(), hardware: Some(hardware()) })
+    }),
+    ("command fails", |c| {
+        c.view = View::Failed(CommandFailure { message: "disk on fire".into() })
+    }),
+    ("image set", |c| c.spec.image = Some(image())),
+    ("image removed", |c| c.spec.image = None),
+    ("spec invalid", |c| c.spec.boot_mac_address = Some("nope".into())),
+    ("cleaning disabled", |c| c.spec.automated_cleaning_mode = Some(CleaningMode::Disabled)),
+    ("deleted", |c| c.deleted = true),
+    ("retry due", |c| {
+        c.status.current_command = None;
+        c.view = View::Unknown;
+        c.status.error_type = Some(ErrorType::Provisioning);
+        c.status.error_message = "earlier failure".into();
+        c.status.error_count = 1;
+        c.status.retry_after = Some(t0() + SignedDuration::from_secs(10));
+    }),
+];
+
+fn run(case: &Case) -> Plan {
+    let policy = Policy::default();
+    let view = match &case.view {
+        View::Unknown => CommandView::Unknown,
+        View::Running(p) => CommandView::Running(p.as_ref()),
+        View::Succeeded(s) => CommandView::Succeeded(s),
+        View::Failed(f) => CommandView::Failed(f),
+    };
+    let desired = Desired { spec: &case.spec, deleted: case.deleted, policy: &policy };
+    let observed = Observed { status: &case.status, agent: case.agent.as_ref(), command: view };
+    plan(&desired, &observed, case.now)
+}
+
+fn render(case: &Case, out: &Plan) -> String {
+    let mut line = out.status.provisioning.state.to_string();
+    if let Some(e) = out.status.error_type {
+        write!(line, " [{e} #{}]", out.status.error_count).unwrap();
+    }
+    for action in &out.actions {
+        match action {
+            Action::Send(cmd) => {
+                let again = case.status.current_command.as_ref().is_some_and(|c| c.id == cmd.id);
+                write!(line, " send:{}{}", cmd.kind.name(), if again { "(again)" } else { "" }).unwrap();
+            }
+            Action::Forget => line.push_str(" forget"),
+            Action::Record(_) => {}
+        }
+    }
+    if let Some(p) = &out.status.progress {
+        write!(line, " progress:{}%", p.percent().unwrap_or(0)).unwrap();
+    }
+    if let Some(w) = out.wake_at {
+        write!(line, " wake:+{}s", w.duration_since(case.now).as_secs()).unwrap();
+    }
+    line
+}
+
+#[test]
+fn every_state_with_every_event() {
+    let mut table = String::new();
+    for state in S::ALL {
+        let name = if state == S::None { "(new)" } else { state.as_str() };
+        writeln!(table, "{name}").unwrap();
+        for (event, apply) in EVENTS {
+            let mut case = baseline(state);
+            apply(&mut case);
+            let out = run(&case);
+            writeln!(table, "  {event:<18} -> {}", render(&case, &out)).unwrap();
+            check_invariants(&case, &out);
+        }
+    }
+    expect_file!["transitions.txt"].assert_eq(&table);
+}
+
+/// Properties that hold for every case, whatever the table says.
+fn check_invariants(case: &Case, out: &Plan) {
+    // Planning again with the result, the agent now running whatever was sent, asks for
+    // nothing new: no command is sent twice.
+    let again = Case {
+        spec: case.spec.clone(),
+        deleted: case.deleted,
+        status: out.status.clone(),
+        agent: case.agent.clone(),
+        view: if out.status.current_command.is_some() && case.agent.is_some() {
+            View::Running(None)
+        } else {
+            View::Unknown
+        },
+        now: case.now,
+    };
+    let second = run(&again);
+    let sends: Vec<_> = second.actions.iter().filter(|a| matches!(a, Action::Send(_))).collect();
+    assert!(sends.is_empty(), "re-planning {:?} sent {sends:?} again", case.status.provisioning.state);
+    assert_eq!(second.status.provisioning.state, out.status.provisioning.state);
+    // An error always carries a message.
+    if out.status.error_type.is_some() {
+        assert!(!out.status.error_message.is_empty());
+    }
+    // lastUpdated moves exactly when the status changed.
+    if out.status != case.status {
+        assert_eq!(out.status.last_updated, Some(case.now));
+    } else {
+        assert_eq!(out.status.last_updated, case.status.last_updated);
+    }
+}
+
+// ----- flows -----
+
+/// Drives a host through plan calls the way the executor does: commands sent are answered by
+/// `answer`, until nothing more happens. Returns the state transitions recorded.
+fn drive(spec: &HostSpec, status: &mut HostStatus, now: Timestamp, answer: impl Fn(&CommandKind) -> View) -> Vec<String> {
+    let policy = Policy::default();
+    let agent = link(now);
+    let mut log = Vec::new();
+    let mut view = View::Unknown;
+    for _ in 0..20 {
+        let v = match &view {
+            View::Unknown => CommandView::Unknown,
+            View::Running(p) => CommandView::Running(p.as_ref()),
+            View::Succeeded(s) => CommandView::Succeeded(s),
+            View::Failed(f) => CommandView::Failed(f),
+        };
+        let out = plan(
+            &Desired { spec, deleted: false, policy: &policy },
+            &Observed { status, agent: Some(&agent), command: v },
+            now,
+        );
+        for action in &out.actions {
+            if let Action::Record(e) = action {
+                if e.reason == "StateChanged" {
+                    log.push(e.message.clone());
+                }
+            }
+        }
+        let quiet = out.actions.iter().all(|a| matches!(a, Action::Record(_)));
+        *status = out.status;
+        view = match status.current_command.as_ref() {
+            Some(cmd) => answer(&cmd.kind),
+            None => View::Unknown,
+        };
+        if quiet && status.current_command.is_none() {
+            break;
+        }
+    }
+    log
+}
+
+#[test]
+fn new_host_with_image_reaches_provisioned() {
+    let spec = HostSpec { online: true, image: Some(image()), ..Default::default() };
+    let mut status = HostStatus::default();
+    let log = drive(&spec, &mut status, t0(), |_| {
+        View::Succeeded(CommandSuccess { message: "ok".into(), hardware: Some(hardware()) })
+    });
+    assert_eq!(
+        log,
+        [
+            "host is registering",
+            "registering -> inspecting",
+            "inspecting -> preparing",
+            "preparing -> available",
+            "available -> provisioning",
+            "provisioning -> provisioned",
+        ]
+    );
+    assert_eq!(status.hardware, Some(hardware()));
+    assert_eq!(status.provisioning.image, Some(image()));
+    assert!(status.powered_on);
+    assert!(status.error_type.is_none());
+    let h = &status.operation_history;
+    assert!(h.register.end.is_some() && h.inspect.end.is_some() && h.provision.end.is_some());
+}
+
+#[test]
+fn checksum_failure_is_a_provisioning_error_with_backoff() {
+    let spec = HostSpec { image: Some(image()), ..Default::default() };
+    let mut status = HostStatus::default();
+    let log = drive(&spec, &mut status, t0(), |kind| match kind {
+        CommandKind::WriteImage { .. } => View::Failed(CommandFailure {
+            message: "checksum mismatch for http://x: expected ab.., got cd..".into(),
+        }),
+        _ => View::Succeeded(CommandSuccess { message: "ok".into(), hardware: Some(hardware()) }),
+    });
+    assert_eq!(log.last().map(String::as_str), Some("available -> provisioning"));
+    assert_eq!(status.error_type, Some(ErrorType::Provisioning));
+    assert!(status.error_message.contains("checksum mismatch"));
+    assert_eq!(status.error_count, 1);
+    assert_eq!(status.retry_after, Some(t0() + SignedDuration::from_secs(10)));
+}
+
+#[test]
+fn changing_the_image_after_a_failure_retries_at_once() {
+    let policy = Policy::default();
+    let mut spec = HostSpec { image: Some(image()), ..Default::default() };
+    let mut status = HostStatus::default();
+    status.provisioning.state = S::Provisioning;
+    status.provisioning.image = Some(image());
+    status.error_type = Some(ErrorType::Provisioning);
+    status.error_message = "checksum mismatch".into();
+    status.error_count = 3;
+    status.retry_after = Some(t0() + SignedDuration::from_mins(5));
+    spec.image.as_mut().unwrap().checksum = "cd".repeat(32);
+    let agent = link(t0());
+    let out = plan(
+        &Desired { spec: &spec, deleted: false, policy: &policy },
+        &Observed { status: &status, agent: Some(&agent), command: CommandView::Unknown },
+        t0(),
+    );
+    let sent: Vec<_> = out.actions.iter().filter_map(|a| match a { Action::Send(c) => Some(&c.kind), _ => None }).collect();
+    assert_eq!(sent, [&CommandKind::WriteImage { image: spec.image.clone().unwrap(), root_device_hints: None }]);
+}
+
+#[test]
+fn backoff_doubles_and_caps() {
+    let p = Policy::default();
+    let secs: Vec<_> = (1..=9).map(|n| p.backoff(n).as_secs()).collect();
+    assert_eq!(secs, [10, 20, 40, 80, 160, 320, 600, 600, 600]);
+    assert_eq!(p.backoff(u32::MAX).as_secs(), 600);
+}
+
+#[test]
+fn registration_error_is_counted_once_and_cleared_by_a_fix() {
+    let policy = Policy::default();
+    let mut spec = HostSpec { boot_mac_address: Some("zz".into()), ..Default::default() };
+    let mut status = HostStatus::default();
+    for _ in 0..3 {
+        let out = plan(
+            &Desired { spec: &spec, deleted: false, policy: &policy },
+            &Observed { status: &status, agent: None, command: CommandView::Unknown },
+            t0(),
+        );
+        status = out.status;
+    }
+    assert_eq!(status.provisioning.state, S::Registering);
+    assert_eq!(status.error_type, Some(ErrorType::Registration));
+    assert_eq!(status.error_count, 1);
+    assert!(status.error_message.starts_with("spec.bootMACAddress:"));
+    spec.boot_mac_address = Some("52:54:00:00:00:01".into());
+    let out = plan(
+        &Desired { spec: &spec, deleted: false, policy: &policy },
+        &Observed { status: &status, agent: None, command: CommandView::Unknown },
+        t0(),
+    );
+    assert_eq!(out.status.provisioning.state, S::Inspecting);
+    assert_eq!(out.status.error_type, None);
+    assert_eq!(out.status.error_count, 0);
+}
+
+#[test]
+fn restart_mid_provisioning_resends_the_same_command() {
+    // The coordinator restarted: its stored status has the command, the agent reconnects
+    // and has either never heard of it or is still running it.
+    let case = {
+        let mut c = baseline(S::Provisioning);
+        c.agent = Some(link(c.now));
+        c.view = View::Unknown;
+        c
+    };
+    let out = run(&case);
+    let resent = out.actions.iter().find_map(|a| match a { Action::Send(c) => Some(c.id.clone()), _ => None });
+    assert_eq!(resent.as_deref(), Some("write-image-1"));
+    assert_eq!(out.status.current_command, case.status.current_command);
+}

@@ -62,7 +62,11 @@ pub struct HostSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bmc: Option<BmcDetails>,
     /// MAC address of the NIC the host PXE-boots from.
-    #[serde(default, rename = "bootMACAddress", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "bootMACAddress",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub boot_mac_address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_mode: Option<BootMode>,
@@ -349,7 +353,9 @@ impl fmt::Display for ErrorType {
 }
 
 /// metal3's provisioning states, with metal3's names.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub enum ProvisioningState {
     /// Not yet seen by the state machine.
     #[default]
@@ -687,7 +693,10 @@ spec:
 "#;
         let host: BareMetalHost = serde_yaml_ng::from_str(yaml).unwrap();
         assert_eq!(host.metadata.name, "worker-0");
-        assert_eq!(host.spec.boot_mac_address.as_deref(), Some("00:11:22:33:44:55"));
+        assert_eq!(
+            host.spec.boot_mac_address.as_deref(),
+            Some("00:11:22:33:44:55")
+        );
         assert_eq!(host.spec.boot_mode, Some(BootMode::Uefi));
         let image = host.spec.wanted_image().unwrap();
         assert_eq!(image.format, Some(ImageFormat::Qcow2));
@@ -701,7 +710,9 @@ spec:
     #[test]
     fn unknown_spec_field_is_refused() {
         let yaml = "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata: {name: a}\nspec: {onlin: true}\n";
-        let err = serde_yaml_ng::from_str::<BareMetalHost>(yaml).unwrap_err().to_string();
+        let err = serde_yaml_ng::from_str::<BareMetalHost>(yaml)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `onlin`"), "{err}");
     }
 

@@ -13,6 +13,6 @@ pub mod plan;
 pub mod validate;
 
 pub use plan::{
-    Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Event, Observed,
-    Plan, Policy, plan,
+    Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Event, Observed, Plan,
+    Policy, plan,
 };

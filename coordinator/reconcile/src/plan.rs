@@ -143,7 +143,11 @@ pub fn plan(desired: &Desired<'_>, observed: &Observed<'_>, now: Timestamp) -> P
         status: observed.status.clone(),
         actions: Vec::new(),
         wake_at: None,
-        view_for: observed.status.current_command.as_ref().map(|c| c.id.clone()),
+        view_for: observed
+            .status
+            .current_command
+            .as_ref()
+            .map(|c| c.id.clone()),
     };
     p.track_agent();
     for _ in 0..MAX_STEPS {
@@ -194,7 +198,11 @@ impl Planner<'_> {
     }
 
     fn record(&mut self, warning: bool, reason: &'static str, message: String) {
-        self.actions.push(Action::Record(Event { warning, reason, message }));
+        self.actions.push(Action::Record(Event {
+            warning,
+            reason,
+            message,
+        }));
     }
 
     fn wake(&mut self, at: Timestamp) {
@@ -386,7 +394,12 @@ impl Planner<'_> {
             self.fail_steady(ErrorType::Provisioning, validate::describe(&problems));
             return;
         }
-        let written = self.status.provisioning.image.clone().unwrap_or_else(|| image.clone());
+        let written = self
+            .status
+            .provisioning
+            .image
+            .clone()
+            .unwrap_or_else(|| image.clone());
         let want = CommandKind::WriteImage {
             image: written.clone(),
             root_device_hints: self.status.provisioning.root_device_hints.clone(),
@@ -398,7 +411,10 @@ impl Planner<'_> {
                 self.record(
                     false,
                     "ImageChanged",
-                    format!("spec.image changed to {} while writing {}; writing it now", image.url, written.url),
+                    format!(
+                        "spec.image changed to {} while writing {}; writing it now",
+                        image.url, written.url
+                    ),
                 );
                 self.status.provisioning.image = Some(image);
                 self.status.provisioning.root_device_hints = self.d.spec.root_device_hints.clone();
@@ -409,7 +425,11 @@ impl Planner<'_> {
             self.record(false, "ProvisioningComplete", success.message);
             self.go(ProvisioningState::Provisioned);
             // Boot the new OS (or stay off), without waiting for an answer: the agent goes away.
-            let kind = if self.d.spec.online { CommandKind::Reboot } else { CommandKind::PowerOff };
+            let kind = if self.d.spec.online {
+                CommandKind::Reboot
+            } else {
+                CommandKind::PowerOff
+            };
             self.status.powered_on = self.d.spec.online;
             let cmd = self.new_command(kind);
             self.actions.push(Action::Send(cmd));
@@ -606,6 +626,10 @@ impl Planner<'_> {
         if self.status != *self.o.status {
             self.status.last_updated = Some(self.now);
         }
-        Plan { status: self.status, actions: self.actions, wake_at: self.wake_at }
+        Plan {
+            status: self.status,
+            actions: self.actions,
+            wake_at: self.wake_at,
+        }
     }
 }

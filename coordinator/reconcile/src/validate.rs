@@ -25,7 +25,11 @@ impl fmt::Display for Problem {
 
 /// Joins problems into one status message.
 pub fn describe(problems: &[Problem]) -> String {
-    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Problems that stop the host from being registered.
@@ -44,7 +48,10 @@ pub fn registration_problems(spec: &HostSpec) -> Vec<Problem> {
     }
     if let Some(bmc) = &spec.bmc {
         if let Err(message) = check_bmc_address(&bmc.address) {
-            out.push(Problem { field: "spec.bmc.address", message });
+            out.push(Problem {
+                field: "spec.bmc.address",
+                message,
+            });
         }
     }
     for (field, value) in [
@@ -78,9 +85,7 @@ pub fn registration_problems(spec: &HostSpec) -> Vec<Problem> {
             if parts.len() != 4 || parts.iter().any(|p| p.parse::<u32>().is_err()) {
                 out.push(Problem {
                     field: "spec.rootDeviceHints.hctl",
-                    message: format!(
-                        "{hctl:?} is not Host:Channel:Target:Lun; write e.g. 0:0:0:0"
-                    ),
+                    message: format!("{hctl:?} is not Host:Channel:Target:Lun; write e.g. 0:0:0:0"),
                 });
             }
         }
@@ -153,13 +158,19 @@ fn check_image(image: &Image, out: &mut Vec<Problem>) {
         return;
     }
     if let Err(message) = checksum_kind(checksum, image.checksum_type) {
-        out.push(Problem { field: "spec.image.checksum", message });
+        out.push(Problem {
+            field: "spec.image.checksum",
+            message,
+        });
     }
 }
 
 /// The digest algorithm a checksum selects: the declared type, or (for `auto` and no type) the
 /// one its length implies. Errors say what is wrong with the digest.
-pub fn checksum_kind(checksum: &str, declared: Option<ChecksumType>) -> Result<ChecksumType, String> {
+pub fn checksum_kind(
+    checksum: &str,
+    declared: Option<ChecksumType>,
+) -> Result<ChecksumType, String> {
     if !checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("{checksum:?} is not a hex digest"));
     }
@@ -203,9 +214,11 @@ const BMC_SCHEMES: &[&str] = &[
 
 fn check_bmc_address(address: &str) -> Result<(), String> {
     if address.is_empty() {
-        return Err("is empty; give the BMC URL, e.g. redfish://10.0.0.5/redfish/v1/Systems/1, \
+        return Err(
+            "is empty; give the BMC URL, e.g. redfish://10.0.0.5/redfish/v1/Systems/1, \
                     or remove spec.bmc to power the host by hand"
-            .into());
+                .into(),
+        );
     }
     let scheme = address.split_once("://").map(|(s, _)| s).unwrap_or("ipmi");
     if BMC_SCHEMES.contains(&scheme) {
@@ -238,7 +251,12 @@ mod tests {
     use crate::host::{BmcDetails, RootDeviceHints, SecretRef};
 
     fn image(url: &str, checksum: &str, kind: Option<ChecksumType>) -> Image {
-        Image { url: url.into(), checksum: checksum.into(), checksum_type: kind, format: None }
+        Image {
+            url: url.into(),
+            checksum: checksum.into(),
+            checksum_type: kind,
+            format: None,
+        }
     }
 
     #[test]
@@ -254,7 +272,10 @@ mod tests {
 
     #[test]
     fn bad_mac_names_field_and_example() {
-        let spec = HostSpec { boot_mac_address: Some("52:54:00".into()), ..Default::default() };
+        let spec = HostSpec {
+            boot_mac_address: Some("52:54:00".into()),
+            ..Default::default()
+        };
         let problems = registration_problems(&spec);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].field, "spec.bootMACAddress");
@@ -263,13 +284,30 @@ mod tests {
 
     #[test]
     fn checksum_length_must_fit_type() {
-        assert_eq!(checksum_kind(&"a".repeat(64), None), Ok(ChecksumType::Sha256));
-        assert_eq!(checksum_kind(&"a".repeat(128), Some(ChecksumType::Auto)), Ok(ChecksumType::Sha512));
-        assert_eq!(checksum_kind(&"a".repeat(32), Some(ChecksumType::Md5)), Ok(ChecksumType::Md5));
+        assert_eq!(
+            checksum_kind(&"a".repeat(64), None),
+            Ok(ChecksumType::Sha256)
+        );
+        assert_eq!(
+            checksum_kind(&"a".repeat(128), Some(ChecksumType::Auto)),
+            Ok(ChecksumType::Sha512)
+        );
+        assert_eq!(
+            checksum_kind(&"a".repeat(32), Some(ChecksumType::Md5)),
+            Ok(ChecksumType::Md5)
+        );
         let err = checksum_kind(&"a".repeat(64), Some(ChecksumType::Sha512)).unwrap_err();
         assert!(err.contains("64 hex digits instead of 128"), "{err}");
-        assert!(checksum_kind("xyz", None).unwrap_err().contains("not a hex digest"));
-        assert!(checksum_kind("abc", None).unwrap_err().contains("3 hex digits"));
+        assert!(
+            checksum_kind("xyz", None)
+                .unwrap_err()
+                .contains("not a hex digest")
+        );
+        assert!(
+            checksum_kind("abc", None)
+                .unwrap_err()
+                .contains("3 hex digits")
+        );
     }
 
     #[test]
@@ -278,9 +316,15 @@ mod tests {
             image: Some(image("ftp://x/y", "", None)),
             ..Default::default()
         };
-        let fields: Vec<_> = provisioning_problems(&spec).iter().map(|p| p.field).collect();
+        let fields: Vec<_> = provisioning_problems(&spec)
+            .iter()
+            .map(|p| p.field)
+            .collect();
         assert_eq!(fields, ["spec.image.url", "spec.image.checksum"]);
-        spec.image = Some(Image { format: Some(ImageFormat::Qcow2), ..image("http://a/b.img", &"0".repeat(64), None) });
+        spec.image = Some(Image {
+            format: Some(ImageFormat::Qcow2),
+            ..image("http://a/b.img", &"0".repeat(64), None)
+        });
         let problems = provisioning_problems(&spec);
         assert_eq!(problems[0].field, "spec.image.format");
         assert!(problems[0].message.contains("qemu-img convert"));
@@ -290,21 +334,51 @@ mod tests {
     fn unsupported_features_are_refused_not_ignored() {
         let spec = HostSpec {
             raid: Some(serde_json::json!({"hardwareRAIDVolumes": []})),
-            user_data: Some(SecretRef { name: "ud".into(), namespace: None }),
-            bmc: Some(BmcDetails { address: "amt://x".into(), ..Default::default() }),
-            root_device_hints: Some(RootDeviceHints { device_name: Some("sda".into()), hctl: Some("0:0".into()), ..Default::default() }),
+            user_data: Some(SecretRef {
+                name: "ud".into(),
+                namespace: None,
+            }),
+            bmc: Some(BmcDetails {
+                address: "amt://x".into(),
+                ..Default::default()
+            }),
+            root_device_hints: Some(RootDeviceHints {
+                device_name: Some("sda".into()),
+                hctl: Some("0:0".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         };
-        let reg: Vec<_> = registration_problems(&spec).iter().map(|p| p.field).collect();
-        assert_eq!(reg, ["spec.bmc.address", "spec.raid", "spec.rootDeviceHints.deviceName", "spec.rootDeviceHints.hctl"]);
-        let prov: Vec<_> = provisioning_problems(&spec).iter().map(|p| p.field).collect();
+        let reg: Vec<_> = registration_problems(&spec)
+            .iter()
+            .map(|p| p.field)
+            .collect();
+        assert_eq!(
+            reg,
+            [
+                "spec.bmc.address",
+                "spec.raid",
+                "spec.rootDeviceHints.deviceName",
+                "spec.rootDeviceHints.hctl"
+            ]
+        );
+        let prov: Vec<_> = provisioning_problems(&spec)
+            .iter()
+            .map(|p| p.field)
+            .collect();
         assert_eq!(prov, ["spec.userData"]);
     }
 
     #[test]
     fn mac_parsing() {
-        assert_eq!(parse_mac("52:54:00:AB:cd:01"), Some([0x52, 0x54, 0, 0xab, 0xcd, 1]));
-        assert_eq!(parse_mac("52-54-00-ab-cd-01"), Some([0x52, 0x54, 0, 0xab, 0xcd, 1]));
+        assert_eq!(
+            parse_mac("52:54:00:AB:cd:01"),
+            Some([0x52, 0x54, 0, 0xab, 0xcd, 1])
+        );
+        assert_eq!(
+            parse_mac("52-54-00-ab-cd-01"),
+            Some([0x52, 0x54, 0, 0xab, 0xcd, 1])
+        );
         assert_eq!(parse_mac("52:54:00:ab:cd:01:02"), None);
         assert_eq!(parse_mac("5:54:00:ab:cd:01"), None);
         assert_eq!(parse_mac(""), None);

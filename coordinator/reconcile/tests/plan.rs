@@ -29,7 +29,11 @@ fn image() -> Image {
 }
 
 fn hardware() -> HardwareDetails {
-    HardwareDetails { ram_mebibytes: 2048, hostname: "h".into(), ..Default::default() }
+    HardwareDetails {
+        ram_mebibytes: 2048,
+        hostname: "h".into(),
+        ..Default::default()
+    }
 }
 
 /// The command a host in `state` waits on, if any.
@@ -37,7 +41,10 @@ fn command_for(state: S) -> Option<CommandKind> {
     match state {
         S::Inspecting => Some(CommandKind::Inspect),
         S::Preparing | S::Deprovisioning => Some(CommandKind::EraseMetadata),
-        S::Provisioning => Some(CommandKind::WriteImage { image: image(), root_device_hints: None }),
+        S::Provisioning => Some(CommandKind::WriteImage {
+            image: image(),
+            root_device_hints: None,
+        }),
         _ => None,
     }
 }
@@ -61,11 +68,18 @@ enum View {
 }
 
 fn link(since: Timestamp) -> AgentLink {
-    AgentLink { since, address: "10.0.0.9:40000".into(), version: "0.1.0".into() }
+    AgentLink {
+        since,
+        address: "10.0.0.9:40000".into(),
+        version: "0.1.0".into(),
+    }
 }
 
 fn baseline(state: S) -> Case {
-    let mut spec = HostSpec { online: true, ..Default::default() };
+    let mut spec = HostSpec {
+        online: true,
+        ..Default::default()
+    };
     if matches!(state, S::Provisioning | S::Provisioned) {
         spec.image = Some(image());
     }
@@ -139,15 +153,24 @@ const EVENTS: &[Event] = &[
         }))
     }),
     ("command succeeds", |c| {
-        c.view = View::Succeeded(CommandSuccess { message: "done".into(), hardware: Some(hardware()) })
+        c.view = View::Succeeded(CommandSuccess {
+            message: "done".into(),
+            hardware: Some(hardware()),
+        })
     }),
     ("command fails", |c| {
-        c.view = View::Failed(CommandFailure { message: "disk on fire".into() })
+        c.view = View::Failed(CommandFailure {
+            message: "disk on fire".into(),
+        })
     }),
     ("image set", |c| c.spec.image = Some(image())),
     ("image removed", |c| c.spec.image = None),
-    ("spec invalid", |c| c.spec.boot_mac_address = Some("nope".into())),
-    ("cleaning disabled", |c| c.spec.automated_cleaning_mode = Some(CleaningMode::Disabled)),
+    ("spec invalid", |c| {
+        c.spec.boot_mac_address = Some("nope".into())
+    }),
+    ("cleaning disabled", |c| {
+        c.spec.automated_cleaning_mode = Some(CleaningMode::Disabled)
+    }),
     ("deleted", |c| c.deleted = true),
     ("retry due", |c| {
         c.status.current_command = None;
@@ -167,8 +190,16 @@ fn run(case: &Case) -> Plan {
         View::Succeeded(s) => CommandView::Succeeded(s),
         View::Failed(f) => CommandView::Failed(f),
     };
-    let desired = Desired { spec: &case.spec, deleted: case.deleted, policy: &policy };
-    let observed = Observed { status: &case.status, agent: case.agent.as_ref(), command: view };
+    let desired = Desired {
+        spec: &case.spec,
+        deleted: case.deleted,
+        policy: &policy,
+    };
+    let observed = Observed {
+        status: &case.status,
+        agent: case.agent.as_ref(),
+        command: view,
+    };
     plan(&desired, &observed, case.now)
 }
 
@@ -180,8 +211,18 @@ fn render(case: &Case, out: &Plan) -> String {
     for action in &out.actions {
         match action {
             Action::Send(cmd) => {
-                let again = case.status.current_command.as_ref().is_some_and(|c| c.id == cmd.id);
-                write!(line, " send:{}{}", cmd.kind.name(), if again { "(again)" } else { "" }).unwrap();
+                let again = case
+                    .status
+                    .current_command
+                    .as_ref()
+                    .is_some_and(|c| c.id == cmd.id);
+                write!(
+                    line,
+                    " send:{}{}",
+                    cmd.kind.name(),
+                    if again { "(again)" } else { "" }
+                )
+                .unwrap();
             }
             Action::Forget => line.push_str(" forget"),
             Action::Record(_) => {}
@@ -200,7 +241,11 @@ fn render(case: &Case, out: &Plan) -> String {
 fn every_state_with_every_event() {
     let mut table = String::new();
     for state in S::ALL {
-        let name = if state == S::None { "(new)" } else { state.as_str() };
+        let name = if state == S::None {
+            "(new)"
+        } else {
+            state.as_str()
+        };
         writeln!(table, "{name}").unwrap();
         for (event, apply) in EVENTS {
             let mut case = baseline(state);
@@ -230,9 +275,20 @@ fn check_invariants(case: &Case, out: &Plan) {
         now: case.now,
     };
     let second = run(&again);
-    let sends: Vec<_> = second.actions.iter().filter(|a| matches!(a, Action::Send(_))).collect();
-    assert!(sends.is_empty(), "re-planning {:?} sent {sends:?} again", case.status.provisioning.state);
-    assert_eq!(second.status.provisioning.state, out.status.provisioning.state);
+    let sends: Vec<_> = second
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::Send(_)))
+        .collect();
+    assert!(
+        sends.is_empty(),
+        "re-planning {:?} sent {sends:?} again",
+        case.status.provisioning.state
+    );
+    assert_eq!(
+        second.status.provisioning.state,
+        out.status.provisioning.state
+    );
     // An error always carries a message.
     if out.status.error_type.is_some() {
         assert!(!out.status.error_message.is_empty());
@@ -249,7 +305,12 @@ fn check_invariants(case: &Case, out: &Plan) {
 
 /// Drives a host through plan calls the way the executor does: commands sent are answered by
 /// `answer`, until nothing more happens. Returns the state transitions recorded.
-fn drive(spec: &HostSpec, status: &mut HostStatus, now: Timestamp, answer: impl Fn(&CommandKind) -> View) -> Vec<String> {
+fn drive(
+    spec: &HostSpec,
+    status: &mut HostStatus,
+    now: Timestamp,
+    answer: impl Fn(&CommandKind) -> View,
+) -> Vec<String> {
     let policy = Policy::default();
     let agent = link(now);
     let mut log = Vec::new();
@@ -262,8 +323,16 @@ fn drive(spec: &HostSpec, status: &mut HostStatus, now: Timestamp, answer: impl 
             View::Failed(f) => CommandView::Failed(f),
         };
         let out = plan(
-            &Desired { spec, deleted: false, policy: &policy },
-            &Observed { status, agent: Some(&agent), command: v },
+            &Desired {
+                spec,
+                deleted: false,
+                policy: &policy,
+            },
+            &Observed {
+                status,
+                agent: Some(&agent),
+                command: v,
+            },
             now,
         );
         for action in &out.actions {
@@ -288,10 +357,17 @@ fn drive(spec: &HostSpec, status: &mut HostStatus, now: Timestamp, answer: impl 
 
 #[test]
 fn new_host_with_image_reaches_provisioned() {
-    let spec = HostSpec { online: true, image: Some(image()), ..Default::default() };
+    let spec = HostSpec {
+        online: true,
+        image: Some(image()),
+        ..Default::default()
+    };
     let mut status = HostStatus::default();
     let log = drive(&spec, &mut status, t0(), |_| {
-        View::Succeeded(CommandSuccess { message: "ok".into(), hardware: Some(hardware()) })
+        View::Succeeded(CommandSuccess {
+            message: "ok".into(),
+            hardware: Some(hardware()),
+        })
     });
     assert_eq!(
         log,
@@ -314,25 +390,40 @@ fn new_host_with_image_reaches_provisioned() {
 
 #[test]
 fn checksum_failure_is_a_provisioning_error_with_backoff() {
-    let spec = HostSpec { image: Some(image()), ..Default::default() };
+    let spec = HostSpec {
+        image: Some(image()),
+        ..Default::default()
+    };
     let mut status = HostStatus::default();
     let log = drive(&spec, &mut status, t0(), |kind| match kind {
         CommandKind::WriteImage { .. } => View::Failed(CommandFailure {
             message: "checksum mismatch for http://x: expected ab.., got cd..".into(),
         }),
-        _ => View::Succeeded(CommandSuccess { message: "ok".into(), hardware: Some(hardware()) }),
+        _ => View::Succeeded(CommandSuccess {
+            message: "ok".into(),
+            hardware: Some(hardware()),
+        }),
     });
-    assert_eq!(log.last().map(String::as_str), Some("available -> provisioning"));
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("available -> provisioning")
+    );
     assert_eq!(status.error_type, Some(ErrorType::Provisioning));
     assert!(status.error_message.contains("checksum mismatch"));
     assert_eq!(status.error_count, 1);
-    assert_eq!(status.retry_after, Some(t0() + SignedDuration::from_secs(10)));
+    assert_eq!(
+        status.retry_after,
+        Some(t0() + SignedDuration::from_secs(10))
+    );
 }
 
 #[test]
 fn changing_the_image_after_a_failure_retries_at_once() {
     let policy = Policy::default();
-    let mut spec = HostSpec { image: Some(image()), ..Default::default() };
+    let mut spec = HostSpec {
+        image: Some(image()),
+        ..Default::default()
+    };
     let mut status = HostStatus::default();
     status.provisioning.state = S::Provisioning;
     status.provisioning.image = Some(image());
@@ -343,12 +434,33 @@ fn changing_the_image_after_a_failure_retries_at_once() {
     spec.image.as_mut().unwrap().checksum = "cd".repeat(32);
     let agent = link(t0());
     let out = plan(
-        &Desired { spec: &spec, deleted: false, policy: &policy },
-        &Observed { status: &status, agent: Some(&agent), command: CommandView::Unknown },
+        &Desired {
+            spec: &spec,
+            deleted: false,
+            policy: &policy,
+        },
+        &Observed {
+            status: &status,
+            agent: Some(&agent),
+            command: CommandView::Unknown,
+        },
         t0(),
     );
-    let sent: Vec<_> = out.actions.iter().filter_map(|a| match a { Action::Send(c) => Some(&c.kind), _ => None }).collect();
-    assert_eq!(sent, [&CommandKind::WriteImage { image: spec.image.clone().unwrap(), root_device_hints: None }]);
+    let sent: Vec<_> = out
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(c) => Some(&c.kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        [&CommandKind::WriteImage {
+            image: spec.image.clone().unwrap(),
+            root_device_hints: None
+        }]
+    );
 }
 
 #[test]
@@ -362,12 +474,23 @@ fn backoff_doubles_and_caps() {
 #[test]
 fn registration_error_is_counted_once_and_cleared_by_a_fix() {
     let policy = Policy::default();
-    let mut spec = HostSpec { boot_mac_address: Some("zz".into()), ..Default::default() };
+    let mut spec = HostSpec {
+        boot_mac_address: Some("zz".into()),
+        ..Default::default()
+    };
     let mut status = HostStatus::default();
     for _ in 0..3 {
         let out = plan(
-            &Desired { spec: &spec, deleted: false, policy: &policy },
-            &Observed { status: &status, agent: None, command: CommandView::Unknown },
+            &Desired {
+                spec: &spec,
+                deleted: false,
+                policy: &policy,
+            },
+            &Observed {
+                status: &status,
+                agent: None,
+                command: CommandView::Unknown,
+            },
             t0(),
         );
         status = out.status;
@@ -378,8 +501,16 @@ fn registration_error_is_counted_once_and_cleared_by_a_fix() {
     assert!(status.error_message.starts_with("spec.bootMACAddress:"));
     spec.boot_mac_address = Some("52:54:00:00:00:01".into());
     let out = plan(
-        &Desired { spec: &spec, deleted: false, policy: &policy },
-        &Observed { status: &status, agent: None, command: CommandView::Unknown },
+        &Desired {
+            spec: &spec,
+            deleted: false,
+            policy: &policy,
+        },
+        &Observed {
+            status: &status,
+            agent: None,
+            command: CommandView::Unknown,
+        },
         t0(),
     );
     assert_eq!(out.status.provisioning.state, S::Inspecting);
@@ -398,7 +529,10 @@ fn restart_mid_provisioning_resends_the_same_command() {
         c
     };
     let out = run(&case);
-    let resent = out.actions.iter().find_map(|a| match a { Action::Send(c) => Some(c.id.clone()), _ => None });
+    let resent = out.actions.iter().find_map(|a| match a {
+        Action::Send(c) => Some(c.id.clone()),
+        _ => None,
+    });
     assert_eq!(resent.as_deref(), Some("write-image-1"));
     assert_eq!(out.status.current_command, case.status.current_command);
 }

@@ -34,5 +34,9 @@ fn reconcile_does_no_io_and_reads_no_clock() {
             }
         }
     }
-    assert!(offences.is_empty(), "reconcile must stay pure:\n{}", offences.join("\n"));
+    assert!(
+        offences.is_empty(),
+        "reconcile must stay pure:\n{}",
+        offences.join("\n")
+    );
 }

@@ -1,0 +1,192 @@
+//! The admin API: HTTP/1.1 + JSON on a Unix socket, `STATE/admin.sock` (mode 0600).
+//!
+//! The CLI (`slipway get`, `describe`, `token create`, `info`) talks to the running coordinator
+//! through it; filesystem permissions are the authentication, as for containerd or Docker.
+//! `curl --unix-socket STATE/admin.sock http://slipway/v1/hosts` works too.
+//!
+//! Routes: `GET /v1/hosts`, `GET /v1/hosts/{name}`, `POST /v1/hosts/{name}/tokens`
+//! (`{"ttlSeconds": N}`), `GET /v1/info`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use jiff::{SignedDuration, Timestamp};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::controller::{HostView, Msg, SharedView};
+use crate::sources::files::Problem;
+
+/// `GET /v1/hosts`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HostList {
+    pub hosts: Vec<HostView>,
+    pub problems: Vec<Problem>,
+}
+
+/// `POST /v1/hosts/{name}/tokens` request.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRequest {
+    pub ttl_seconds: i64,
+}
+
+/// `POST /v1/hosts/{name}/tokens` response.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenResponse {
+    pub host: String,
+    pub token: String,
+    pub expires_at: Timestamp,
+    /// The command that runs an agent for this host with this token.
+    pub agent_command: String,
+}
+
+/// `GET /v1/info`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Info {
+    pub version: String,
+    /// `https://ADDR:PORT` that agents dial.
+    pub agent_url: String,
+    /// `http://ADDR:PORT` of the boot and image server.
+    pub http_url: String,
+    /// `sha256:HEX` of the CA certificate, for `slipway.ca=` / `--ca-fingerprint`.
+    pub ca_fingerprint: String,
+    pub hosts_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Clone)]
+struct AppState {
+    view: SharedView,
+    tx: mpsc::Sender<Msg>,
+    info: Info,
+}
+
+pub fn router(view: SharedView, tx: mpsc::Sender<Msg>, info: Info) -> Router {
+    Router::new()
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{name}", get(get_host))
+        .route("/v1/hosts/{name}/tokens", post(create_token))
+        .route(
+            "/v1/info",
+            get(|State(s): State<AppState>| async move { Json(s.info) }),
+        )
+        .with_state(AppState { view, tx, info })
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn list_hosts(State(s): State<AppState>) -> Json<HostList> {
+    let view = s.view.read().unwrap_or_else(|p| p.into_inner());
+    Json(HostList {
+        hosts: view.hosts.values().cloned().collect(),
+        problems: view.problems.clone(),
+    })
+}
+
+async fn get_host(State(s): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
+    let view = s.view.read().unwrap_or_else(|p| p.into_inner());
+    match view.hosts.get(&name) {
+        Some(h) => Json(h.clone()).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("host {name} not found")),
+    }
+}
+
+async fn create_token(
+    State(s): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<TokenRequest>,
+) -> Response {
+    if req.ttl_seconds <= 0 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ttlSeconds must be positive".into(),
+        );
+    }
+    let (reply, rx) = oneshot::channel();
+    let msg = Msg::CreateToken {
+        host: name.clone(),
+        ttl: SignedDuration::from_secs(req.ttl_seconds),
+        reply,
+    };
+    if s.tx.send(msg).await.is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the coordinator is shutting down".into(),
+        );
+    }
+    match rx.await {
+        Ok(Ok((token, expires_at))) => {
+            let agent_command = format!(
+                "slipway-agent run --coordinator {} --token {} --ca-fingerprint {}",
+                s.info.agent_url,
+                token.expose(),
+                s.info.ca_fingerprint
+            );
+            Json(TokenResponse {
+                host: name,
+                token: token.expose().to_string(),
+                expires_at,
+                agent_command,
+            })
+            .into_response()
+        }
+        Ok(Err(message)) => error(StatusCode::NOT_FOUND, message),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the coordinator is shutting down".into(),
+        ),
+    }
+}
+
+/// Calls the admin API of the coordinator whose state directory holds `socket`.
+pub async fn call<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<T> {
+    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach the coordinator's admin socket {}: is `slipway serve` running with this \
+             --state directory (or SLIPWAY_STATE)?",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "slipway")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .context("admin request failed")?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        bail!("{message}");
+    }
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("unexpected answer from the coordinator to {path}"))
+}

@@ -1,0 +1,463 @@
+//! The agent-facing gRPC API (`slipway.agent.v1.AgentService`) over TLS.
+//!
+//! This is the only coordinator module that knows protobuf types: it authenticates the peer,
+//! converts messages to the controller's plain types and back, and nothing else.
+//!
+//! Authentication: TLS client certificates are optional at the handshake (an enrolling agent
+//! has none yet) but always verified against the coordinator CA when presented, so a
+//! certificate from another CA fails the handshake. `Session` then requires a certificate, reads
+//! the host it names, and refuses a hello that speaks for any other host. Every refusal is
+//! logged with the peer address and the reason.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use slipway_proto::v1 as pb;
+use slipway_reconcile::host::{
+    Bios, ChecksumType, CommandKind, CommandRecord, Cpu, Firmware, HardwareDetails,
+    HardwareSystemVendor, ImageFormat, Nic, Progress, RootDeviceHints, Storage,
+};
+use slipway_reconcile::{CommandFailure, CommandSuccess};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::controller::{AgentInfo, AgentReport, Msg, Outcome, Refusal};
+use crate::pki;
+use crate::tokens::TokenSecret;
+
+/// How long an agent may stay silent before its session is dropped (it sends a heartbeat every
+/// 10 s).
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+/// How long a TLS handshake may take.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(15);
+/// How long after connecting an agent has to say hello.
+const HELLO_LIMIT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct Api {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Api {
+    pub fn new(tx: mpsc::Sender<Msg>) -> Api {
+        Api { tx }
+    }
+
+    pub fn into_service(self) -> pb::agent_service_server::AgentServiceServer<Api> {
+        pb::agent_service_server::AgentServiceServer::new(self)
+            .max_decoding_message_size(16 * 1024 * 1024)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))
+    }
+}
+
+fn peer_of<T>(req: &Request<T>) -> String {
+    req.remote_addr()
+        .map_or_else(|| "unknown peer".into(), |a| a.to_string())
+}
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::Command, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for Api {
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let peer = peer_of(&req);
+        let r = req.into_inner();
+        if r.token.trim().is_empty() {
+            warn!(peer = %peer, "enrolment refused: no bootstrap token given");
+            return Err(Status::unauthenticated("a bootstrap token is required"));
+        }
+        let token = TokenSecret::new(r.token.trim());
+        let agent = agent_info(r.agent.as_ref());
+        let result = self
+            .ask(|reply| Msg::Enroll {
+                token,
+                csr_der: r.csr_der,
+                agent,
+                peer,
+                reply,
+            })
+            .await?;
+        match result {
+            Ok(e) => Ok(Response::new(pb::EnrollResponse {
+                host: e.host,
+                certificate_der: e.cert_der,
+                ca_certificate_der: e.ca_der,
+                not_after: e.not_after.to_string(),
+            })),
+            Err(Refusal(reason)) => Err(Status::permission_denied(reason)),
+        }
+    }
+
+    type SessionStream = CommandStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentEvent>>,
+    ) -> Result<Response<CommandStream>, Status> {
+        let peer = peer_of(&req);
+        let Some(certs) = req.peer_certs() else {
+            warn!(peer = %peer, "agent session refused: no client certificate (the agent must enrol with a bootstrap token first)");
+            return Err(Status::unauthenticated(
+                "a client certificate is required: enrol with a bootstrap token first",
+            ));
+        };
+        let Some(leaf) = certs.first() else {
+            return Err(Status::unauthenticated("empty client certificate chain"));
+        };
+        let host = match pki::host_of(leaf) {
+            Ok(h) => h,
+            Err(reason) => {
+                warn!(peer = %peer, "agent session refused: {reason}");
+                return Err(Status::permission_denied(reason));
+            }
+        };
+        let cert_sha256 = pki::sha256_hex(leaf);
+        let mut inbound = req.into_inner();
+
+        let hello = match tokio::time::timeout(HELLO_LIMIT, inbound.message()).await {
+            Ok(Ok(Some(pb::AgentEvent {
+                event: Some(pb::agent_event::Event::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => {
+                warn!(host = %host, peer = %peer, "agent session refused: the first event was not a hello");
+                return Err(Status::invalid_argument(
+                    "the first event of a session must be a hello",
+                ));
+            }
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                warn!(host = %host, peer = %peer, "agent session refused: no hello within {HELLO_LIMIT:?}");
+                return Err(Status::deadline_exceeded("no hello"));
+            }
+        };
+        if hello.host != host {
+            warn!(
+                host = %host,
+                peer = %peer,
+                "agent session refused: the certificate of host {host} was used to speak for host {:?}",
+                hello.host
+            );
+            return Err(Status::permission_denied(format!(
+                "this certificate belongs to host {host}; it cannot act for host {:?}",
+                hello.host
+            )));
+        }
+        let agent = agent_info(hello.agent.as_ref());
+        let reports = hello.commands.iter().filter_map(command_status).collect();
+        if let Some(inv) = &hello.inventory {
+            debug!(host = %host, disks = inv.disks.len(), nics = inv.nics.len(), "hello inventory");
+        }
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<CommandRecord>();
+        let session = {
+            let host = host.clone();
+            let peer = peer.clone();
+            self.ask(|reply| Msg::Connect {
+                host,
+                cert_sha256,
+                peer,
+                agent,
+                reports,
+                commands: cmd_tx,
+                reply,
+            })
+            .await?
+        };
+        let session = session.map_err(|Refusal(reason)| Status::permission_denied(reason))?;
+
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                let next = tokio::time::timeout(SILENCE_LIMIT, inbound.message()).await;
+                let event = match next {
+                    Ok(Ok(Some(pb::AgentEvent { event: Some(e) }))) => e,
+                    Ok(Ok(Some(_))) => continue,
+                    Ok(Ok(None)) => break "the agent closed the session".to_string(),
+                    Ok(Err(status)) => break format!("stream error: {}", status.message()),
+                    Err(_) => break format!("no message from the agent for {SILENCE_LIMIT:?}"),
+                };
+                let msg = match event {
+                    pb::agent_event::Event::Progress(p) => Msg::Report {
+                        host: host.clone(),
+                        session,
+                        report: AgentReport::Running {
+                            id: p.command_id.clone(),
+                            progress: Some(progress(&p)),
+                        },
+                    },
+                    pb::agent_event::Event::Result(r) => match command_result(&r) {
+                        Some(report) => Msg::Report {
+                            host: host.clone(),
+                            session,
+                            report,
+                        },
+                        None => continue,
+                    },
+                    pb::agent_event::Event::Log(l) => Msg::AgentLog {
+                        host: host.clone(),
+                        session,
+                        warning: l.level >= pb::log_line::Level::Warn as i32,
+                        message: l.message,
+                    },
+                    pb::agent_event::Event::Heartbeat(_) => continue,
+                    pb::agent_event::Event::Hello(_) => {
+                        warn!(host = %host, "ignored a second hello in the same session");
+                        continue;
+                    }
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            };
+            let _ = tx
+                .send(Msg::Disconnect {
+                    host,
+                    session,
+                    reason,
+                })
+                .await;
+        });
+
+        let out = UnboundedReceiverStream::new(cmd_rx).map(|c| Ok(command_to_proto(&c)));
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, logging every refused
+/// handshake with its reason (e.g. a client certificate from another CA).
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+    let acceptor = TlsAcceptor::from(config);
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accepting a connection on the agent port failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        warn!(peer = %addr, "TLS connection refused: {}", explain_tls(&e))
+                    }
+                    Err(_) => {
+                        warn!(peer = %addr, "TLS connection refused: handshake took longer than {HANDSHAKE_LIMIT:?}")
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn explain_tls(e: &std::io::Error) -> String {
+    use rustls::{CertificateError, Error as E};
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+        return e.to_string();
+    };
+    match inner {
+        E::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
+            "the client certificate was not issued by this coordinator's CA".into()
+        }
+        E::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "the client certificate has expired; the agent must enrol again".into(),
+        E::InvalidCertificate(other) => format!("bad client certificate: {other:?}"),
+        other => other.to_string(),
+    }
+}
+
+// ----- conversions -----
+
+fn agent_info(a: Option<&pb::AgentInfo>) -> AgentInfo {
+    a.map(|a| AgentInfo {
+        version: a.version.clone(),
+        boot_mac: a.boot_mac.clone(),
+        ramdisk: a.ramdisk,
+    })
+    .unwrap_or_default()
+}
+
+fn progress(p: &pb::Progress) -> Progress {
+    Progress {
+        command_id: p.command_id.clone(),
+        phase: p.phase.clone(),
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
+        bytes_per_second: p.bytes_per_second,
+    }
+}
+
+fn command_status(s: &pb::CommandStatus) -> Option<AgentReport> {
+    use pb::command_status::State;
+    match State::try_from(s.state).ok()? {
+        State::Running => Some(AgentReport::Running {
+            id: s.command_id.clone(),
+            progress: s.progress.as_ref().map(progress),
+        }),
+        State::Finished => s.result.as_ref().and_then(command_result),
+        State::Unspecified => None,
+    }
+}
+
+fn command_result(r: &pb::CommandResult) -> Option<AgentReport> {
+    let outcome = match r.outcome.as_ref()? {
+        pb::command_result::Outcome::Success(s) => Outcome::Success(CommandSuccess {
+            message: s.message.clone(),
+            hardware: match &s.detail {
+                Some(pb::success::Detail::Inventory(inv)) => Some(hardware_details(inv)),
+                _ => None,
+            },
+        }),
+        pb::command_result::Outcome::Failure(f) => Outcome::Failure(CommandFailure {
+            message: f.message.clone(),
+        }),
+    };
+    Some(AgentReport::Finished {
+        id: r.command_id.clone(),
+        outcome,
+    })
+}
+
+/// The metal3 `HardwareDetails` summary of an inventory.
+pub fn hardware_details(inv: &pb::Inventory) -> HardwareDetails {
+    let sys = inv.system.clone().unwrap_or_default();
+    let cpu = inv.cpu.clone().unwrap_or_default();
+    let mem = inv.memory.unwrap_or_default();
+    let ram_mebibytes = if mem.physical_mib > 0 {
+        mem.physical_mib
+    } else {
+        mem.total_bytes / (1024 * 1024)
+    };
+    HardwareDetails {
+        system_vendor: HardwareSystemVendor {
+            manufacturer: sys.manufacturer,
+            product_name: sys.product_name,
+            serial_number: sys.serial_number,
+        },
+        firmware: Firmware {
+            bios: Bios {
+                date: sys.bios_date,
+                vendor: sys.bios_vendor,
+                version: sys.bios_version,
+            },
+        },
+        ram_mebibytes,
+        nics: inv
+            .nics
+            .iter()
+            .map(|n| Nic {
+                name: n.name.clone(),
+                model: n.driver.clone(),
+                mac: n.mac.clone(),
+                ip: n.ip_addresses.first().cloned().unwrap_or_default(),
+                speed_gbps: n.speed_mbps / 1000,
+                pxe: n.pxe,
+            })
+            .collect(),
+        storage: inv
+            .disks
+            .iter()
+            .map(|d| Storage {
+                name: d.name.clone(),
+                alternate_names: d.alternate_names.clone(),
+                rotational: d.rotational,
+                kind: d.r#type.clone(),
+                size_bytes: d.size_bytes,
+                vendor: d.vendor.clone(),
+                model: d.model.clone(),
+                serial_number: d.serial_number.clone(),
+                wwn: d.wwn.clone(),
+                wwn_vendor_extension: d.wwn_vendor_extension.clone(),
+                wwn_with_extension: d.wwn_with_extension.clone(),
+                hctl: d.hctl.clone(),
+            })
+            .collect(),
+        cpu: Cpu {
+            arch: cpu.architecture,
+            model: cpu.model,
+            clock_megahertz: f64::from(cpu.frequency_mhz),
+            flags: cpu.flags,
+            count: cpu.count,
+        },
+        hostname: inv.hostname.clone(),
+    }
+}
+
+pub fn command_to_proto(c: &CommandRecord) -> pb::Command {
+    use pb::command::Kind;
+    let kind = match &c.kind {
+        CommandKind::Inspect => Kind::Inspect(pb::Inspect {}),
+        CommandKind::WriteImage {
+            image,
+            root_device_hints,
+        } => Kind::WriteImage(pb::WriteImage {
+            url: image.url.clone(),
+            checksum: image.checksum.clone(),
+            checksum_type: match image.checksum_type {
+                None | Some(ChecksumType::Auto) => pb::ChecksumType::Auto,
+                Some(ChecksumType::Md5) => pb::ChecksumType::Md5,
+                Some(ChecksumType::Sha256) => pb::ChecksumType::Sha256,
+                Some(ChecksumType::Sha512) => pb::ChecksumType::Sha512,
+            } as i32,
+            format: match image.format {
+                None | Some(ImageFormat::Raw) => pb::ImageFormat::Raw,
+                Some(ImageFormat::Qcow2) => pb::ImageFormat::Qcow2,
+                Some(ImageFormat::LiveIso) => pb::ImageFormat::LiveIso,
+            } as i32,
+            root_device_hints: root_device_hints.as_ref().map(hints_to_proto),
+            extra_ca_pem: String::new(),
+        }),
+        CommandKind::EraseMetadata => Kind::EraseMetadata(pb::EraseMetadata {}),
+        CommandKind::Reboot => Kind::Reboot(pb::Reboot {}),
+        CommandKind::PowerOff => Kind::PowerOff(pb::PowerOff {}),
+    };
+    pb::Command {
+        id: c.id.clone(),
+        kind: Some(kind),
+    }
+}
+
+fn hints_to_proto(h: &RootDeviceHints) -> pb::RootDeviceHints {
+    pb::RootDeviceHints {
+        device_name: h.device_name.clone(),
+        hctl: h.hctl.clone(),
+        model: h.model.clone(),
+        vendor: h.vendor.clone(),
+        serial_number: h.serial_number.clone(),
+        min_size_gigabytes: h.min_size_gigabytes,
+        wwn: h.wwn.clone(),
+        wwn_with_extension: h.wwn_with_extension.clone(),
+        wwn_vendor_extension: h.wwn_vendor_extension.clone(),
+        rotational: h.rotational,
+    }
+}

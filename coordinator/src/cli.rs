@@ -1,0 +1,291 @@
+//! The `slipway` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use jiff::{SignedDuration, Timestamp};
+use serde::Serialize;
+use slipway_reconcile::host::BareMetalHost;
+
+use crate::admin::{self, HostList, Info, TokenRequest, TokenResponse};
+use crate::controller::HostView;
+use crate::output;
+use crate::serve::{self, ServeArgs, parse_duration};
+
+/// Slipway provisions bare-metal machines: declare hosts as metal3 BareMetalHost documents,
+/// and Slipway inspects, cleans, images and boots them through its agent.
+#[derive(Debug, Parser)]
+#[command(name = "slipway", version, propagate_version = true)]
+pub struct Cli {
+    /// The coordinator's state directory (CA, store, admin socket).
+    #[arg(
+        long,
+        global = true,
+        env = "SLIPWAY_STATE",
+        default_value = "/var/lib/slipway",
+        value_name = "DIR"
+    )]
+    pub state: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator in files mode: hosts from a directory, state in an embedded store.
+    Serve(ServeArgs),
+    /// List hosts (like `kubectl get bmh`).
+    Get {
+        #[command(subcommand)]
+        what: GetWhat,
+    },
+    /// Show one host in detail: spec, status, hardware, error and what to do, history, events.
+    Describe {
+        #[command(subcommand)]
+        what: DescribeWhat,
+    },
+    /// Bootstrap tokens for agents.
+    Token {
+        #[command(subcommand)]
+        what: TokenCmd,
+    },
+    /// Show how agents reach this coordinator: URLs and the CA fingerprint.
+    Info {
+        #[arg(short, long, value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GetWhat {
+    /// The host table: NAME, STATE, ONLINE, ERROR, PROGRESS, AGE.
+    #[command(alias = "host", alias = "bmh", alias = "baremetalhosts")]
+    Hosts {
+        /// Only these hosts.
+        names: Vec<String>,
+        #[arg(short, long, value_enum, default_value_t = TableFormat::Table)]
+        output: TableFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DescribeWhat {
+    #[command(alias = "hosts", alias = "bmh")]
+    Host { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a one-time bootstrap token for HOST and print it with the agent command line.
+    Create {
+        host: String,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: SignedDuration,
+        #[arg(short, long, value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TableFormat {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Yaml,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Serve(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.state.join("admin.sock");
+    match cli.command {
+        Command::Serve(args) => serve::serve(args, cli.state).await,
+        Command::Get {
+            what: GetWhat::Hosts { names, output },
+        } => {
+            let list: HostList = admin::call(&socket, http::Method::GET, "/v1/hosts", None).await?;
+            let mut hosts: Vec<&HostView> = list.hosts.iter().collect();
+            if !names.is_empty() {
+                for n in &names {
+                    if !hosts.iter().any(|h| &h.host.metadata.name == n) {
+                        bail!("host {n} not found");
+                    }
+                }
+                hosts.retain(|h| names.contains(&h.host.metadata.name));
+            }
+            let now = Timestamp::now();
+            let text = match output {
+                TableFormat::Table => output::table(&hosts, false, now),
+                TableFormat::Wide => output::table(&hosts, true, now),
+                TableFormat::Json | TableFormat::Yaml => {
+                    let items: Vec<BareMetalHost> =
+                        hosts.iter().map(|h| with_kind(&h.host)).collect();
+                    let list = KubeList {
+                        api_version: "v1",
+                        kind: "List",
+                        items,
+                    };
+                    encode(&list, matches!(output, TableFormat::Yaml))?
+                }
+            };
+            print(&text)?;
+            if names.is_empty() && !list.problems.is_empty() {
+                eprint!("{}", output::problems(&list.problems));
+            }
+            Ok(())
+        }
+        Command::Describe {
+            what: DescribeWhat::Host { name },
+        } => {
+            let host: HostView = admin::call(
+                &socket,
+                http::Method::GET,
+                &format!("/v1/hosts/{name}"),
+                None,
+            )
+            .await?;
+            print(&output::describe(&host, Timestamp::now()))
+        }
+        Command::Token {
+            what: TokenCmd::Create { host, ttl, output },
+        } => {
+            let body = serde_json::to_value(TokenRequest {
+                ttl_seconds: ttl.as_secs(),
+            })?;
+            let t: TokenResponse = admin::call(
+                &socket,
+                http::Method::POST,
+                &format!("/v1/hosts/{host}/tokens"),
+                Some(body),
+            )
+            .await?;
+            match output {
+                Format::Text => print(&format!(
+                    "token for host {} (single use, expires {}):\n  {}\nrun the agent with:\n  {}\n",
+                    t.host, t.expires_at, t.token, t.agent_command
+                )),
+                Format::Json => print(&encode(&t, false)?),
+                Format::Yaml => print(&encode(&t, true)?),
+            }
+        }
+        Command::Info { output } => {
+            let info: Info = admin::call(&socket, http::Method::GET, "/v1/info", None).await?;
+            match output {
+                Format::Text => print(&format!(
+                    "agents dial:     {}\nhttp server:     {}\nCA fingerprint:  {}\nhosts directory: {}\nstate directory: {}\nversion:         {}\n",
+                    info.agent_url,
+                    info.http_url,
+                    info.ca_fingerprint,
+                    info.hosts_dir.display(),
+                    info.state_dir.display(),
+                    info.version
+                )),
+                Format::Json => print(&encode(&info, false)?),
+                Format::Yaml => print(&encode(&info, true)?),
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct KubeList {
+    api_version: &'static str,
+    kind: &'static str,
+    items: Vec<BareMetalHost>,
+}
+
+fn with_kind(h: &BareMetalHost) -> BareMetalHost {
+    let mut h = h.clone();
+    if h.api_version.is_empty() {
+        h.api_version = slipway_reconcile::host::API_VERSION.into();
+    }
+    if h.kind.is_empty() {
+        h.kind = slipway_reconcile::host::KIND.into();
+    }
+    h
+}
+
+fn encode<T: Serialize>(value: &T, yaml: bool) -> anyhow::Result<String> {
+    Ok(if yaml {
+        serde_yaml_ng::to_string(value)?
+    } else {
+        let mut s = serde_json::to_string_pretty(value)?;
+        s.push('\n');
+        s
+    })
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("cannot write to stdout"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("1h30m").unwrap().as_secs(), 5400);
+        assert!(parse_duration("0s").is_err());
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+    }
+}

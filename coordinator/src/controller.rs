@@ -1,0 +1,796 @@
+//! The executor: one task that owns every host record, calls [`reconcile::plan`] and performs
+//! the actions it returns.
+//!
+//! Everything that changes state arrives as a [`Msg`]: a new snapshot of the hosts directory,
+//! an agent enrolling, connecting, reporting or going away, a token being created. The loop
+//! takes a batch of messages, plans every host they touched (and every host whose timer is
+//! due), writes all changed records in one store transaction, and only then acts: sends
+//! commands, answers enrolments, drops forgotten hosts. Slow work (none yet; BMC calls later)
+//! is spawned and reports back as a message, so one host never holds up another.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use jiff::{SignedDuration, Timestamp};
+use slipway_reconcile::host::{BareMetalHost, CommandRecord, HostStatus, Progress};
+use slipway_reconcile::{
+    Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Observed, Policy,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, info_span, warn};
+
+use crate::pki::Ca;
+use crate::sources::files::{Problem, Snapshot};
+use crate::store::{Batch, EventRecord, HostRecord, Store, TokenRecord};
+use crate::tokens::{self, TokenSecret};
+
+/// What the agent says about one command.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentReport {
+    Running {
+        id: String,
+        progress: Option<Progress>,
+    },
+    Finished {
+        id: String,
+        outcome: Outcome,
+    },
+}
+
+impl AgentReport {
+    pub fn id(&self) -> &str {
+        match self {
+            AgentReport::Running { id, .. } | AgentReport::Finished { id, .. } => id,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Success(CommandSuccess),
+    Failure(CommandFailure),
+}
+
+/// The agent's description of itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub version: String,
+    pub boot_mac: String,
+    pub ramdisk: bool,
+}
+
+/// Why an agent was turned away. The message is logged and returned to the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
+/// A successful enrolment.
+#[derive(Clone, Debug)]
+pub struct Enrolled {
+    pub host: String,
+    pub cert_der: Vec<u8>,
+    pub ca_der: Vec<u8>,
+    pub not_after: Timestamp,
+}
+
+/// A command on its way to an agent session.
+pub type CommandSender = mpsc::UnboundedSender<CommandRecord>;
+
+pub enum Msg {
+    Snapshot(Snapshot),
+    Enroll {
+        token: TokenSecret,
+        csr_der: Vec<u8>,
+        agent: AgentInfo,
+        peer: String,
+        reply: oneshot::Sender<Result<Enrolled, Refusal>>,
+    },
+    Connect {
+        host: String,
+        cert_sha256: String,
+        peer: String,
+        agent: AgentInfo,
+        reports: Vec<AgentReport>,
+        commands: CommandSender,
+        reply: oneshot::Sender<Result<u64, Refusal>>,
+    },
+    Report {
+        host: String,
+        session: u64,
+        report: AgentReport,
+    },
+    AgentLog {
+        host: String,
+        session: u64,
+        warning: bool,
+        message: String,
+    },
+    Disconnect {
+        host: String,
+        session: u64,
+        reason: String,
+    },
+    CreateToken {
+        host: String,
+        ttl: SignedDuration,
+        reply: oneshot::Sender<Result<(TokenSecret, Timestamp), String>>,
+    },
+}
+
+/// What the admin API shows: a copy of every host, refreshed after each batch.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub hosts: BTreeMap<String, HostView>,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostView {
+    pub host: BareMetalHost,
+    pub source: String,
+    pub deleted: bool,
+    pub events: Vec<EventRecord>,
+}
+
+pub type SharedView = Arc<RwLock<View>>;
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub policy: Policy,
+    /// How long agent certificates are valid.
+    pub cert_validity: SignedDuration,
+}
+
+struct Session {
+    id: u64,
+    link: AgentLink,
+    commands: CommandSender,
+    /// Command ids sent on this session.
+    sent: HashSet<String>,
+    /// The latest report per command id.
+    reports: HashMap<String, AgentReport>,
+}
+
+struct Entry {
+    record: HostRecord,
+    session: Option<Session>,
+    wake_at: Option<Timestamp>,
+}
+
+enum Reply {
+    Enrolled(
+        oneshot::Sender<Result<Enrolled, Refusal>>,
+        Result<Enrolled, Refusal>,
+    ),
+    Token(
+        oneshot::Sender<Result<(TokenSecret, Timestamp), String>>,
+        Result<(TokenSecret, Timestamp), String>,
+    ),
+}
+
+pub struct Controller {
+    store: Store,
+    ca: Arc<Ca>,
+    settings: Settings,
+    hosts: BTreeMap<String, Entry>,
+    tokens: HashMap<String, TokenRecord>,
+    problems: Vec<Problem>,
+    view: SharedView,
+    next_session: u64,
+    // Per batch:
+    to_plan: HashSet<String>,
+    changed_hosts: HashSet<String>,
+    changed_tokens: HashSet<String>,
+    removed_hosts: HashSet<String>,
+    replies: Vec<Reply>,
+    outbox: Vec<(CommandSender, CommandRecord)>,
+    view_dirty: bool,
+}
+
+impl Controller {
+    /// Loads every host and token from the store.
+    pub fn new(
+        store: Store,
+        ca: Arc<Ca>,
+        settings: Settings,
+    ) -> Result<Controller, crate::store::StoreError> {
+        let mut hosts = BTreeMap::new();
+        for (name, record) in store.load_hosts()? {
+            hosts.insert(
+                name,
+                Entry {
+                    record,
+                    session: None,
+                    wake_at: None,
+                },
+            );
+        }
+        let tokens = store.load_tokens()?.into_iter().collect();
+        let to_plan = hosts.keys().cloned().collect();
+        Ok(Controller {
+            store,
+            ca,
+            settings,
+            hosts,
+            tokens,
+            problems: Vec::new(),
+            view: SharedView::default(),
+            next_session: 1,
+            to_plan,
+            changed_hosts: HashSet::new(),
+            changed_tokens: HashSet::new(),
+            removed_hosts: HashSet::new(),
+            replies: Vec::new(),
+            outbox: Vec::new(),
+            view_dirty: true,
+        })
+    }
+
+    pub fn view(&self) -> SharedView {
+        self.view.clone()
+    }
+
+    /// Runs until every sender of `rx` is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        loop {
+            let wake = self.next_wake();
+            let msg = match wake {
+                Some(at) => {
+                    let wait = Timestamp::now().duration_until(at);
+                    let wait = std::time::Duration::try_from(wait).unwrap_or_default();
+                    tokio::select! {
+                        m = rx.recv() => m.map(Some),
+                        () = tokio::time::sleep(wait) => Some(None),
+                    }
+                }
+                None => rx.recv().await.map(Some),
+            };
+            let Some(msg) = msg else { break };
+            if let Some(msg) = msg {
+                self.handle(msg);
+            }
+            for _ in 0..256 {
+                match rx.try_recv() {
+                    Ok(m) => self.handle(m),
+                    Err(_) => break,
+                }
+            }
+            self.turn(Timestamp::now());
+        }
+        info!("controller stopped");
+    }
+
+    fn next_wake(&self) -> Option<Timestamp> {
+        if !self.to_plan.is_empty() {
+            return Some(Timestamp::now());
+        }
+        self.hosts.values().filter_map(|e| e.wake_at).min()
+    }
+
+    /// One batch: plan, store, act.
+    pub fn turn(&mut self, now: Timestamp) {
+        for (name, entry) in &self.hosts {
+            if entry.wake_at.is_some_and(|w| w <= now) {
+                self.to_plan.insert(name.clone());
+            }
+        }
+        let names: Vec<String> = self.to_plan.drain().collect();
+        for name in names {
+            self.plan_host(&name, now);
+        }
+        self.commit_and_act();
+        if self.view_dirty {
+            self.publish();
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        let now = Timestamp::now();
+        match msg {
+            Msg::Snapshot(snap) => self.apply_snapshot(snap, now),
+            Msg::Enroll {
+                token,
+                csr_der,
+                agent,
+                peer,
+                reply,
+            } => {
+                let result = self.enroll(&token, &csr_der, &agent, &peer, now);
+                if let Err(Refusal(reason)) = &result {
+                    warn!(peer = %peer, token = %token.fingerprint(), "enrolment refused: {reason}");
+                    let _ = reply.send(result);
+                } else {
+                    self.replies.push(Reply::Enrolled(reply, result));
+                }
+            }
+            Msg::Connect {
+                host,
+                cert_sha256,
+                peer,
+                agent,
+                reports,
+                commands,
+                reply,
+            } => {
+                let result =
+                    self.connect(&host, &cert_sha256, &peer, &agent, reports, commands, now);
+                if let Err(Refusal(reason)) = &result {
+                    warn!(host = %host, peer = %peer, "agent session refused: {reason}");
+                }
+                let _ = reply.send(result);
+            }
+            Msg::Report {
+                host,
+                session,
+                report,
+            } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                match &mut entry.session {
+                    Some(s) if s.id == session => {
+                        debug!(host = %host, command = report.id(), "agent report");
+                        s.reports.insert(report.id().to_string(), report);
+                        self.to_plan.insert(host);
+                    }
+                    _ => debug!(host = %host, session, "report from a replaced session ignored"),
+                }
+            }
+            Msg::AgentLog {
+                host,
+                session,
+                warning,
+                message,
+            } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                if entry.session.as_ref().is_some_and(|s| s.id == session) {
+                    let _span = info_span!("agent", host = %host).entered();
+                    if warning {
+                        warn!("{message}");
+                        entry.record.push_event(EventRecord {
+                            time: now,
+                            warning: true,
+                            reason: "AgentLog".into(),
+                            message,
+                        });
+                        self.changed_hosts.insert(host);
+                    } else {
+                        info!("{message}");
+                    }
+                }
+            }
+            Msg::Disconnect {
+                host,
+                session,
+                reason,
+            } => {
+                let Some(entry) = self.hosts.get_mut(&host) else {
+                    return;
+                };
+                if entry.session.as_ref().is_some_and(|s| s.id == session) {
+                    info!(host = %host, session, "agent session ended: {reason}");
+                    entry.session = None;
+                    self.to_plan.insert(host);
+                }
+            }
+            Msg::CreateToken { host, ttl, reply } => {
+                let result = self.create_token(&host, ttl, now);
+                self.replies.push(Reply::Token(reply, result));
+            }
+        }
+    }
+
+    fn apply_snapshot(&mut self, snap: Snapshot, now: Timestamp) {
+        if snap.problems != self.problems {
+            for p in snap.problems.iter().filter(|p| !self.problems.contains(p)) {
+                if p.warning {
+                    info!("hosts directory: {p}");
+                } else {
+                    warn!("hosts directory: {p}");
+                }
+            }
+            self.problems = snap.problems.clone();
+            self.view_dirty = true;
+        }
+        for (name, sourced) in &snap.hosts {
+            let source = sourced.path.display().to_string();
+            match self.hosts.get_mut(name) {
+                Some(entry) => {
+                    let r = &mut entry.record;
+                    let changed = r.host.spec != sourced.host.spec
+                        || r.host.metadata != sourced.host.metadata
+                        || r.source != source
+                        || r.deleted;
+                    if changed {
+                        if r.deleted {
+                            info!(host = %name, "host declared again in {source}");
+                        } else {
+                            info!(host = %name, "spec changed in {source}");
+                        }
+                        r.host.spec = sourced.host.spec.clone();
+                        r.host.metadata = sourced.host.metadata.clone();
+                        r.source = source;
+                        r.deleted = false;
+                        self.changed_hosts.insert(name.clone());
+                        self.to_plan.insert(name.clone());
+                    }
+                }
+                None => {
+                    info!(host = %name, "new host declared in {source}");
+                    let mut host = sourced.host.clone();
+                    host.status = Some(HostStatus::default());
+                    host.metadata.creation_timestamp.get_or_insert(now);
+                    let record = HostRecord {
+                        host,
+                        source,
+                        ..Default::default()
+                    };
+                    self.hosts.insert(
+                        name.clone(),
+                        Entry {
+                            record,
+                            session: None,
+                            wake_at: None,
+                        },
+                    );
+                    self.changed_hosts.insert(name.clone());
+                    self.to_plan.insert(name.clone());
+                }
+            }
+        }
+        for (name, entry) in &mut self.hosts {
+            if !snap.hosts.contains_key(name) && !entry.record.deleted {
+                info!(host = %name, "host no longer declared in the hosts directory: deleting it");
+                entry.record.deleted = true;
+                self.changed_hosts.insert(name.clone());
+                self.to_plan.insert(name.clone());
+            }
+        }
+    }
+
+    fn enroll(
+        &mut self,
+        token: &TokenSecret,
+        csr_der: &[u8],
+        agent: &AgentInfo,
+        peer: &str,
+        now: Timestamp,
+    ) -> Result<Enrolled, Refusal> {
+        let hash = token.hash();
+        let Some(record) = self.tokens.get(&hash) else {
+            return Err(Refusal(
+                "unknown bootstrap token (never issued here, or its host was removed)".into(),
+            ));
+        };
+        if let Some(used) = record.used_at {
+            return Err(Refusal(format!(
+                "bootstrap token for host {} was already used at {used} by {}; tokens are single-use: \
+                 create a new one with `slipway token create {}`",
+                record.host,
+                record.used_by.as_deref().unwrap_or("?"),
+                record.host
+            )));
+        }
+        if record.expires_at <= now {
+            return Err(Refusal(format!(
+                "bootstrap token for host {} expired at {}; create a new one with `slipway token create {}`",
+                record.host, record.expires_at, record.host
+            )));
+        }
+        let host = record.host.clone();
+        let Some(entry) = self.hosts.get_mut(&host).filter(|e| !e.record.deleted) else {
+            return Err(Refusal(format!("host {host} is no longer declared")));
+        };
+        let cert = self
+            .ca
+            .sign_agent(&host, csr_der, self.settings.cert_validity, now)
+            .map_err(|e| Refusal(format!("{e}")))?;
+        if let Some(t) = self.tokens.get_mut(&hash) {
+            t.used_at = Some(now);
+            t.used_by = Some(peer.to_string());
+        }
+        self.changed_tokens.insert(hash);
+        entry.record.agent_cert_sha256 = Some(cert.sha256.clone());
+        entry.record.push_event(EventRecord {
+            time: now,
+            warning: false,
+            reason: "Enrolled".into(),
+            message: format!(
+                "agent {} enrolled from {peer}{}; certificate valid until {}",
+                agent.version,
+                if agent.boot_mac.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (boot MAC {})", agent.boot_mac)
+                },
+                cert.not_after
+            ),
+        });
+        // A session on an older certificate is over.
+        if entry.session.take().is_some() {
+            self.to_plan.insert(host.clone());
+        }
+        self.changed_hosts.insert(host.clone());
+        info!(host = %host, peer = %peer, "agent enrolled");
+        Ok(Enrolled {
+            host,
+            cert_der: cert.der,
+            ca_der: self.ca.cert_der().to_vec(),
+            not_after: cert.not_after,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn connect(
+        &mut self,
+        host: &str,
+        cert_sha256: &str,
+        peer: &str,
+        agent: &AgentInfo,
+        reports: Vec<AgentReport>,
+        commands: CommandSender,
+        now: Timestamp,
+    ) -> Result<u64, Refusal> {
+        let Some(entry) = self.hosts.get_mut(host).filter(|e| !e.record.deleted) else {
+            return Err(Refusal(format!("host {host} is not declared")));
+        };
+        if entry.record.agent_cert_sha256.as_deref() != Some(cert_sha256) {
+            return Err(Refusal(format!(
+                "the client certificate is not host {host}'s current one (a later enrolment \
+                 replaced it, or the host was re-created); enrol again with a new token"
+            )));
+        }
+        let id = self.next_session;
+        self.next_session += 1;
+        let reports = reports
+            .into_iter()
+            .map(|r| (r.id().to_string(), r))
+            .collect();
+        entry.session = Some(Session {
+            id,
+            link: AgentLink {
+                since: now,
+                address: peer.to_string(),
+                version: agent.version.clone(),
+            },
+            commands,
+            sent: HashSet::new(),
+            reports,
+        });
+        info!(host = %host, peer = %peer, session = id, "agent session started");
+        self.to_plan.insert(host.to_string());
+        Ok(id)
+    }
+
+    fn create_token(
+        &mut self,
+        host: &str,
+        ttl: SignedDuration,
+        now: Timestamp,
+    ) -> Result<(TokenSecret, Timestamp), String> {
+        if !self.hosts.get(host).is_some_and(|e| !e.record.deleted) {
+            return Err(format!(
+                "host {host} is not declared; add it to the hosts directory first"
+            ));
+        }
+        let secret = tokens::generate().map_err(|e| format!("cannot generate a token: {e}"))?;
+        let expires_at = now.checked_add(ttl).unwrap_or(Timestamp::MAX);
+        let hash = secret.hash();
+        self.tokens.insert(
+            hash.clone(),
+            TokenRecord {
+                host: host.to_string(),
+                created_at: now,
+                expires_at,
+                used_at: None,
+                used_by: None,
+            },
+        );
+        self.changed_tokens.insert(hash);
+        // Tokens long expired are of no more use, not even for a clear refusal.
+        let cutoff = now
+            .checked_sub(SignedDuration::from_hours(24))
+            .unwrap_or(Timestamp::MIN);
+        let stale: Vec<String> = self
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.expires_at < cutoff)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            self.tokens.remove(&k);
+            self.changed_tokens.insert(k);
+        }
+        info!(host = %host, expires = %expires_at, token = %secret.fingerprint(), "bootstrap token created");
+        Ok((secret, expires_at))
+    }
+
+    fn plan_host(&mut self, name: &str, now: Timestamp) {
+        let Some(entry) = self.hosts.get_mut(name) else {
+            return;
+        };
+        let _span = info_span!("host", host = %name).entered();
+        let status = entry
+            .record
+            .host
+            .status
+            .get_or_insert_with(HostStatus::default)
+            .clone();
+        let session = entry.session.as_ref();
+        let view = match (&status.current_command, session) {
+            (Some(cmd), Some(s)) => match s.reports.get(&cmd.id) {
+                Some(AgentReport::Running { progress, .. }) => {
+                    CommandView::Running(progress.as_ref())
+                }
+                Some(AgentReport::Finished {
+                    outcome: Outcome::Success(ok),
+                    ..
+                }) => CommandView::Succeeded(ok),
+                Some(AgentReport::Finished {
+                    outcome: Outcome::Failure(f),
+                    ..
+                }) => CommandView::Failed(f),
+                None if s.sent.contains(&cmd.id) => CommandView::Running(None),
+                None => CommandView::Unknown,
+            },
+            _ => CommandView::Unknown,
+        };
+        let desired = Desired {
+            spec: &entry.record.host.spec,
+            deleted: entry.record.deleted,
+            policy: &self.settings.policy,
+        };
+        let observed = Observed {
+            status: &status,
+            agent: session.map(|s| &s.link),
+            command: view,
+        };
+        let plan = slipway_reconcile::plan(&desired, &observed, now);
+
+        if plan.status != status {
+            entry.record.host.status = Some(plan.status);
+            self.changed_hosts.insert(name.to_string());
+        }
+        entry.wake_at = plan.wake_at;
+        if plan.wake_at.is_some_and(|w| w <= now) {
+            // Due again at once: the next turn picks it up.
+            entry.wake_at = Some(now);
+        }
+        for action in plan.actions {
+            match action {
+                Action::Send(cmd) => match &mut entry.session {
+                    Some(s) => {
+                        info!(command = %cmd.id, "sending {} to the agent", cmd.kind.name());
+                        s.sent.insert(cmd.id.clone());
+                        self.outbox.push((s.commands.clone(), cmd));
+                    }
+                    None => debug!(command = %cmd.id, "no agent session; command not sent"),
+                },
+                Action::Record(event) => {
+                    if event.warning {
+                        warn!("{}: {}", event.reason, event.message);
+                    } else {
+                        info!("{}: {}", event.reason, event.message);
+                    }
+                    entry.record.push_event(EventRecord {
+                        time: now,
+                        warning: event.warning,
+                        reason: event.reason.to_string(),
+                        message: event.message,
+                    });
+                    self.changed_hosts.insert(name.to_string());
+                }
+                Action::Forget => {
+                    self.removed_hosts.insert(name.to_string());
+                }
+            }
+        }
+    }
+
+    fn commit_and_act(&mut self) {
+        for name in &self.removed_hosts {
+            if self.hosts.remove(name).is_some() {
+                info!(host = %name, "host removed");
+            }
+            self.changed_hosts.insert(name.clone());
+            // Its tokens go with it.
+            let dead: Vec<String> = self
+                .tokens
+                .iter()
+                .filter(|(_, t)| &t.host == name)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in dead {
+                self.tokens.remove(&k);
+                self.changed_tokens.insert(k);
+            }
+        }
+        self.removed_hosts.clear();
+        let batch = Batch {
+            hosts: self
+                .changed_hosts
+                .iter()
+                .map(|n| (n.clone(), self.hosts.get(n).map(|e| e.record.clone())))
+                .collect(),
+            tokens: self
+                .changed_tokens
+                .iter()
+                .map(|k| (k.clone(), self.tokens.get(k).cloned()))
+                .collect(),
+        };
+        if !batch.is_empty() {
+            if let Err(e) = self.store.write(batch) {
+                // Do not act on what is not stored. The records stay marked changed; the
+                // next turn tries again, and commands not sent are re-sent by the plan.
+                error!("{}", crate::error_chain(&e));
+                self.outbox.clear();
+                for reply in self.replies.drain(..) {
+                    match reply {
+                        Reply::Enrolled(tx, _) => {
+                            let _ = tx.send(Err(Refusal(
+                                "the coordinator cannot store state right now; try again".into(),
+                            )));
+                        }
+                        Reply::Token(tx, _) => {
+                            let _ =
+                                tx.send(Err("the coordinator cannot store state right now".into()));
+                        }
+                    }
+                }
+                for name in self.changed_hosts.iter() {
+                    if let Some(e) = self.hosts.get_mut(name) {
+                        e.session.as_mut().map(|s| s.sent.clear());
+                        e.wake_at = Some(Timestamp::now() + SignedDuration::from_secs(1));
+                    }
+                }
+                return;
+            }
+            self.view_dirty = true;
+        }
+        self.changed_hosts.clear();
+        self.changed_tokens.clear();
+        for (tx, cmd) in self.outbox.drain(..) {
+            let _ = tx.send(cmd);
+        }
+        for reply in self.replies.drain(..) {
+            match reply {
+                Reply::Enrolled(tx, r) => {
+                    let _ = tx.send(r);
+                }
+                Reply::Token(tx, r) => {
+                    let _ = tx.send(r);
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let hosts = self
+            .hosts
+            .iter()
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    HostView {
+                        host: e.record.host.clone(),
+                        source: e.record.source.clone(),
+                        deleted: e.record.deleted,
+                        events: e.record.events.clone(),
+                    },
+                )
+            })
+            .collect();
+        let view = View {
+            hosts,
+            problems: self.problems.clone(),
+        };
+        match self.view.write() {
+            Ok(mut v) => *v = view,
+            Err(poisoned) => *poisoned.into_inner() = view,
+        }
+        self.view_dirty = false;
+    }
+}

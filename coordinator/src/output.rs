@@ -1,0 +1,533 @@
+//! What `slipway get` and `slipway describe` print, as pure functions of the hosts and `now`
+//! (golden-tested below; kubectl's conventions).
+
+use std::fmt::Write as _;
+
+use jiff::Timestamp;
+use slipway_reconcile::host::{BareMetalHost, HostStatus, ProvisioningState};
+
+use crate::controller::HostView;
+use crate::sources::files::Problem;
+
+/// kubectl's age format: 45s, 12m, 5h, 3d.
+pub fn age(since: Option<Timestamp>, now: Timestamp) -> String {
+    let Some(since) = since else {
+        return "<unknown>".into();
+    };
+    let secs = now.duration_since(since).as_secs().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 2 * 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+/// Bytes in binary units, one decimal: 1.5 GiB.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn status(h: &BareMetalHost) -> HostStatus {
+    h.status.clone().unwrap_or_default()
+}
+
+fn state_of(v: &HostView) -> String {
+    let s = status(&v.host).provisioning.state;
+    if v.deleted
+        && !matches!(
+            s,
+            ProvisioningState::PoweringOffBeforeDelete | ProvisioningState::Deleting
+        )
+    {
+        return "deleting".into();
+    }
+    s.to_string()
+}
+
+fn progress_cell(st: &HostStatus) -> String {
+    match &st.progress {
+        Some(p) => match p.percent() {
+            Some(pct) => format!("{pct}%"),
+            None => bytes(p.bytes_done),
+        },
+        None => String::new(),
+    }
+}
+
+/// The host table. `wide` adds CONSUMER, BOOTMAC, AGENT and IMAGE.
+pub fn table(hosts: &[&HostView], wide: bool, now: Timestamp) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut header = vec!["NAME", "STATE", "ONLINE", "ERROR", "PROGRESS", "AGE"];
+    if wide {
+        header.extend(["CONSUMER", "BOOTMAC", "AGENT", "IMAGE"]);
+    }
+    rows.push(header.iter().map(ToString::to_string).collect());
+    for v in hosts {
+        let h = &v.host;
+        let st = status(h);
+        let mut row = vec![
+            h.metadata.name.clone(),
+            state_of(v),
+            h.spec.online.to_string(),
+            st.error_type.map(|e| e.to_string()).unwrap_or_default(),
+            progress_cell(&st),
+            age(h.metadata.creation_timestamp, now),
+        ];
+        if wide {
+            row.push(
+                h.spec
+                    .consumer_ref
+                    .as_ref()
+                    .and_then(|c| c.name.clone())
+                    .unwrap_or_default(),
+            );
+            row.push(h.spec.boot_mac_address.clone().unwrap_or_default());
+            row.push(match &st.agent {
+                Some(a) if a.connected => "connected".into(),
+                Some(_) => "disconnected".into(),
+                None => String::new(),
+            });
+            row.push(
+                h.spec
+                    .image
+                    .as_ref()
+                    .map(|i| i.url.clone())
+                    .unwrap_or_default(),
+            );
+        }
+        rows.push(row);
+    }
+    columns(&rows)
+}
+
+/// Aligns rows into columns separated by three spaces, kubectl style.
+fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}   ", w = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Problems in the hosts directory, one line each, for stderr.
+pub fn problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{}: {p}\n", if p.warning { "warning" } else { "error" }))
+        .collect()
+}
+
+/// What the operator should do next, when the host waits on something outside Slipway.
+fn waiting_for(v: &HostView) -> Option<String> {
+    let st = status(&v.host);
+    let needs_agent = matches!(
+        st.provisioning.state,
+        ProvisioningState::Inspecting
+            | ProvisioningState::Preparing
+            | ProvisioningState::Provisioning
+            | ProvisioningState::Deprovisioning
+    );
+    let connected = st.agent.as_ref().is_some_and(|a| a.connected);
+    (needs_agent && !connected && v.host.spec.bmc.is_none()).then(|| {
+        format!(
+            "the host's agent. The host has no BMC, so power it on into the Slipway ramdisk by \
+             hand, or run `slipway-agent run` on it with a token from `slipway token create {}`",
+            v.host.metadata.name
+        )
+    })
+}
+
+/// `slipway describe host NAME`.
+pub fn describe(v: &HostView, now: Timestamp) -> String {
+    let h = &v.host;
+    let st = status(h);
+    let mut o = String::new();
+    let mut kv = |k: &str, val: String| {
+        let _ = writeln!(o, "{:<14}{}", format!("{k}:"), val);
+    };
+    kv("Name", h.metadata.name.clone());
+    if let Some(ns) = &h.metadata.namespace {
+        kv("Namespace", ns.clone());
+    }
+    kv("Source", v.source.clone());
+    kv("State", state_of(v));
+    kv("Online", h.spec.online.to_string());
+    kv("Powered On", st.powered_on.to_string());
+    kv(
+        "Operational",
+        serde_json::to_value(st.operational_status)
+            .ok()
+            .and_then(|x| x.as_str().map(str::to_string))
+            .unwrap_or_default(),
+    );
+    if let Some(e) = st.error_type {
+        kv("Error", format!("{e} (count {})", st.error_count));
+        kv("Message", st.error_message.clone());
+        if let Some(at) = st.retry_after {
+            kv(
+                "Retry",
+                if at > now {
+                    format!("in {}", age(Some(now), at))
+                } else {
+                    "now".into()
+                },
+            );
+        }
+    }
+    match &st.agent {
+        Some(a) if a.connected => kv(
+            "Agent",
+            format!(
+                "connected from {} for {} (agent {})",
+                a.address,
+                age(a.since, now),
+                a.version
+            ),
+        ),
+        Some(a) => kv(
+            "Agent",
+            format!(
+                "disconnected {} ago (was {})",
+                age(a.disconnected_at, now),
+                a.address
+            ),
+        ),
+        None => kv("Agent", "never connected".into()),
+    }
+    if let Some(c) = &st.current_command {
+        kv(
+            "Command",
+            format!(
+                "{} ({}, sent {} ago)",
+                c.id,
+                c.kind.name(),
+                age(Some(c.issued_at), now)
+            ),
+        );
+    }
+    if let Some(p) = &st.progress {
+        let total = if p.bytes_total > 0 {
+            format!(" of {}", bytes(p.bytes_total))
+        } else {
+            String::new()
+        };
+        let pct = p.percent().map(|x| format!("{x}% ")).unwrap_or_default();
+        kv(
+            "Progress",
+            format!(
+                "{}{} {}{} at {}/s",
+                pct,
+                p.phase,
+                bytes(p.bytes_done),
+                total,
+                bytes(p.bytes_per_second)
+            ),
+        );
+    }
+    if let Some(w) = waiting_for(v) {
+        kv("Waiting For", w);
+    }
+
+    let _ = writeln!(o, "Spec:");
+    if let Some(mac) = &h.spec.boot_mac_address {
+        let _ = writeln!(o, "  Boot MAC:    {mac}");
+    }
+    if let Some(bmc) = &h.spec.bmc {
+        let _ = writeln!(o, "  BMC:         {}", bmc.address);
+    }
+    match &h.spec.image {
+        Some(i) => {
+            let kind = i
+                .checksum_type
+                .and_then(|k| serde_json::to_value(k).ok())
+                .and_then(|x| x.as_str().map(str::to_string))
+                .unwrap_or_else(|| "auto".into());
+            let digest: String = i.checksum.chars().take(16).collect();
+            let _ = writeln!(o, "  Image:       {} ({kind} {digest}...)", i.url);
+        }
+        None => {
+            let _ = writeln!(o, "  Image:       <none>");
+        }
+    }
+    if let Some(hints) = &h.spec.root_device_hints {
+        let text = serde_json::to_value(hints)
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"')))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let _ = writeln!(o, "  Root Disk:   {text}");
+    }
+    let cleaning = serde_json::to_value(h.spec.cleaning_mode())
+        .ok()
+        .and_then(|x| x.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let _ = writeln!(o, "  Cleaning:    {cleaning}");
+
+    if let Some(hw) = &st.hardware {
+        let _ = writeln!(o, "Hardware:");
+        let sv = &hw.system_vendor;
+        let _ = writeln!(
+            o,
+            "  System:      {} {} (serial {})",
+            sv.manufacturer, sv.product_name, sv.serial_number
+        );
+        let _ = writeln!(
+            o,
+            "  CPU:         {} x {} ({}, {} MHz)",
+            hw.cpu.count, hw.cpu.model, hw.cpu.arch, hw.cpu.clock_megahertz
+        );
+        let _ = writeln!(o, "  Memory:      {} MiB", hw.ram_mebibytes);
+        let _ = writeln!(o, "  Disks:");
+        let mut rows = Vec::new();
+        for d in &hw.storage {
+            rows.push(vec![
+                format!("    {}", d.name),
+                bytes(d.size_bytes),
+                d.kind.clone(),
+                d.model.clone(),
+                d.serial_number.clone(),
+            ]);
+        }
+        o.push_str(&columns(&rows));
+        let _ = writeln!(o, "  NICs:");
+        let mut rows = Vec::new();
+        for n in &hw.nics {
+            rows.push(vec![
+                format!("    {}", n.name),
+                n.mac.clone(),
+                n.ip.clone(),
+                n.model.clone(),
+                if n.pxe { "pxe".into() } else { String::new() },
+            ]);
+        }
+        o.push_str(&columns(&rows));
+    }
+
+    let hist = &st.operation_history;
+    let _ = writeln!(o, "History:");
+    for (name, m) in [
+        ("register", &hist.register),
+        ("inspect", &hist.inspect),
+        ("provision", &hist.provision),
+        ("deprovision", &hist.deprovision),
+    ] {
+        if let Some(start) = m.start {
+            let took = m
+                .end
+                .map(|e| format!("took {:.1}s", e.duration_since(start).as_secs_f64()))
+                .unwrap_or_else(|| "running".into());
+            let _ = writeln!(o, "  {:<12} {start}  {took}", format!("{name}:"));
+        }
+    }
+
+    let _ = writeln!(o, "Events:");
+    if v.events.is_empty() {
+        let _ = writeln!(o, "  <none>");
+    } else {
+        let mut rows = vec![vec![
+            "  AGE".to_string(),
+            "TYPE".into(),
+            "REASON".into(),
+            "MESSAGE".into(),
+        ]];
+        for e in v.events.iter().rev().take(20).rev() {
+            rows.push(vec![
+                format!("  {}", age(Some(e.time), now)),
+                if e.warning {
+                    "Warning".into()
+                } else {
+                    "Normal".into()
+                },
+                e.reason.clone(),
+                e.message.clone(),
+            ]);
+        }
+        o.push_str(&columns(&rows));
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EventRecord;
+    use expect_test::expect;
+    use jiff::SignedDuration;
+    use slipway_reconcile::host::{
+        AgentStatus, ErrorType, HardwareDetails, Image, Progress, Storage,
+    };
+
+    fn now() -> Timestamp {
+        "2026-11-24T12:00:00Z".parse().unwrap()
+    }
+
+    fn host(name: &str, state: ProvisioningState) -> HostView {
+        let mut h = BareMetalHost::default();
+        h.metadata.name = name.into();
+        h.metadata.creation_timestamp = Some(now() - SignedDuration::from_secs(300));
+        h.spec.online = true;
+        h.spec.image = Some(Image {
+            url: "http://10.0.0.1:8080/images/os.img".into(),
+            checksum: "ab".repeat(32),
+            ..Default::default()
+        });
+        let mut st = HostStatus::default();
+        st.provisioning.state = state;
+        h.status = Some(st);
+        HostView {
+            host: h,
+            source: format!("hosts/{name}.yaml"),
+            deleted: false,
+            events: vec![],
+        }
+    }
+
+    #[test]
+    fn host_table() {
+        let a = host("worker-0", ProvisioningState::Provisioned);
+        let mut b = host("worker-1", ProvisioningState::Provisioning);
+        {
+            let st = b.host.status.as_mut().unwrap();
+            st.progress = Some(Progress {
+                command_id: "w".into(),
+                phase: "write".into(),
+                bytes_done: 3 << 30,
+                bytes_total: 4 << 30,
+                bytes_per_second: 200 << 20,
+            });
+            st.error_type = Some(ErrorType::Provisioning);
+            st.agent = Some(AgentStatus {
+                connected: true,
+                ..Default::default()
+            });
+        }
+        let mut c = host("new-one", ProvisioningState::None);
+        c.host.metadata.creation_timestamp = Some(now() - SignedDuration::from_hours(50));
+        c.host.spec.online = false;
+        expect![[r#"
+            NAME       STATE          ONLINE   ERROR                PROGRESS   AGE
+            worker-0   provisioned    true                                     5m
+            worker-1   provisioning   true     provisioning error   75%        5m
+            new-one                   false                                    2d
+        "#]]
+        .assert_eq(&table(&[&a, &b, &c], false, now()));
+        expect![[r#"
+            NAME       STATE         ONLINE   ERROR   PROGRESS   AGE   CONSUMER   BOOTMAC   AGENT   IMAGE
+            worker-0   provisioned   true                        5m                                 http://10.0.0.1:8080/images/os.img
+        "#]]
+        .assert_eq(&table(&[&a], true, now()));
+    }
+
+    #[test]
+    fn describe_host_in_error() {
+        let mut v = host("worker-1", ProvisioningState::Provisioning);
+        {
+            let st = v.host.status.as_mut().unwrap();
+            st.error_type = Some(ErrorType::Provisioning);
+            st.error_count = 2;
+            st.error_message = "checksum mismatch for http://10.0.0.1:8080/images/os.img".into();
+            st.retry_after = Some(now() + SignedDuration::from_secs(20));
+            st.agent = Some(AgentStatus {
+                connected: false,
+                disconnected_at: Some(now() - SignedDuration::from_secs(30)),
+                address: "10.0.0.9:4000".into(),
+                ..Default::default()
+            });
+            st.hardware = Some(HardwareDetails {
+                ram_mebibytes: 2048,
+                storage: vec![Storage {
+                    name: "/dev/vda".into(),
+                    size_bytes: 20 << 30,
+                    kind: "SSD".into(),
+                    model: "QEMU".into(),
+                    serial_number: "d1".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            st.operation_history.register.start = Some(now() - SignedDuration::from_secs(100));
+            st.operation_history.register.end = Some(now() - SignedDuration::from_secs(99));
+        }
+        v.events.push(EventRecord {
+            time: now() - SignedDuration::from_secs(10),
+            warning: true,
+            reason: "Error".into(),
+            message: "provisioning error: checksum mismatch".into(),
+        });
+        expect![[r#"
+            Name:         worker-1
+            Source:       hosts/worker-1.yaml
+            State:        provisioning
+            Online:       true
+            Powered On:   false
+            Operational:  OK
+            Error:        provisioning error (count 2)
+            Message:      checksum mismatch for http://10.0.0.1:8080/images/os.img
+            Retry:        in 20s
+            Agent:        disconnected 30s ago (was 10.0.0.9:4000)
+            Waiting For:  the host's agent. The host has no BMC, so power it on into the Slipway ramdisk by hand, or run `slipway-agent run` on it with a token from `slipway token create worker-1`
+            Spec:
+              Image:       http://10.0.0.1:8080/images/os.img (auto abababababababab...)
+              Cleaning:    metadata
+            Hardware:
+              System:        (serial )
+              CPU:         0 x  (, 0 MHz)
+              Memory:      2048 MiB
+              Disks:
+                /dev/vda   20.0 GiB   SSD   QEMU   d1
+              NICs:
+            History:
+              register:    2026-11-24T11:58:20Z  took 1.0s
+            Events:
+              AGE   TYPE      REASON   MESSAGE
+              10s   Warning   Error    provisioning error: checksum mismatch
+        "#]]
+        .assert_eq(&describe(&v, now()));
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(4 << 30), "4.0 GiB");
+        assert_eq!(
+            age(Some(now()), now() + SignedDuration::from_secs(7200)),
+            "2h"
+        );
+    }
+}

@@ -1,0 +1,231 @@
+//! `slipway serve`: opens the state, starts the controller, the agent API (gRPC over mutual
+//! TLS), the HTTP image server, the admin socket and the hosts-directory watcher.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use jiff::SignedDuration;
+use slipway_reconcile::Policy;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::admin::{self, Info};
+use crate::api::{self, Api};
+use crate::controller::{Controller, Msg, Settings};
+use crate::pki::Ca;
+use crate::sources::files::FilesSource;
+use crate::store::Store;
+
+/// Flags of `slipway serve`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Directory of BareMetalHost (and Secret) YAML documents; watched for changes.
+    #[arg(long, value_name = "DIR")]
+    pub hosts: PathBuf,
+    /// Address for agents (gRPC over mutual TLS).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9443")]
+    pub listen: SocketAddr,
+    /// Address of the HTTP server (images; boot files later).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    pub http_listen: SocketAddr,
+    /// Directory served at /images/ (default: STATE/images).
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// Host name or IP address that agents use to reach this coordinator (default: the listen
+    /// address, or 127.0.0.1 when listening on all addresses). Also put in the server
+    /// certificate.
+    #[arg(long, value_name = "HOST")]
+    pub advertise: Option<String>,
+    /// First retry delay after a failure; doubles up to --retry-max.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub retry_base: SignedDuration,
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub retry_max: SignedDuration,
+    /// How long a command waits for a disconnected agent before the host shows an error.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub agent_lost_after: SignedDuration,
+    /// Validity of agent certificates.
+    #[arg(long, value_name = "DURATION", default_value = "720h", value_parser = parse_duration)]
+    pub cert_validity: SignedDuration,
+    /// How often the hosts directory is checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: SignedDuration,
+}
+
+/// Durations as `30s`, `5m`, `1h30m`, `2d`.
+pub fn parse_duration(s: &str) -> Result<SignedDuration, String> {
+    let d: SignedDuration = s
+        .parse::<SignedDuration>()
+        .map_err(|e| format!("{s:?} is not a duration such as 30s, 5m or 1h ({e})"))?;
+    if d.is_negative() || d.is_zero() {
+        return Err(format!("{s:?} must be a positive duration"));
+    }
+    Ok(d)
+}
+
+pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
+    if !args.hosts.is_dir() {
+        bail!(
+            "the hosts directory {} does not exist: create it, or point --hosts at the directory \
+             of your BareMetalHost YAML files",
+            args.hosts.display()
+        );
+    }
+    fs::create_dir_all(&state)
+        .with_context(|| format!("cannot create the state directory {}", state.display()))?;
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict permissions of {}", state.display()))?;
+    let images = args.images.clone().unwrap_or_else(|| state.join("images"));
+    fs::create_dir_all(&images)
+        .with_context(|| format!("cannot create the images directory {}", images.display()))?;
+
+    let ca = Arc::new(
+        Ca::load_or_create(&state.join("pki"))
+            .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?,
+    );
+    let store = Store::open(&state).map_err(|e| {
+        anyhow::anyhow!(
+            "{} (is another `slipway serve` using this state directory?)",
+            crate::error_chain(&e)
+        )
+    })?;
+    let settings = Settings {
+        policy: Policy {
+            retry_base: args.retry_base,
+            retry_max: args.retry_max,
+            agent_lost_after: args.agent_lost_after,
+        },
+        cert_validity: args.cert_validity,
+    };
+    let controller = Controller::new(store, ca.clone(), settings)
+        .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+    let view = controller.view();
+    let (tx, rx) = mpsc::channel::<Msg>(4096);
+
+    // The hosts directory: a first full read before anything else runs.
+    let mut source = FilesSource::new(&args.hosts);
+    source.scan();
+    tx.send(Msg::Snapshot(source.snapshot())).await.ok();
+    let poll = Duration::try_from(args.poll_interval).unwrap_or(Duration::from_secs(1));
+    let watch_tx = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(poll).await;
+            let scanned = tokio::task::spawn_blocking(move || {
+                let changed = source.scan();
+                (changed, source)
+            })
+            .await;
+            let Ok((changed, back)) = scanned else {
+                tracing::error!("the hosts directory watcher failed; restart slipway serve");
+                return;
+            };
+            source = back;
+            if changed
+                && watch_tx
+                    .send(Msg::Snapshot(source.snapshot()))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let controller_task = tokio::spawn(controller.run(rx));
+
+    let advertise = match &args.advertise {
+        Some(a) => a.clone(),
+        None if args.listen.ip().is_unspecified() => {
+            warn!(
+                "listening on all addresses without --advertise: agents are told to dial 127.0.0.1; set --advertise to an address the hosts can reach"
+            );
+            "127.0.0.1".into()
+        }
+        None => args.listen.ip().to_string(),
+    };
+
+    // Agent API.
+    let grpc = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen for agents on {}", args.listen))?;
+    let grpc_addr = grpc.local_addr()?;
+    let tls = ca
+        .server_tls(std::slice::from_ref(&advertise))
+        .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+    let api = Api::new(tx.clone());
+    let grpc_task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(api.into_service())
+            .serve_with_incoming(api::tls_incoming(grpc, Arc::new(tls)))
+            .await
+    });
+
+    // HTTP.
+    let http = TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
+    let http_addr = http.local_addr()?;
+    let http_task =
+        tokio::spawn(async move { axum::serve(http, crate::http::router(images)).await });
+
+    // Admin socket.
+    let socket = state.join("admin.sock");
+    if socket.exists() {
+        fs::remove_file(&socket)
+            .with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
+    }
+    let admin = UnixListener::bind(&socket)
+        .with_context(|| format!("cannot create the admin socket {}", socket.display()))?;
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict permissions of {}", socket.display()))?;
+    let info = Info {
+        version: env!("CARGO_PKG_VERSION").into(),
+        agent_url: format!("https://{}", host_port(&advertise, grpc_addr.port())),
+        http_url: format!("http://{}", host_port(&advertise, http_addr.port())),
+        ca_fingerprint: ca.fingerprint(),
+        hosts_dir: args.hosts.clone(),
+        state_dir: state.clone(),
+    };
+    let admin_task = tokio::spawn(
+        axum::serve(admin, admin::router(view, tx.clone(), info.clone())).into_future(),
+    );
+    drop(tx);
+
+    info!(
+        agents = %grpc_addr,
+        http = %http_addr,
+        admin = %socket.display(),
+        ca = %info.ca_fingerprint,
+        "slipway ready: agents dial {}, images at {}/images/",
+        info.agent_url,
+        info.http_url
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
+        _ = term.recv() => info!("terminated; stopping"),
+        r = grpc_task => bail!("the agent API stopped: {r:?}"),
+        r = http_task => bail!("the HTTP server stopped: {r:?}"),
+        r = admin_task => bail!("the admin socket stopped: {r:?}"),
+        r = controller_task => bail!("the controller stopped: {r:?}"),
+    }
+    let _ = fs::remove_file(&socket);
+    Ok(())
+}
+
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}

@@ -1,0 +1,622 @@
+//! Files mode: `BareMetalHost` (and `v1 Secret`) documents in the YAML files of a directory.
+//!
+//! The directory is polled (stat of each file; changed files are re-read), so editors that
+//! write a new file and rename it, configuration tools, and network filesystems all work the
+//! same. Files: `*.yaml`, `*.yml`, `*.json`, not hidden, not in subdirectories (like
+//! `kubectl apply -f DIR`).
+//!
+//! Bad input loses nothing: a document that no longer parses keeps its last good version (and
+//! the problem is reported, naming the file, the document, the host and the field); a file
+//! that cannot be read at all keeps all its hosts. Only a document that is removed (or a file
+//! deleted) removes hosts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use slipway_reconcile::host::{API_VERSION, BareMetalHost, KIND};
+
+/// A host as declared, with where it was declared.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourcedHost {
+    pub host: BareMetalHost,
+    pub path: PathBuf,
+    /// 1-based document number in the file.
+    pub document: usize,
+}
+
+/// A `v1 Secret` document (BMC credentials, userData, networkData).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Secret {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// Decoded values of `data` and `stringData` (stringData wins, as in Kubernetes).
+    pub data: BTreeMap<String, Vec<u8>>,
+}
+
+/// Something wrong in the hosts directory.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Problem {
+    pub path: PathBuf,
+    /// 1-based document number, 0 for the whole file.
+    pub document: usize,
+    /// The host concerned, when its name could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// True when nothing is lost (e.g. an ignored kind); false for errors.
+    #[serde(default)]
+    pub warning: bool,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if self.document > 0 {
+            write!(f, ": document {}", self.document)?;
+        }
+        if let Some(host) = &self.host {
+            write!(f, " (host {host})")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Everything the directory declares now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub hosts: BTreeMap<String, SourcedHost>,
+    pub secrets: BTreeMap<String, Secret>,
+    pub problems: Vec<Problem>,
+}
+
+/// One document of a file, as last parsed.
+#[derive(Clone, Debug, PartialEq)]
+enum Doc {
+    Host(BareMetalHost),
+    Secret(Secret),
+}
+
+#[derive(Clone, Debug, Default)]
+struct FileState {
+    stamp: Option<(SystemTime, u64)>,
+    /// Documents that parsed, by 1-based position.
+    good: Vec<(usize, Doc)>,
+    problems: Vec<Problem>,
+}
+
+/// The poller's memory of the directory.
+#[derive(Debug)]
+pub struct FilesSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    dir_problem: Option<Problem>,
+}
+
+impl FilesSource {
+    pub fn new(dir: impl Into<PathBuf>) -> FilesSource {
+        FilesSource {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            dir_problem: None,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads what changed. Returns true when the snapshot may differ from the last one.
+    pub fn scan(&mut self) -> bool {
+        let listing = match list_dir(&self.dir) {
+            Ok(l) => l,
+            Err(e) => {
+                // Keep every host: a directory that vanished for a moment (remount, rename)
+                // must not delete the fleet.
+                let problem = Problem {
+                    path: self.dir.clone(),
+                    document: 0,
+                    host: None,
+                    warning: false,
+                    message: format!(
+                        "cannot read the hosts directory ({e}); keeping the hosts last read from \
+                         it"
+                    ),
+                };
+                let changed = self.dir_problem.as_ref() != Some(&problem);
+                self.dir_problem = Some(problem);
+                return changed;
+            }
+        };
+        let mut changed = self.dir_problem.take().is_some();
+        let before: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for path in before {
+            if !listing.contains_key(&path) {
+                self.files.remove(&path);
+                changed = true;
+            }
+        }
+        for (path, stamp) in listing {
+            let state = self.files.entry(path.clone()).or_default();
+            if state.stamp == Some(stamp) {
+                continue;
+            }
+            changed = true;
+            state.stamp = Some(stamp);
+            match fs::read(&path) {
+                Ok(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let (good, problems) = parse_file(&path, &text, &state.good);
+                    state.good = good;
+                    state.problems = problems;
+                }
+                Err(e) => {
+                    state.stamp = None; // try again next scan
+                    state.problems = vec![Problem {
+                        path: path.clone(),
+                        document: 0,
+                        host: None,
+                        warning: false,
+                        message: format!(
+                            "cannot read the file ({e}); keeping its hosts as last read"
+                        ),
+                    }];
+                }
+            }
+        }
+        changed
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snap = Snapshot::default();
+        snap.problems.extend(self.dir_problem.clone());
+        for (path, state) in &self.files {
+            snap.problems.extend(state.problems.iter().cloned());
+            for (document, doc) in &state.good {
+                match doc {
+                    Doc::Host(host) => {
+                        let name = host.metadata.name.clone();
+                        if let Some(first) = snap.hosts.get(&name) {
+                            snap.problems.push(Problem {
+                                path: path.clone(),
+                                document: *document,
+                                host: Some(name.clone()),
+                                warning: false,
+                                message: format!(
+                                    "host {name} is already declared in {} (document {}); this \
+                                     declaration is ignored: remove one of them",
+                                    first.path.display(),
+                                    first.document
+                                ),
+                            });
+                            continue;
+                        }
+                        snap.hosts.insert(
+                            name,
+                            SourcedHost {
+                                host: host.clone(),
+                                path: path.clone(),
+                                document: *document,
+                            },
+                        );
+                    }
+                    Doc::Secret(secret) => {
+                        snap.secrets.insert(secret.name.clone(), secret.clone());
+                    }
+                }
+            }
+        }
+        snap
+    }
+}
+
+fn list_dir(dir: &Path) -> io::Result<BTreeMap<PathBuf, (SystemTime, u64)>> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.')
+            || !(name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json"))
+        {
+            continue;
+        }
+        let path = entry.path();
+        // Follow symlinks (ConfigMap mounts are symlinks).
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        out.insert(path, (mtime, meta.len()));
+    }
+    Ok(out)
+}
+
+/// Parses every document of a file. `previous` is what the file's documents were last time;
+/// a document that fails now keeps its previous version (matched by host name), and when the
+/// file cannot even be split into documents, all previous documents are kept.
+fn parse_file(
+    path: &Path,
+    text: &str,
+    previous: &[(usize, Doc)],
+) -> (Vec<(usize, Doc)>, Vec<Problem>) {
+    let mut good = Vec::new();
+    let mut problems = Vec::new();
+    let mut kept_names = Vec::new();
+    let mut syntax_broken = false;
+    let problem = |document: usize, host: Option<String>, warning: bool, message: String| Problem {
+        path: path.to_path_buf(),
+        document,
+        host,
+        warning,
+        message,
+    };
+
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let value = match serde_yaml_ng::Value::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(problem(n, None, false, format!("not valid YAML: {e}")));
+                syntax_broken = true;
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // empty document (e.g. a trailing `---`)
+        }
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        match kind {
+            KIND => {
+                if api_version != API_VERSION {
+                    problems.push(problem(
+                        n,
+                        name.clone(),
+                        false,
+                        format!("apiVersion is {api_version:?}; Slipway reads BareMetalHost {API_VERSION}"),
+                    ));
+                    kept_names.extend(name);
+                    continue;
+                }
+                match parse_host(value) {
+                    Ok(host) => good.push((n, Doc::Host(host))),
+                    Err(message) => {
+                        problems.push(problem(n, name.clone(), false, message));
+                        kept_names.extend(name);
+                    }
+                }
+            }
+            "Secret" if api_version == "v1" => match parse_secret(&value) {
+                Ok(secret) => good.push((n, Doc::Secret(secret))),
+                Err(message) => problems.push(problem(n, name, false, message)),
+            },
+            "" => problems.push(problem(
+                n,
+                name,
+                false,
+                "has no kind; every document needs apiVersion and kind (e.g. apiVersion: \
+                 metal3.io/v1alpha1, kind: BareMetalHost)"
+                    .into(),
+            )),
+            other => problems.push(problem(
+                n,
+                name,
+                true,
+                format!("kind {other} is not used by Slipway; ignored"),
+            )),
+        }
+    }
+
+    // Keep the last good version of what failed now.
+    for (n, doc) in previous {
+        let keep = match doc {
+            Doc::Host(h) => {
+                let name = &h.metadata.name;
+                let redefined = good
+                    .iter()
+                    .any(|(_, d)| matches!(d, Doc::Host(g) if &g.metadata.name == name));
+                !redefined && (syntax_broken || kept_names.contains(name))
+            }
+            Doc::Secret(s) => {
+                syntax_broken
+                    && !good
+                        .iter()
+                        .any(|(_, d)| matches!(d, Doc::Secret(g) if g.name == s.name))
+            }
+        };
+        if keep {
+            good.push((*n, doc.clone()));
+        }
+    }
+    if !problems.is_empty() && !previous.is_empty() {
+        for p in problems.iter_mut().filter(|p| !p.warning) {
+            if p.host.as_ref().is_some_and(|h| {
+                good.iter()
+                    .any(|(_, d)| matches!(d, Doc::Host(g) if &g.metadata.name == h))
+            }) || (syntax_broken && p.host.is_none())
+            {
+                p.message
+                    .push_str("; the last good version stays in effect until this is fixed");
+            }
+        }
+    }
+    good.sort_by_key(|(n, _)| *n);
+    (good, problems)
+}
+
+fn parse_host(value: serde_yaml_ng::Value) -> Result<BareMetalHost, String> {
+    let host: BareMetalHost = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." || path.is_empty() {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        }
+    })?;
+    check_name(&host.metadata.name)?;
+    Ok(host)
+}
+
+/// Kubernetes object names: a DNS-1123 subdomain.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "metadata.name {name:?} is not a valid name: use lower-case letters, digits, '-' and \
+             '.', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+fn parse_secret(value: &serde_yaml_ng::Value) -> Result<Secret, String> {
+    use base64::Engine;
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Raw {
+        metadata: Meta,
+        #[serde(default)]
+        data: HashMap<String, String>,
+        #[serde(default)]
+        string_data: HashMap<String, String>,
+    }
+    #[derive(Deserialize)]
+    struct Meta {
+        name: String,
+        #[serde(default)]
+        namespace: Option<String>,
+    }
+    let raw: Raw = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        format!("{path}: {}", e.into_inner())
+    })?;
+    check_name(&raw.metadata.name)?;
+    let mut data = BTreeMap::new();
+    for (k, v) in raw.data {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v.trim())
+            .map_err(|e| {
+                format!("data.{k}: not base64 ({e}); put plain text under stringData instead")
+            })?;
+        data.insert(k, bytes);
+    }
+    for (k, v) in raw.string_data {
+        data.insert(k, v.into_bytes());
+    }
+    Ok(Secret {
+        name: raw.metadata.name,
+        namespace: raw.metadata.namespace,
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST_A: &str = "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: a\nspec:\n  online: true\n";
+    const HOST_B: &str = "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: b\nspec:\n  online: false\n";
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        // A new mtime is not guaranteed within the same tick; the length changes in these tests
+        // or the file is new.
+        fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn reads_hosts_and_secrets_from_multi_document_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {username: YWRtaW4=}\nstringData: {password: pw}\n";
+        write(dir.path(), "a.yaml", &format!("{HOST_A}---\n{secret}---\n"));
+        write(dir.path(), "b.yml", HOST_B);
+        write(dir.path(), ".hidden.yaml", "garbage: [");
+        write(dir.path(), "notes.txt", "garbage: [");
+        let mut src = FilesSource::new(dir.path());
+        assert!(src.scan());
+        let snap = src.snapshot();
+        assert_eq!(snap.problems, vec![]);
+        assert_eq!(snap.hosts.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(snap.hosts["a"].host.spec.online);
+        assert_eq!(snap.hosts["a"].document, 1);
+        assert_eq!(snap.secrets["s"].data["username"], b"admin");
+        assert_eq!(snap.secrets["s"].data["password"], b"pw");
+        assert!(!src.scan(), "nothing changed");
+    }
+
+    #[test]
+    fn unknown_field_names_file_document_host_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata: {name: c}\nspec:\n  image:\n    url: http://x/y\n    checksumTyp: sha256\n";
+        write(dir.path(), "c.yaml", &format!("{HOST_A}---\n{bad}"));
+        let mut src = FilesSource::new(dir.path());
+        src.scan();
+        let snap = src.snapshot();
+        assert_eq!(
+            snap.hosts.keys().collect::<Vec<_>>(),
+            ["a"],
+            "the good document still counts"
+        );
+        assert_eq!(snap.problems.len(), 1);
+        let text = snap.problems[0].to_string();
+        assert!(
+            text.contains(
+                "c.yaml: document 2 (host c): spec.image.checksumTyp: unknown field `checksumTyp`"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_broken_edit_keeps_the_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", HOST_A);
+        let mut src = FilesSource::new(dir.path());
+        src.scan();
+        // Field error: the host keeps its previous spec.
+        write(
+            dir.path(),
+            "a.yaml",
+            &HOST_A.replace("online: true", "online: true\n  bootMACAddres: x"),
+        );
+        assert!(src.scan());
+        let snap = src.snapshot();
+        assert!(snap.hosts["a"].host.spec.online);
+        assert!(
+            snap.problems[0]
+                .message
+                .contains("unknown field `bootMACAddres`")
+        );
+        assert!(
+            snap.problems[0]
+                .message
+                .contains("last good version stays in effect")
+        );
+        // Syntax error: the whole file keeps its hosts.
+        write(
+            dir.path(),
+            "a.yaml",
+            "apiVersion: metal3.io/v1alpha1\nkind: [BareMetalHost\n",
+        );
+        src.scan();
+        let snap = src.snapshot();
+        assert!(snap.hosts.contains_key("a"));
+        assert!(
+            snap.problems[0].message.starts_with("not valid YAML"),
+            "{}",
+            snap.problems[0].message
+        );
+        // Fixed: problem gone, new spec in effect.
+        write(
+            dir.path(),
+            "a.yaml",
+            &HOST_A.replace("online: true", "online: false"),
+        );
+        src.scan();
+        let snap = src.snapshot();
+        assert!(snap.problems.is_empty());
+        assert!(!snap.hosts["a"].host.spec.online);
+        // Removed file: host gone.
+        fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        src.scan();
+        assert!(src.snapshot().hosts.is_empty());
+    }
+
+    #[test]
+    fn duplicates_wrong_kinds_and_names_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1.yaml", HOST_A);
+        write(
+            dir.path(),
+            "2.yaml",
+            &format!(
+                "{HOST_A}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: x}}\n---\nfoo: bar\n"
+            ),
+        );
+        write(
+            dir.path(),
+            "3.yaml",
+            &HOST_B
+                .replace("name: b", "name: Bad_Name")
+                .replace("v1alpha1", "v1beta1"),
+        );
+        write(
+            dir.path(),
+            "4.yaml",
+            &HOST_B.replace("name: b", "name: Bad_Name"),
+        );
+        let mut src = FilesSource::new(dir.path());
+        src.scan();
+        let snap = src.snapshot();
+        let texts: Vec<String> = snap.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(snap.hosts.keys().collect::<Vec<_>>(), ["a"]);
+        assert!(
+            texts.iter().any(|t| t
+                .contains("2.yaml: document 1 (host a): host a is already declared in")
+                && t.contains("1.yaml (document 1)")),
+            "{texts:#?}"
+        );
+        assert!(
+            texts.iter().any(|t| t
+                .contains("document 2 (host x): kind ConfigMap is not used by Slipway; ignored")),
+            "{texts:#?}"
+        );
+        assert!(
+            texts.iter().any(|t| t.contains("document 3: has no kind")),
+            "{texts:#?}"
+        );
+        assert!(
+            texts.iter().any(|t| t.contains(
+                "3.yaml: document 1 (host Bad_Name): apiVersion is \"metal3.io/v1beta1\""
+            )),
+            "{texts:#?}"
+        );
+        assert!(
+            texts.iter().any(|t| t.contains(
+                "4.yaml: document 1 (host Bad_Name): metadata.name \"Bad_Name\" is not a valid name"
+            )),
+            "{texts:#?}"
+        );
+    }
+
+    #[test]
+    fn missing_directory_keeps_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        fs::create_dir(&hosts).unwrap();
+        write(&hosts, "a.yaml", HOST_A);
+        let mut src = FilesSource::new(&hosts);
+        src.scan();
+        fs::rename(&hosts, dir.path().join("elsewhere")).unwrap();
+        assert!(src.scan());
+        let snap = src.snapshot();
+        assert!(snap.hosts.contains_key("a"));
+        assert!(
+            snap.problems[0]
+                .message
+                .contains("cannot read the hosts directory")
+        );
+    }
+}

@@ -571,7 +571,7 @@ impl Controller {
         ttl: SignedDuration,
         now: Timestamp,
     ) -> Result<(TokenSecret, Timestamp), String> {
-        if !self.hosts.get(host).is_some_and(|e| !e.record.deleted) {
+        if self.hosts.get(host).is_none_or(|e| e.record.deleted) {
             return Err(format!(
                 "host {host} is not declared; add it to the hosts directory first"
             ));
@@ -742,7 +742,9 @@ impl Controller {
                 }
                 for name in self.changed_hosts.iter() {
                     if let Some(e) = self.hosts.get_mut(name) {
-                        e.session.as_mut().map(|s| s.sent.clear());
+                        if let Some(s) = e.session.as_mut() {
+                            s.sent.clear()
+                        }
                         e.wake_at = Some(Timestamp::now() + SignedDuration::from_secs(1));
                     }
                 }

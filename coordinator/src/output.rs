@@ -147,6 +147,15 @@ pub fn problems(problems: &[Problem]) -> String {
         .collect()
 }
 
+fn join_nonempty(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// What the operator should do next, when the host waits on something outside Slipway.
 fn waiting_for(v: &HostView) -> Option<String> {
     let st = status(&v.host);
@@ -301,15 +310,22 @@ pub fn describe(v: &HostView, now: Timestamp) -> String {
     if let Some(hw) = &st.hardware {
         let _ = writeln!(o, "Hardware:");
         let sv = &hw.system_vendor;
+        let mut system = join_nonempty(&[&sv.manufacturer, &sv.product_name]);
+        if !sv.serial_number.is_empty() {
+            let _ = write!(system, " (serial {})", sv.serial_number);
+        }
+        if !system.is_empty() {
+            let _ = writeln!(o, "  System:      {system}");
+        }
+        let model = if hw.cpu.model.is_empty() {
+            "unknown model"
+        } else {
+            &hw.cpu.model
+        };
         let _ = writeln!(
             o,
-            "  System:      {} {} (serial {})",
-            sv.manufacturer, sv.product_name, sv.serial_number
-        );
-        let _ = writeln!(
-            o,
-            "  CPU:         {} x {} ({}, {} MHz)",
-            hw.cpu.count, hw.cpu.model, hw.cpu.arch, hw.cpu.clock_megahertz
+            "  CPU:         {} x {model} ({}, {} MHz)",
+            hw.cpu.count, hw.cpu.arch, hw.cpu.clock_megahertz
         );
         let _ = writeln!(o, "  Memory:      {} MiB", hw.ram_mebibytes);
         let _ = writeln!(o, "  Disks:");
@@ -505,8 +521,7 @@ mod tests {
               Image:       http://10.0.0.1:8080/images/os.img (auto abababababababab...)
               Cleaning:    metadata
             Hardware:
-              System:        (serial )
-              CPU:         0 x  (, 0 MHz)
+              CPU:         0 x unknown model (, 0 MHz)
               Memory:      2048 MiB
               Disks:
                 /dev/vda   20.0 GiB   SSD   QEMU   d1

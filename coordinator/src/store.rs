@@ -28,14 +28,14 @@ pub enum StoreError {
     Open {
         path: PathBuf,
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     #[error("the state database {} refused a {action}", path.display())]
     Db {
         action: &'static str,
         path: PathBuf,
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     #[error("record {key:?} in {} is corrupt", path.display())]
     Corrupt {
@@ -124,7 +124,7 @@ impl Store {
         let path = dir.join("slipway.redb");
         let db = Database::create(&path).map_err(|e| StoreError::Open {
             path: path.clone(),
-            source: e.into(),
+            source: Box::new(e.into()),
         })?;
         let store = Store { db, path };
         // Create the tables so readers never meet a missing one.
@@ -140,7 +140,7 @@ impl Store {
         move |source| StoreError::Db {
             action,
             path: self.path.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 

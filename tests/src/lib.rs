@@ -1,1 +1,526 @@
+//! Harness for Slipway's cross-component tests: real `slipway` and `slipway-agent` processes
+//! talking mutual TLS on 127.0.0.1, hosts directories in temporary folders, disks as plain files
+//! or loop devices.
+//!
+//! Every process a test starts is killed when its handle drops; every loop device is
+//! detached. Logs of both processes are files in the test's directory and are printed when a
+//! wait times out.
 
+#![allow(clippy::disallowed_methods)] // this harness is the one place that spawns processes
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Paths of the binaries under test, built once per test run.
+pub struct Bins {
+    pub slipway: PathBuf,
+    pub agent: PathBuf,
+}
+
+/// Builds `slipway` and `slipway-agent` (same profile as the tests) and returns their paths.
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
+        let mut build = Command::new(cargo);
+        // Cargo sets CARGO_MANIFEST_DIR and friends for the test process; build scripts (ring's)
+        // fingerprint them, so passing them on would rebuild half the tree on every run.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let keep = ["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&key.as_ref())
+                || [
+                    "CARGO_BUILD_",
+                    "CARGO_TERM_",
+                    "CARGO_NET_",
+                    "CARGO_REGISTRIES_",
+                    "CARGO_HTTP_",
+                ]
+                .iter()
+                .any(|p| key.starts_with(p));
+            if (key.starts_with("CARGO_") && !keep) || key == "OUT_DIR" {
+                build.env_remove(key.as_ref());
+            }
+        }
+        let status = build
+            .current_dir(&workspace)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "slipway-coordinator",
+                "-p",
+                "slipway-agent",
+                "--bins",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(
+            status.success(),
+            "building slipway and slipway-agent failed"
+        );
+        // The test executable lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("current exe");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let bins = Bins {
+            slipway: dir.join("slipway"),
+            agent: dir.join("slipway-agent"),
+        };
+        assert!(bins.slipway.exists(), "{} missing", bins.slipway.display());
+        assert!(bins.agent.exists(), "{} missing", bins.agent.display());
+        bins
+    })
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Random-looking bytes (deterministic per seed), so a misplaced block cannot pass as zeros.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A running coordinator with its own directories and ports.
+pub struct Coordinator {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub hosts: PathBuf,
+    pub state: PathBuf,
+    pub images: PathBuf,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub extra_args: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Coordinator {
+    /// Starts a coordinator in `dir` (hosts in `dir/hosts`, state in `dir/state`).
+    pub fn start(dir: &Path, extra_args: &[&str]) -> Coordinator {
+        let hosts = dir.join("hosts");
+        let state = dir.join("state");
+        let images = dir.join("images");
+        for d in [&hosts, &images] {
+            fs::create_dir_all(d).expect("create test dirs");
+        }
+        let mut c = Coordinator {
+            child: None,
+            dir: dir.to_path_buf(),
+            hosts,
+            state,
+            images,
+            grpc_port: free_port(),
+            http_port: free_port(),
+            extra_args: extra_args.iter().map(ToString::to_string).collect(),
+            log: dir.join("coordinator.log"),
+        };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let child = Command::new(&bins().slipway)
+            .arg("serve")
+            .arg("--hosts")
+            .arg(&self.hosts)
+            .arg("--state")
+            .arg(&self.state)
+            .arg("--images")
+            .arg(&self.images)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.grpc_port))
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{}", self.http_port))
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn slipway serve");
+        self.child = Some(child);
+        let socket = self.state.join("admin.sock");
+        wait_until(
+            Duration::from_secs(30),
+            "the coordinator's admin socket",
+            || {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    panic!("slipway serve exited with {status}:\n{}", self.log_text());
+                }
+                std::os::unix::net::UnixStream::connect(&socket).ok()
+            },
+        );
+    }
+
+    /// SIGKILL: no chance to clean up, like a power cut of the coordinator.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again with the same directories and ports.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn agent_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub fn image_url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/images/{name}", self.http_port)
+    }
+
+    /// Runs `slipway ARGS` against this coordinator.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(&bins().slipway)
+            .args(args)
+            .env("SLIPWAY_STATE", &self.state)
+            .output()
+            .expect("run slipway")
+    }
+
+    pub fn ca_fingerprint(&self) -> String {
+        let out = self.cli(&["info", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "slipway info: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("info json");
+        v["caFingerprint"]
+            .as_str()
+            .expect("fingerprint")
+            .to_string()
+    }
+
+    /// A fresh bootstrap token for `host`.
+    pub fn token(&self, host: &str, ttl: &str) -> String {
+        let out = self.cli(&["token", "create", host, "--ttl", ttl, "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "slipway token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("token json");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    /// `slipway get hosts -o json` items by name.
+    pub fn hosts(&self) -> Vec<Value> {
+        let out = self.cli(&["get", "hosts", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "slipway get hosts: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("hosts json");
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn host(&self, name: &str) -> Option<Value> {
+        self.hosts()
+            .into_iter()
+            .find(|h| h["metadata"]["name"] == name)
+    }
+
+    /// Waits until host `name` satisfies `pred`; on timeout prints the logs.
+    pub fn wait_host(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(h) = self.host(name) {
+                if pred(&h) {
+                    return h;
+                }
+                if start.elapsed() > timeout {
+                    panic!(
+                        "timed out after {timeout:?} waiting for host {name} to be {what}; it is:\n{}\n--- coordinator log ---\n{}",
+                        serde_json::to_string_pretty(&h["status"]).unwrap_or_default(),
+                        self.log_text()
+                    );
+                }
+            } else if start.elapsed() > timeout {
+                panic!(
+                    "host {name} never appeared\n--- coordinator log ---\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(150));
+        }
+    }
+
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        self.wait_host(name, timeout, state, |h| {
+            h["status"]["provisioning"]["state"] == state
+        })
+    }
+
+    /// Waits until the coordinator's log contains `text`.
+    pub fn wait_log(&self, text: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log_text();
+            if log.contains(text) {
+                return log;
+            }
+            if start.elapsed() > timeout {
+                panic!("the coordinator log never said {text:?}:\n{log}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Writes a BareMetalHost document to the coordinator's hosts directory.
+pub fn write_host(hosts: &Path, name: &str, image_url: &str, checksum: &str, device: &str) {
+    let doc = format!(
+        "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: {name}\nspec:\n  online: true\n  image:\n    url: {image_url}\n    checksum: {checksum}\n    checksumType: sha256\n    format: raw\n  rootDeviceHints:\n    deviceName: {device}\n"
+    );
+    // Write then rename, as editors and config tools do, so the watcher never reads half a file.
+    let tmp = hosts.join(format!(".{name}.tmp"));
+    fs::write(&tmp, doc).expect("write host");
+    fs::rename(&tmp, hosts.join(format!("{name}.yaml"))).expect("rename host");
+}
+
+/// A running agent process.
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `slipway-agent run` for the coordinator with `token`, managing only `disk`.
+    pub fn start(
+        c: &Coordinator,
+        token: &str,
+        disk: &Path,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let log = state_dir.with_extension("log");
+        let file = fs::File::create(&log).expect("agent log");
+        let child = Command::new(&bins().agent)
+            .arg("run")
+            .arg("--coordinator")
+            .arg(c.agent_url())
+            .arg("--token")
+            .arg(token)
+            .arg("--ca-fingerprint")
+            .arg(c.ca_fingerprint())
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--disk")
+            .arg(disk)
+            .args(["--heartbeat-seconds", "2"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn slipway-agent");
+        Agent {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the agent to exit; returns whether it succeeded.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let child = self.child.as_mut().expect("agent running");
+        let status = wait_until(timeout, "the agent to exit", || {
+            child.try_wait().ok().flatten()
+        });
+        self.child = None;
+        status.success()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A loop device over a sparse file; detached on drop. Needs root.
+pub struct LoopDevice {
+    pub path: PathBuf,
+    pub file: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn new(file: &Path, size: u64) -> LoopDevice {
+        assert!(
+            nix_is_root(),
+            "this test needs root for loop devices (losetup); run the tests as root, as CI does"
+        );
+        let f = fs::File::create(file).expect("create backing file");
+        f.set_len(size).expect("size backing file");
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("losetup is needed for loop-device tests (apt-get install -y mount): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        LoopDevice {
+            path,
+            file: file.to_path_buf(),
+        }
+    }
+
+    pub fn read(&self, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        fs::File::open(&self.path)
+            .and_then(|mut f| f.read_exact(&mut buf))
+            .expect("read loop device");
+        buf
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .expect("open loop device");
+        f.write_all_at(data, offset).expect("write loop device");
+        f.sync_all().expect("sync loop device");
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A tiny HTTP/1.1 file server that sends at most `bytes_per_second`: slow enough to catch a
+/// write in progress. Serves `body` at every path. Runs until the process ends.
+pub fn throttled_server(body: Vec<u8>, bytes_per_second: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/image.raw", listener.local_addr().expect("addr"));
+    let body = std::sync::Arc::new(body);
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let body = body.clone();
+            thread::spawn(move || serve_slowly(stream, &body, bytes_per_second));
+        }
+    });
+    url
+}
+
+fn serve_slowly(mut stream: TcpStream, body: &[u8], rate: usize) {
+    let mut req = [0u8; 4096];
+    let _ = stream.read(&mut req);
+    let header = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if stream.write_all(header.as_bytes()).is_err() {
+        return;
+    }
+    let slice = (rate / 10).max(1);
+    for chunk in body.chunks(slice) {
+        if stream.write_all(chunk).is_err() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -503,11 +503,11 @@ impl Planner<'_> {
     /// Get `want` done by the agent: send it, wait for it, resend it after a reconnect, and
     /// turn its failure or a lost agent into `error_type`.
     fn drive(&mut self, want: CommandKind, error_type: ErrorType) -> Drive {
-        if let Some(current) = &self.status.current_command {
-            if !current.kind.same_kind(&want) {
-                // Left over from an earlier state; its answer no longer matters.
-                self.abandon_command();
-            }
+        if let Some(current) = &self.status.current_command
+            && !current.kind.same_kind(&want)
+        {
+            // Left over from an earlier state; its answer no longer matters.
+            self.abandon_command();
         }
         let view = self.view();
         let Some(current) = self.status.current_command.clone() else {

@@ -35,24 +35,24 @@ pub fn describe(problems: &[Problem]) -> String {
 /// Problems that stop the host from being registered.
 pub fn registration_problems(spec: &HostSpec) -> Vec<Problem> {
     let mut out = Vec::new();
-    if let Some(mac) = &spec.boot_mac_address {
-        if parse_mac(mac).is_none() {
-            out.push(Problem {
-                field: "spec.bootMACAddress",
-                message: format!(
-                    "{mac:?} is not a MAC address; write six hex pairs separated by colons, \
+    if let Some(mac) = &spec.boot_mac_address
+        && parse_mac(mac).is_none()
+    {
+        out.push(Problem {
+            field: "spec.bootMACAddress",
+            message: format!(
+                "{mac:?} is not a MAC address; write six hex pairs separated by colons, \
                      e.g. 52:54:00:12:34:56"
-                ),
-            });
-        }
+            ),
+        });
     }
-    if let Some(bmc) = &spec.bmc {
-        if let Err(message) = check_bmc_address(&bmc.address) {
-            out.push(Problem {
-                field: "spec.bmc.address",
-                message,
-            });
-        }
+    if let Some(bmc) = &spec.bmc
+        && let Err(message) = check_bmc_address(&bmc.address)
+    {
+        out.push(Problem {
+            field: "spec.bmc.address",
+            message,
+        });
     }
     for (field, value) in [
         ("spec.raid", &spec.raid),
@@ -69,16 +69,16 @@ pub fn registration_problems(spec: &HostSpec) -> Vec<Problem> {
         }
     }
     if let Some(hints) = &spec.root_device_hints {
-        if let Some(name) = &hints.device_name {
-            if !name.starts_with('/') {
-                out.push(Problem {
-                    field: "spec.rootDeviceHints.deviceName",
-                    message: format!(
-                        "{name:?} is not an absolute device path; write e.g. /dev/sda or \
+        if let Some(name) = &hints.device_name
+            && !name.starts_with('/')
+        {
+            out.push(Problem {
+                field: "spec.rootDeviceHints.deviceName",
+                message: format!(
+                    "{name:?} is not an absolute device path; write e.g. /dev/sda or \
                          /dev/disk/by-path/pci-0000:00:1f.2-ata-1"
-                    ),
-                });
-            }
+                ),
+            });
         }
         if let Some(hctl) = &hints.hctl {
             let parts: Vec<_> = hctl.split(':').collect();

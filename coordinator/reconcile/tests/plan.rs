@@ -336,10 +336,10 @@ fn drive(
             now,
         );
         for action in &out.actions {
-            if let Action::Record(e) = action {
-                if e.reason == "StateChanged" {
-                    log.push(e.message.clone());
-                }
+            if let Action::Record(e) = action
+                && e.reason == "StateChanged"
+            {
+                log.push(e.message.clone());
             }
         }
         let quiet = out.actions.iter().all(|a| matches!(a, Action::Record(_)));

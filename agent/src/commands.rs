@@ -1,0 +1,424 @@
+//! Runs the coordinator's commands, keeping each by id.
+//!
+//! Commands are idempotent by id: receiving an id again answers with what the command is doing
+//! or how it ended, without running it twice. Commands keep running while the session is down;
+//! their outcomes are reported in the next session's hello. One disk-touching command runs at a
+//! time; another one arriving meanwhile is refused as busy.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::disk::{self, FileDisk, Hints};
+use crate::image::{self, ImageSpec, Progress, Written};
+use crate::inventory::{self, Inventory};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kind {
+    Inspect,
+    WriteImage { spec: ImageSpec, hints: Hints },
+    EraseMetadata,
+    Reboot,
+    PowerOff,
+}
+
+impl Kind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Inspect => "inspect",
+            Kind::WriteImage { .. } => "write-image",
+            Kind::EraseMetadata => "erase-metadata",
+            Kind::Reboot => "reboot",
+            Kind::PowerOff => "power-off",
+        }
+    }
+
+    fn touches_disks(&self) -> bool {
+        matches!(self, Kind::WriteImage { .. } | Kind::EraseMetadata)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Command {
+    pub id: String,
+    pub kind: Kind,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Detail {
+    None,
+    Inventory(Box<Inventory>),
+    Written(Written),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    InvalidRequest,
+    ChecksumMismatch,
+    Download,
+    Disk,
+    Busy,
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Success { message: String, detail: Detail },
+    Failure { message: String, kind: FailureKind },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum State {
+    Running(Option<Progress>),
+    Finished(Outcome),
+}
+
+/// Something to tell the coordinator.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Update {
+    Progress {
+        id: String,
+        progress: Progress,
+    },
+    Finished {
+        id: String,
+        outcome: Outcome,
+    },
+    Log {
+        id: String,
+        warning: bool,
+        message: String,
+    },
+}
+
+/// What the agent must do to the machine once the coordinator has heard the result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerAction {
+    Reboot,
+    PowerOff,
+    /// Not allowed to touch power (not the ramdisk's init): stop the agent instead.
+    Exit,
+}
+
+/// What commands need from the machine.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// Where /sys and /proc are (`/`).
+    pub root: PathBuf,
+    pub inventory: inventory::Options,
+    /// Smallest root disk chosen when the host has no hints.
+    pub min_root_bytes: u64,
+    /// Whether reboot and power-off may act on this machine.
+    pub allow_power: bool,
+    /// Extra CA certificates (DER) trusted for https images: the coordinator's CA.
+    pub extra_ca: Vec<Vec<u8>>,
+}
+
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctx: Context,
+    table: Mutex<BTreeMap<String, State>>,
+    busy: Mutex<Option<String>>,
+    updates: mpsc::UnboundedSender<Update>,
+    power: watch::Sender<Option<PowerAction>>,
+}
+
+impl Runner {
+    pub fn new(
+        ctx: Context,
+        updates: mpsc::UnboundedSender<Update>,
+    ) -> (Runner, watch::Receiver<Option<PowerAction>>) {
+        let (power, power_rx) = watch::channel(None);
+        let inner = Inner {
+            ctx,
+            table: Mutex::new(BTreeMap::new()),
+            busy: Mutex::new(None),
+            updates,
+            power,
+        };
+        (
+            Runner {
+                inner: Arc::new(inner),
+            },
+            power_rx,
+        )
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.inner.ctx
+    }
+
+    /// Every command received so far, with its state (for the hello after a reconnect).
+    pub fn statuses(&self) -> Vec<(String, State)> {
+        lock(&self.inner.table)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn submit(&self, cmd: Command) {
+        let known = lock(&self.inner.table).get(&cmd.id).cloned();
+        if let Some(state) = known {
+            // Sent again after a reconnect: answer, do not run twice.
+            if let State::Finished(outcome) = state {
+                self.send(Update::Finished {
+                    id: cmd.id,
+                    outcome,
+                });
+            }
+            return;
+        }
+        if cmd.kind.touches_disks() {
+            let mut busy = lock(&self.inner.busy);
+            if let Some(other) = busy.as_ref() {
+                let outcome = Outcome::Failure {
+                    kind: FailureKind::Busy,
+                    message: format!(
+                        "the agent is still running command {other}; try again when it has finished"
+                    ),
+                };
+                lock(&self.inner.table).insert(cmd.id.clone(), State::Finished(outcome.clone()));
+                self.send(Update::Finished {
+                    id: cmd.id,
+                    outcome,
+                });
+                return;
+            }
+            *busy = Some(cmd.id.clone());
+        }
+        lock(&self.inner.table).insert(cmd.id.clone(), State::Running(None));
+        let runner = self.clone();
+        tokio::spawn(async move {
+            let id = cmd.id.clone();
+            let name = cmd.kind.name();
+            info!(command = %id, "running {name}");
+            runner.send(Update::Log {
+                id: id.clone(),
+                warning: false,
+                message: format!("running {name} ({id})"),
+            });
+            let power = match &cmd.kind {
+                Kind::Reboot => Some(PowerAction::Reboot),
+                Kind::PowerOff => Some(PowerAction::PowerOff),
+                _ => None,
+            };
+            let outcome = runner.execute(&cmd).await;
+            match &outcome {
+                Outcome::Success { message, .. } => info!(command = %id, "{name} done: {message}"),
+                Outcome::Failure { message, .. } => {
+                    warn!(command = %id, "{name} failed: {message}");
+                    runner.send(Update::Log {
+                        id: id.clone(),
+                        warning: true,
+                        message: format!("{name} failed: {message}"),
+                    });
+                }
+            }
+            lock(&runner.inner.table).insert(id.clone(), State::Finished(outcome.clone()));
+            if cmd.kind.touches_disks() {
+                *lock(&runner.inner.busy) = None;
+            }
+            runner.send(Update::Finished { id, outcome });
+            if let Some(action) = power {
+                let action = if runner.inner.ctx.allow_power {
+                    action
+                } else {
+                    PowerAction::Exit
+                };
+                let _ = runner.inner.power.send(Some(action));
+            }
+        });
+    }
+
+    fn send(&self, update: Update) {
+        if let Update::Progress { id, progress } = &update
+            && let Some(state) = lock(&self.inner.table).get_mut(id)
+            && matches!(state, State::Running(_))
+        {
+            *state = State::Running(Some(progress.clone()));
+        }
+        let _ = self.inner.updates.send(update);
+    }
+
+    async fn execute(&self, cmd: &Command) -> Outcome {
+        let ctx = &self.inner.ctx;
+        match &cmd.kind {
+            Kind::Inspect => {
+                let inv = collect(ctx).await;
+                let message = format!(
+                    "{} CPUs, {} MiB RAM, {} disks, {} NICs",
+                    inv.cpu.count,
+                    inv.memory.total_bytes >> 20,
+                    inv.disks.len(),
+                    inv.nics.len()
+                );
+                Outcome::Success {
+                    message,
+                    detail: Detail::Inventory(Box::new(inv)),
+                }
+            }
+            Kind::WriteImage { spec, hints } => self.write_image(&cmd.id, spec, hints).await,
+            Kind::EraseMetadata => {
+                let inv = collect(ctx).await;
+                let targets = disk::select_for_cleaning(&inv.disks);
+                let names: Vec<String> = targets.iter().map(|d| d.disk().name.clone()).collect();
+                let result = tokio::task::spawn_blocking(move || {
+                    for target in &targets {
+                        let mut w = FileDisk::open(target)?;
+                        disk::wipe_metadata(target, &mut w)?;
+                    }
+                    Ok::<_, disk::DiskError>(())
+                })
+                .await;
+                match result {
+                    Ok(Ok(())) if names.is_empty() => Outcome::Success {
+                        message: "no disks to clean".into(),
+                        detail: Detail::None,
+                    },
+                    Ok(Ok(())) => Outcome::Success {
+                        message: format!(
+                            "wiped partition tables and signatures of {}",
+                            names.join(", ")
+                        ),
+                        detail: Detail::None,
+                    },
+                    Ok(Err(e)) => Outcome::Failure {
+                        kind: FailureKind::Disk,
+                        message: chain(&e),
+                    },
+                    Err(e) => Outcome::Failure {
+                        kind: FailureKind::Internal,
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Kind::Reboot | Kind::PowerOff => {
+                let what = if matches!(cmd.kind, Kind::Reboot) {
+                    "rebooting"
+                } else {
+                    "powering off"
+                };
+                let message = if ctx.allow_power {
+                    format!("{what} now")
+                } else {
+                    format!(
+                        "not {what}: this agent is not the ramdisk's init (pass --allow-reboot to let it act on this machine); the agent exits instead"
+                    )
+                };
+                Outcome::Success {
+                    message,
+                    detail: Detail::None,
+                }
+            }
+        }
+    }
+
+    async fn write_image(&self, id: &str, spec: &ImageSpec, hints: &Hints) -> Outcome {
+        let ctx = &self.inner.ctx;
+        let inv = collect(ctx).await;
+        let target = match disk::select_root_disk(hints, &inv.disks, ctx.min_root_bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                return Outcome::Failure {
+                    kind: FailureKind::InvalidRequest,
+                    message: e.0,
+                };
+            }
+        };
+        let device = target.disk().name.clone();
+        let writer = match FileDisk::open(&target) {
+            Ok(w) => Box::new(w),
+            Err(e) => {
+                return Outcome::Failure {
+                    kind: FailureKind::Disk,
+                    message: chain(&e),
+                };
+            }
+        };
+        let client = match image::client(&ctx.extra_ca) {
+            Ok(c) => c,
+            Err(e) => {
+                return Outcome::Failure {
+                    kind: FailureKind::Internal,
+                    message: format!("cannot build the HTTP client: {e}"),
+                };
+            }
+        };
+        info!(command = %id, "writing {} to {device}", spec.url);
+        let runner = self.clone();
+        let cmd_id = id.to_string();
+        let progress = Box::new(move |p: Progress| {
+            runner.send(Update::Progress {
+                id: cmd_id.clone(),
+                progress: p,
+            })
+        });
+        match image::write_image(&client, spec, writer, progress).await {
+            Ok(w) => Outcome::Success {
+                message: format!(
+                    "wrote {} to {} in {:.1}s ({}/s), {} verified",
+                    disk::human(w.bytes),
+                    w.device,
+                    w.seconds,
+                    disk::human((w.bytes as f64 / w.seconds.max(1e-3)) as u64),
+                    w.algo
+                ),
+                detail: Detail::Written(w),
+            },
+            Err(e) => {
+                let kind = match e.kind() {
+                    "checksum" => FailureKind::ChecksumMismatch,
+                    "download" => FailureKind::Download,
+                    "disk" => FailureKind::Disk,
+                    _ => FailureKind::InvalidRequest,
+                };
+                let wiped = !matches!(
+                    e,
+                    image::ImageError::Invalid(_)
+                        | image::ImageError::Request { .. }
+                        | image::ImageError::Status { .. }
+                        | image::ImageError::TooLarge { .. }
+                );
+                let mut message = chain(&e);
+                if wiped {
+                    message.push_str(&format!("; the first and last MiB of {device} were zeroed, so it cannot boot a partial image"));
+                }
+                Outcome::Failure { kind, message }
+            }
+        }
+    }
+}
+
+async fn collect(ctx: &Context) -> Inventory {
+    let root = ctx.root.clone();
+    let opts = ctx.inventory.clone();
+    tokio::task::spawn_blocking(move || Inventory::collect(&root, &opts))
+        .await
+        .unwrap_or_default()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An error with its causes, on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

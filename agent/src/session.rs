@@ -1,0 +1,588 @@
+//! Enrolment and the session with the coordinator. The only agent module that knows protobuf.
+//!
+//! 1. Enrol: a TLS connection with no client certificate, the coordinator's CA pinned by
+//!    fingerprint; the one-time token and a CSR for a fresh key buy a client certificate. The
+//!    key and certificate are kept in the state directory (0600), so a restarted agent process
+//!    does not need a new token.
+//! 2. Session: mutual TLS; the first event is a hello with the host name, the inventory and the
+//!    state of every command received so far. Then commands flow down, progress and results
+//!    up, and a heartbeat every few seconds. When the session breaks, the agent reconnects
+//!    with backoff; running commands carry on meanwhile.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use slipway_proto::v1 as pb;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+use crate::commands::{
+    self, Command, Detail, FailureKind, Kind, Outcome, PowerAction, Runner, State, Update,
+};
+use crate::disk::Hints;
+use crate::image::{Algo, Format, ImageSpec, Progress};
+use crate::inventory::Inventory;
+use crate::tls::{self, Fingerprint};
+
+/// How the agent reaches its coordinator.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `host:port` of the coordinator's agent API.
+    pub address: String,
+    pub token: Option<String>,
+    pub ca: Fingerprint,
+    pub state_dir: PathBuf,
+    pub boot_mac: Option<String>,
+    pub ramdisk: bool,
+    pub heartbeat: Duration,
+    /// Give up (instead of retrying forever) when the coordinator refuses the enrolment.
+    pub exit_on_refusal: bool,
+}
+
+/// The agent's credentials.
+#[derive(Clone)]
+pub struct Identity {
+    pub host: String,
+    pub cert_der: Vec<u8>,
+    pub ca_der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses `https://host:port`, `host:port` or `[v6]:port` into `host:port`.
+pub fn address_of(url: &str) -> anyhow::Result<String> {
+    let rest = url.trim().trim_end_matches('/');
+    let rest = rest.strip_prefix("https://").unwrap_or(rest);
+    if rest.starts_with("http://") {
+        bail!("the coordinator URL {url:?} must be https:// (agents only speak TLS)");
+    }
+    if rest.is_empty() || !rest.contains(':') || rest.contains('/') {
+        bail!("the coordinator URL {url:?} must look like https://HOST:PORT");
+    }
+    Ok(rest.to_string())
+}
+
+async fn connect(address: &str, config: rustls::ClientConfig) -> anyhow::Result<Channel> {
+    let config = Arc::new(config);
+    let target = address.to_string();
+    let address = address.to_string();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let config = config.clone();
+        let address = address.clone();
+        async move {
+            let tcp = TcpStream::connect(&address).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(tls::SERVER_NAME).map_err(std::io::Error::other)?;
+            let stream = TlsConnector::from(config).connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    Endpoint::from_static("http://coordinator.slipway.internal")
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot connect to the coordinator at {target}: {}",
+                commands::chain(&e)
+            )
+        })
+}
+
+fn agent_info(s: &Settings) -> pb::AgentInfo {
+    pb::AgentInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        boot_mac: s.boot_mac.clone().unwrap_or_default(),
+        ramdisk: s.ramdisk,
+    }
+}
+
+/// Refusals that retrying with the same credentials cannot fix.
+fn is_refusal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+    )
+}
+
+/// Enrols with the token, or loads the identity saved by an earlier run.
+pub async fn identity(s: &Settings) -> anyhow::Result<Identity> {
+    if let Some(id) = load_identity(&s.state_dir, s.ca)? {
+        info!(host = %id.host, "using the certificate from an earlier enrolment in {}", s.state_dir.display());
+        return Ok(id);
+    }
+    let token = s.token.clone().ok_or_else(|| {
+        anyhow!("no bootstrap token: pass --token or slipway.token= (create one with `slipway token create HOST`)")
+    })?;
+    let key = rcgen::KeyPair::generate().context("cannot generate a key")?;
+    let mut params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).context("cannot build a CSR")?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "slipway-agent");
+    let csr = params
+        .serialize_request(&key)
+        .context("cannot sign the CSR")?;
+    let channel = connect(&s.address, tls::enroll_config(s.ca)?)
+        .await
+        .with_context(|| format!("enrolment with {}", s.address))?;
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    let response = client
+        .enroll(pb::EnrollRequest {
+            token,
+            csr_der: csr.der().to_vec(),
+            agent: Some(agent_info(s)),
+        })
+        .await
+        .map_err(|st| anyhow::Error::new(Refused(st.message().to_string(), is_refusal(&st))))?
+        .into_inner();
+    if Fingerprint::of(&response.ca_certificate_der) != s.ca {
+        bail!(
+            "the coordinator sent a CA certificate that does not match the pinned fingerprint {}",
+            s.ca
+        );
+    }
+    let id = Identity {
+        host: response.host,
+        cert_der: response.certificate_der,
+        ca_der: response.ca_certificate_der,
+        key_der: key.serialize_der(),
+    };
+    save_identity(&s.state_dir, &id)?;
+    info!(host = %id.host, "enrolled; certificate valid until {}", response.not_after);
+    Ok(id)
+}
+
+/// The coordinator said no; `.1` is true when retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("the coordinator refused: {0}")]
+pub struct Refused(pub String, pub bool);
+
+fn load_identity(dir: &Path, pin: Fingerprint) -> anyhow::Result<Option<Identity>> {
+    let read = |n: &str| fs::read(dir.join(n));
+    let (Ok(host), Ok(cert_der), Ok(ca_der), Ok(key_der)) = (
+        read("host"),
+        read("cert.der"),
+        read("ca.der"),
+        read("key.der"),
+    ) else {
+        return Ok(None);
+    };
+    if Fingerprint::of(&ca_der) != pin {
+        // Enrolled with another coordinator: start over.
+        return Ok(None);
+    }
+    Ok(Some(Identity {
+        host: String::from_utf8_lossy(&host).trim().to_string(),
+        cert_der,
+        ca_der,
+        key_der,
+    }))
+}
+
+fn save_identity(dir: &Path, id: &Identity) -> anyhow::Result<()> {
+    fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    for (name, data) in [
+        ("key.der", &id.key_der[..]),
+        ("cert.der", &id.cert_der[..]),
+        ("ca.der", &id.ca_der[..]),
+        ("host", id.host.as_bytes()),
+    ] {
+        let path = dir.join(name);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(data)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Forgets the saved identity (the coordinator no longer accepts it).
+pub fn forget_identity(dir: &Path) {
+    for name in ["key.der", "cert.der", "ca.der", "host"] {
+        let _ = fs::remove_file(dir.join(name));
+    }
+}
+
+/// How a session ended.
+pub enum End {
+    /// A power action was requested and reported; the caller performs it.
+    Power(PowerAction),
+    /// The coordinator no longer accepts this identity.
+    Refused(String),
+}
+
+/// Runs sessions until a power action, reconnecting after every break.
+pub async fn run(
+    s: &Settings,
+    id: &Identity,
+    runner: &Runner,
+    updates: &mut mpsc::UnboundedReceiver<Update>,
+    power: &mut watch::Receiver<Option<PowerAction>>,
+) -> End {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match session(s, id, runner, updates, power).await {
+            Ok(end) => return end,
+            Err(e) => {
+                if let Some(r) = e.downcast_ref::<Refused>()
+                    && r.1
+                {
+                    return End::Refused(r.0.clone());
+                }
+                warn!(
+                    "session with the coordinator at {} ended: {e:#}; reconnecting in {backoff:?}",
+                    s.address
+                );
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(8));
+    }
+}
+
+async fn session(
+    s: &Settings,
+    id: &Identity,
+    runner: &Runner,
+    updates: &mut mpsc::UnboundedReceiver<Update>,
+    power: &mut watch::Receiver<Option<PowerAction>>,
+) -> anyhow::Result<End> {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key_der.clone()));
+    let config = tls::session_config(&id.ca_der, &id.cert_der, key)?;
+    let channel = connect(&s.address, config).await?;
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+
+    // Whatever happened while disconnected is summed up in the hello.
+    while updates.try_recv().is_ok() {}
+    let (tx, rx) = mpsc::channel::<pb::AgentEvent>(256);
+    let root = runner.context().root.clone();
+    let opts = runner.context().inventory.clone();
+    let inventory = tokio::task::spawn_blocking(move || Inventory::collect(&root, &opts))
+        .await
+        .unwrap_or_default();
+    let hello = pb::Hello {
+        host: id.host.clone(),
+        agent: Some(agent_info(s)),
+        inventory: Some(inventory_to_proto(&inventory)),
+        commands: runner
+            .statuses()
+            .into_iter()
+            .map(|(id, st)| status_to_proto(id, st))
+            .collect(),
+    };
+    tx.send(event(pb::agent_event::Event::Hello(hello))).await?;
+    let response = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(|st| anyhow::Error::new(Refused(st.message().to_string(), is_refusal(&st))))?;
+    let mut commands = response.into_inner();
+    info!(host = %id.host, "session open with the coordinator at {}", s.address);
+
+    let started = std::time::Instant::now();
+    let mut heartbeat = tokio::time::interval(s.heartbeat);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            msg = commands.message() => match msg {
+                Ok(Some(cmd)) => match command_from_proto(cmd) {
+                    Ok(cmd) => runner.submit(cmd),
+                    Err((id, message)) => {
+                        warn!(command = %id, "refused a command: {message}");
+                        let result = result_to_proto(id, Outcome::Failure { kind: FailureKind::InvalidRequest, message });
+                        tx.send(event(pb::agent_event::Event::Result(result))).await?;
+                    }
+                },
+                Ok(None) => bail!("the coordinator closed the session"),
+                Err(st) => return Err(anyhow::Error::new(Refused(st.message().to_string(), is_refusal(&st)))),
+            },
+            Some(update) = updates.recv() => {
+                tx.send(update_to_proto(update)).await?;
+            }
+            _ = heartbeat.tick() => {
+                let hb = pb::Heartbeat { uptime_seconds: started.elapsed().as_secs() };
+                tx.send(event(pb::agent_event::Event::Heartbeat(hb))).await?;
+            }
+            changed = power.changed() => {
+                if changed.is_ok()
+                    && let Some(action) = *power.borrow() {
+                        // Deliver everything pending (the power command's result) first.
+                        while let Ok(update) = updates.try_recv() {
+                            tx.send(update_to_proto(update)).await?;
+                        }
+                        drop(tx);
+                        // Give the coordinator a moment to read the result before we go.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        return Ok(End::Power(action));
+                    }
+            }
+        }
+    }
+}
+
+fn event(e: pb::agent_event::Event) -> pb::AgentEvent {
+    pb::AgentEvent { event: Some(e) }
+}
+
+// ----- conversions -----
+
+fn command_from_proto(c: pb::Command) -> Result<Command, (String, String)> {
+    use pb::command::Kind as K;
+    let id = c.id.clone();
+    let kind = match c.kind {
+        Some(K::Inspect(_)) => Kind::Inspect,
+        Some(K::Reboot(_)) => Kind::Reboot,
+        Some(K::PowerOff(_)) => Kind::PowerOff,
+        Some(K::EraseMetadata(_)) => Kind::EraseMetadata,
+        Some(K::WriteImage(w)) => {
+            let algo = match pb::ChecksumType::try_from(w.checksum_type)
+                .unwrap_or(pb::ChecksumType::Auto)
+            {
+                pb::ChecksumType::Md5 => Some(Algo::Md5),
+                pb::ChecksumType::Sha256 => Some(Algo::Sha256),
+                pb::ChecksumType::Sha512 => Some(Algo::Sha512),
+                _ => None,
+            };
+            let format = match pb::ImageFormat::try_from(w.format).unwrap_or(pb::ImageFormat::Raw) {
+                pb::ImageFormat::Qcow2 => Format::Qcow2,
+                pb::ImageFormat::LiveIso => Format::LiveIso,
+                _ => Format::Raw,
+            };
+            let spec = ImageSpec::new(&w.url, &w.checksum, algo, format)
+                .map_err(|e| (id.clone(), e.to_string()))?;
+            let h = w.root_device_hints.unwrap_or_default();
+            let hints = Hints {
+                device_name: h.device_name,
+                hctl: h.hctl,
+                model: h.model,
+                vendor: h.vendor,
+                serial_number: h.serial_number,
+                min_size_gigabytes: h.min_size_gigabytes,
+                wwn: h.wwn,
+                wwn_with_extension: h.wwn_with_extension,
+                wwn_vendor_extension: h.wwn_vendor_extension,
+                rotational: h.rotational,
+            };
+            Kind::WriteImage { spec, hints }
+        }
+        None => {
+            return Err((
+                id,
+                "a command without a kind (is the coordinator newer than this agent?)".into(),
+            ));
+        }
+    };
+    Ok(Command { id, kind })
+}
+
+fn progress_to_proto(id: &str, p: &Progress) -> pb::Progress {
+    pb::Progress {
+        command_id: id.to_string(),
+        phase: p.phase.to_string(),
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
+        bytes_per_second: p.bytes_per_second,
+    }
+}
+
+fn result_to_proto(id: String, o: Outcome) -> pb::CommandResult {
+    use pb::command_result::Outcome as O;
+    let outcome = match o {
+        Outcome::Success { message, detail } => O::Success(pb::Success {
+            message,
+            detail: match detail {
+                Detail::None => None,
+                Detail::Inventory(inv) => {
+                    Some(pb::success::Detail::Inventory(inventory_to_proto(&inv)))
+                }
+                Detail::Written(w) => Some(pb::success::Detail::WriteImage(pb::WriteImageResult {
+                    device: w.device,
+                    bytes_written: w.bytes,
+                    digest: w.digest,
+                    checksum_type: w.algo.to_string(),
+                })),
+            },
+        }),
+        Outcome::Failure { message, kind } => O::Failure(pb::Failure {
+            message,
+            kind: match kind {
+                FailureKind::InvalidRequest => pb::failure::Kind::InvalidRequest,
+                FailureKind::ChecksumMismatch => pb::failure::Kind::ChecksumMismatch,
+                FailureKind::Download => pb::failure::Kind::Download,
+                FailureKind::Disk => pb::failure::Kind::Disk,
+                FailureKind::Busy => pb::failure::Kind::Busy,
+                FailureKind::Internal => pb::failure::Kind::Internal,
+            } as i32,
+        }),
+    };
+    pb::CommandResult {
+        command_id: id,
+        outcome: Some(outcome),
+    }
+}
+
+fn status_to_proto(id: String, st: State) -> pb::CommandStatus {
+    use pb::command_status::State as S;
+    match st {
+        State::Running(p) => pb::CommandStatus {
+            progress: p.as_ref().map(|p| progress_to_proto(&id, p)),
+            command_id: id,
+            state: S::Running as i32,
+            result: None,
+        },
+        State::Finished(o) => pb::CommandStatus {
+            command_id: id.clone(),
+            state: S::Finished as i32,
+            result: Some(result_to_proto(id, o)),
+            progress: None,
+        },
+    }
+}
+
+fn update_to_proto(u: Update) -> pb::AgentEvent {
+    use pb::agent_event::Event as E;
+    event(match u {
+        Update::Progress { id, progress } => E::Progress(progress_to_proto(&id, &progress)),
+        Update::Finished { id, outcome } => E::Result(result_to_proto(id, outcome)),
+        Update::Log {
+            id,
+            warning,
+            message,
+        } => E::Log(pb::LogLine {
+            level: if warning {
+                pb::log_line::Level::Warn
+            } else {
+                pb::log_line::Level::Info
+            } as i32,
+            message,
+            command_id: id,
+        }),
+    })
+}
+
+pub fn inventory_to_proto(inv: &Inventory) -> pb::Inventory {
+    pb::Inventory {
+        system: Some(pb::SystemInfo {
+            manufacturer: inv.system.manufacturer.clone(),
+            product_name: inv.system.product_name.clone(),
+            serial_number: inv.system.serial_number.clone(),
+            uuid: inv.system.uuid.clone(),
+            bios_vendor: inv.system.bios_vendor.clone(),
+            bios_version: inv.system.bios_version.clone(),
+            bios_date: inv.system.bios_date.clone(),
+        }),
+        cpu: Some(pb::Cpu {
+            model: inv.cpu.model.clone(),
+            architecture: inv.cpu.architecture.clone(),
+            count: inv.cpu.count,
+            frequency_mhz: inv.cpu.frequency_mhz,
+            flags: inv.cpu.flags.clone(),
+        }),
+        memory: Some(pb::Memory {
+            total_bytes: inv.memory.total_bytes,
+            physical_mib: inv.memory.physical_mib,
+        }),
+        disks: inv
+            .disks
+            .iter()
+            .map(|d| pb::Disk {
+                name: d.name.clone(),
+                alternate_names: d.alternate_names.clone(),
+                size_bytes: d.size_bytes,
+                rotational: d.rotational,
+                model: d.model.clone(),
+                vendor: d.vendor.clone(),
+                serial_number: d.serial_number.clone(),
+                wwn: d.wwn.clone(),
+                wwn_with_extension: d.wwn_with_extension.clone(),
+                wwn_vendor_extension: d.wwn_vendor_extension.clone(),
+                hctl: d.hctl.clone(),
+                r#type: d.kind.clone(),
+                logical_block_size: d.logical_block_size,
+                physical_block_size: d.physical_block_size,
+            })
+            .collect(),
+        nics: inv
+            .nics
+            .iter()
+            .map(|n| pb::Nic {
+                name: n.name.clone(),
+                mac: n.mac.clone(),
+                mtu: n.mtu,
+                driver: n.driver.clone(),
+                speed_mbps: n.speed_mbps,
+                has_carrier: n.has_carrier,
+                ip_addresses: n.ip_addresses.clone(),
+                pxe: n.pxe,
+            })
+            .collect(),
+        boot_mode: inv.boot_mode.clone(),
+        hostname: inv.hostname.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_addresses() {
+        assert_eq!(
+            address_of("https://10.0.0.1:9443").unwrap(),
+            "10.0.0.1:9443"
+        );
+        assert_eq!(
+            address_of("https://[fd00::1]:9443/").unwrap(),
+            "[fd00::1]:9443"
+        );
+        assert_eq!(address_of("host:1").unwrap(), "host:1");
+        assert!(
+            address_of("http://10.0.0.1:9443")
+                .unwrap_err()
+                .to_string()
+                .contains("https")
+        );
+        assert!(address_of("https://10.0.0.1").is_err());
+    }
+
+    #[test]
+    fn write_image_command_with_a_bad_checksum_is_refused_with_its_id() {
+        let c = pb::Command {
+            id: "write-image-1".into(),
+            kind: Some(pb::command::Kind::WriteImage(pb::WriteImage {
+                url: "http://x/y".into(),
+                checksum: "abc".into(),
+                ..Default::default()
+            })),
+        };
+        let (id, msg) = command_from_proto(c).unwrap_err();
+        assert_eq!(id, "write-image-1");
+        assert!(msg.contains("3 hex digits"), "{msg}");
+    }
+}

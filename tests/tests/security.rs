@@ -1,0 +1,220 @@
+//! Who may talk to the coordinator: refusals of foreign certificates, missing certificates,
+//! reused and expired tokens, and a certificate speaking for another host. Each refusal must
+//! be logged by the coordinator with its reason.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use slipway_agent::tls::{self, Fingerprint};
+use slipway_proto::v1 as pb;
+use slipway_tests::{Agent, Coordinator, pattern, sha256_hex, write_host};
+use tokio_stream::wrappers::ReceiverStream;
+
+fn host_with_image(c: &Coordinator, dir: &Path, name: &str) -> std::path::PathBuf {
+    let image = pattern(1 << 20, 3);
+    fs::write(c.images.join(format!("{name}.img")), &image).unwrap();
+    let disk = dir.join(format!("{name}.disk"));
+    fs::write(&disk, vec![0u8; 8 << 20]).unwrap();
+    write_host(
+        &c.hosts,
+        name,
+        &c.image_url(&format!("{name}.img")),
+        &sha256_hex(&image),
+        &disk.display().to_string(),
+    );
+    c.wait_state(name, "inspecting", Duration::from_secs(10));
+    disk
+}
+
+/// A gRPC channel to the coordinator with the given TLS settings (an attacker's client).
+async fn channel(c: &Coordinator, config: rustls::ClientConfig) -> tonic::transport::Channel {
+    let config = std::sync::Arc::new(config);
+    let addr = format!("127.0.0.1:{}", c.grpc_port);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let config = config.clone();
+        let addr = addr.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
+            let s = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+        }
+    });
+    tonic::transport::Endpoint::from_static("http://coordinator.slipway.internal")
+        .connect_with_connector(connector)
+        .await
+        .expect("TLS connection")
+}
+
+fn hello(host: &str) -> pb::AgentEvent {
+    pb::AgentEvent {
+        event: Some(pb::agent_event::Event::Hello(pb::Hello {
+            host: host.into(),
+            agent: None,
+            inventory: None,
+            commands: vec![],
+        })),
+    }
+}
+
+#[test]
+fn certificate_from_another_ca_is_refused_at_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Coordinator::start(&dir.path().join("a"), &[]);
+    let b = Coordinator::start(&dir.path().join("b"), &[]);
+    // A real agent enrols with coordinator B...
+    let disk_b = host_with_image(&b, dir.path(), "host-b");
+    let agent_state = dir.path().join("agent-b");
+    let mut agent = Agent::start(&b, &b.token("host-b", "10m"), &disk_b, &agent_state, &[]);
+    b.wait_state("host-b", "provisioned", Duration::from_secs(60));
+    assert!(agent.wait_exit(Duration::from_secs(20)));
+    // ...and then presents B's certificate to coordinator A (pinning A's CA, so only the
+    // client certificate is wrong).
+    host_with_image(&a, dir.path(), "host-b");
+    let a_ca = fs::read(a.state.join("pki/ca.crt")).unwrap();
+    let a_ca_der = pem_to_der(&a_ca);
+    fs::write(agent_state.join("ca.der"), &a_ca_der).unwrap();
+    let mut intruder = Agent::start(&a, "unused", &disk_b, &agent_state, &[]);
+    let log = a.wait_log("TLS connection refused", Duration::from_secs(20));
+    assert!(
+        log.contains("the client certificate was not issued by this coordinator's CA"),
+        "{log}"
+    );
+    assert!(
+        intruder.is_running(),
+        "the agent keeps retrying (it may be a network problem)"
+    );
+    assert_eq!(
+        a.host("host-b").unwrap()["status"]["agent"],
+        serde_json::Value::Null,
+        "no session was opened"
+    );
+}
+
+fn pem_to_der(pem: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let text = String::from_utf8_lossy(pem);
+    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+#[test]
+fn session_without_a_certificate_is_refused_and_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(dir.path(), &[]);
+    host_with_image(&c, dir.path(), "h");
+    let pin = Fingerprint::parse(&c.ca_fingerprint()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let ch = channel(&c, tls::enroll_config(pin).unwrap()).await;
+        let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(hello("h")).await.unwrap();
+        client.session(ReceiverStream::new(rx)).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(status.message().contains("enrol"), "{}", status.message());
+    c.wait_log(
+        "agent session refused: no client certificate",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn reused_and_expired_tokens_are_refused_and_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(dir.path(), &[]);
+    let disk = host_with_image(&c, dir.path(), "h");
+    let token = c.token("h", "10m");
+    let mut first = Agent::start(&c, &token, &disk, &dir.path().join("first"), &[]);
+    c.wait_state("h", "provisioned", Duration::from_secs(60));
+    assert!(first.wait_exit(Duration::from_secs(20)));
+
+    // The same token again, from a fresh agent.
+    let mut second = Agent::start(&c, &token, &disk, &dir.path().join("second"), &[]);
+    assert!(
+        !second.wait_exit(Duration::from_secs(20)),
+        "a reused token must not enrol"
+    );
+    let agent_log = second.log_text();
+    assert!(
+        agent_log.contains("already used"),
+        "the agent says why: {agent_log}"
+    );
+    let log = c.wait_log("enrolment refused", Duration::from_secs(5));
+    assert!(
+        log.contains("bootstrap token for host h was already used"),
+        "{log}"
+    );
+    assert!(!log.contains(&token), "the token itself is never logged");
+
+    // An expired token.
+    let old = c.token("h", "1s");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut third = Agent::start(&c, &old, &disk, &dir.path().join("third"), &[]);
+    assert!(!third.wait_exit(Duration::from_secs(20)));
+    assert!(third.log_text().contains("expired"), "{}", third.log_text());
+    c.wait_log(
+        "bootstrap token for host h expired at",
+        Duration::from_secs(5),
+    );
+
+    // A token nobody issued.
+    let mut fourth = Agent::start(&c, "made-up-token", &disk, &dir.path().join("fourth"), &[]);
+    assert!(!fourth.wait_exit(Duration::from_secs(20)));
+    c.wait_log("unknown bootstrap token", Duration::from_secs(5));
+}
+
+#[test]
+fn host_a_certificate_cannot_speak_for_host_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(dir.path(), &[]);
+    host_with_image(&c, dir.path(), "host-a");
+    host_with_image(&c, dir.path(), "host-b");
+    let pin = Fingerprint::parse(&c.ca_fingerprint()).unwrap();
+    let token = c.token("host-a", "10m");
+    let state = dir.path().join("agent-a");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        // Enrol as host-a with the real agent code, then open a session claiming host-b.
+        let settings = slipway_agent::session::Settings {
+            address: format!("127.0.0.1:{}", c.grpc_port),
+            token: Some(token),
+            ca: pin,
+            state_dir: state.clone(),
+            boot_mac: None,
+            ramdisk: false,
+            heartbeat: Duration::from_secs(10),
+            exit_on_refusal: true,
+        };
+        let id = slipway_agent::session::identity(&settings).await.unwrap();
+        assert_eq!(id.host, "host-a");
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            fs::read(state.join("key.der")).unwrap().into(),
+        );
+        let config = tls::session_config(&id.ca_der, &id.cert_der, key).unwrap();
+        let mut client =
+            pb::agent_service_client::AgentServiceClient::new(channel(&c, config).await);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(hello("host-b")).await.unwrap();
+        client.session(ReceiverStream::new(rx)).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let log = c.wait_log("agent session refused", Duration::from_secs(5));
+    assert!(
+        log.contains("the certificate of host host-a was used to speak for host \"host-b\""),
+        "{log}"
+    );
+    let b = c.host("host-b").unwrap();
+    assert_eq!(b["status"]["provisioning"]["state"], "inspecting");
+    assert_eq!(
+        b["status"]["agent"],
+        serde_json::Value::Null,
+        "host-b saw no agent"
+    );
+}

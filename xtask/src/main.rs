@@ -1,5 +1,6 @@
 //! `cargo xtask`: everything beyond cargo. See `cargo xtask --help`.
 
+mod bench;
 mod cmd;
 mod demo;
 mod deps;
@@ -21,6 +22,14 @@ enum Command {
     /// Slipway's main job on its embedded default: a coordinator in files mode on
     /// examples/hosts provisions every host there, printing the host table as it goes.
     Demo,
+    /// Measure a benchmark beside its reference (dd, qemu-img, sha256sum, IPA where installed);
+    /// prints the figures and writes target/bench/NAME.json.
+    Bench {
+        name: String,
+        /// Repetitions per figure; medians are reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Install the system packages the tests need (when missing, as root), then run every test.
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -40,6 +49,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo => deps::ensure(deps::TEST_TOOLS).and_then(|()| demo::run(&root())),
+        Command::Bench { name, runs } => bench::run(&root(), &name, runs),
         Command::Test { args } => deps::ensure(deps::TEST_TOOLS).and_then(|()| {
             let mut a = vec!["test", "--workspace"];
             a.extend(args.iter().map(String::as_str));

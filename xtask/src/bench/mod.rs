@@ -1,0 +1,260 @@
+//! `cargo xtask bench NAME`: each figure beside a reference measured in the same run.
+//!
+//! A benchmark returns [`Case`]s. The runner prints them as a table and writes
+//! `target/bench/NAME.json` with, per case, `slipway_s`, `reference_s`, `ratio`
+//! (= reference_s / slipway_s, higher is better) and `peak_rss_mib`. Times are medians of
+//! repeated runs (the machines are noisy); [`measure`] runs a command as a child process and
+//! reports its wall time and peak resident memory.
+
+// The registry is filled by the image, inventory and boot benchmarks; until then parts are unused.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+/// One measured comparison.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Case {
+    pub name: String,
+    /// Median seconds of Slipway's run.
+    pub slipway_s: f64,
+    /// Median seconds of the reference, measured in the same run (None: no reference here).
+    pub reference_s: Option<f64>,
+    /// The command measured for Slipway.
+    pub command: String,
+    /// The reference command, e.g. "dd if=IMAGE of=DEV bs=4M oflag=direct conv=fsync".
+    pub reference: String,
+    /// Peak resident memory of Slipway's run, MiB.
+    pub peak_rss_mib: f64,
+    /// The ratio an issue asks for, if any.
+    pub goal_ratio: Option<f64>,
+    pub runs: usize,
+    /// Anything a reader needs to interpret the figure (sizes, TCG vs hardware).
+    pub note: String,
+}
+
+impl Case {
+    /// reference_s / slipway_s: above 1 means Slipway is faster.
+    pub fn ratio(&self) -> Option<f64> {
+        self.reference_s
+            .filter(|_| self.slipway_s > 0.0)
+            .map(|r| r / self.slipway_s)
+    }
+}
+
+/// A benchmark: its name (the argument of `cargo xtask bench`) and its function.
+pub type Bench = (&'static str, fn(&Ctx) -> anyhow::Result<Vec<Case>>);
+
+/// The registry: every benchmark, in one place.
+pub const BENCHES: &[Bench] = &[];
+
+/// What a benchmark gets.
+pub struct Ctx<'a> {
+    pub root: &'a Path,
+    /// Repetitions per measurement (medians are reported).
+    pub runs: usize,
+}
+
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Wall time and peak RSS of one child process.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Measure {
+    pub seconds: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// Runs `program args` to completion and measures it (wait4's ru_maxrss for memory).
+#[allow(clippy::disallowed_methods)] // measuring needs the child's pid; the error carries the command line
+pub fn measure(program: &Path, args: &[&OsStr], env: &[(&str, &OsStr)]) -> anyhow::Result<Measure> {
+    let line = crate::cmd::line(&program.display().to_string(), args);
+    // stderr to a file, not a pipe: a chatty child must not block on a full pipe while we wait.
+    let mut err_file = tempfile::tempfile().context("cannot create a temporary file")?;
+    let mut c = std::process::Command::new(program);
+    c.args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(err_file.try_clone()?);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let start = Instant::now();
+    let child = c.spawn().with_context(|| format!("cannot start {line}"))?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, status and usage are valid for writes.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let seconds = start.elapsed().as_secs_f64();
+    if rc < 0 {
+        bail!("waiting for {line}: {}", std::io::Error::last_os_error());
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        use std::io::{Read, Seek};
+        let mut err = String::new();
+        let _ = err_file.rewind();
+        let _ = err_file.read_to_string(&mut err);
+        bail!("`{line}` failed (status {status}): {}", err.trim());
+    }
+    Ok(Measure {
+        seconds,
+        peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+    })
+}
+
+/// Runs `f` `runs` times; median seconds and the largest peak RSS.
+pub fn repeat(
+    runs: usize,
+    mut f: impl FnMut() -> anyhow::Result<Measure>,
+) -> anyhow::Result<Measure> {
+    let mut secs = Vec::new();
+    let mut rss: f64 = 0.0;
+    for _ in 0..runs.max(1) {
+        let m = f()?;
+        secs.push(m.seconds);
+        rss = rss.max(m.peak_rss_mib);
+    }
+    Ok(Measure {
+        seconds: median(&mut secs),
+        peak_rss_mib: rss,
+    })
+}
+
+/// The table printed for a benchmark.
+pub fn table(cases: &[Case]) -> String {
+    let mut out = format!(
+        "{:<32} {:>10} {:>12} {:>8} {:>6} {:>9}  {}\n",
+        "CASE", "SLIPWAY", "REFERENCE", "RATIO", "GOAL", "RSS MiB", "REFERENCE IS"
+    );
+    for c in cases {
+        let fmt =
+            |v: Option<f64>, suffix: &str| v.map_or("-".to_string(), |v| format!("{v:.3}{suffix}"));
+        out.push_str(&format!(
+            "{:<32} {:>10} {:>12} {:>8} {:>6} {:>9.1}  {}\n",
+            c.name,
+            format!("{:.3}s", c.slipway_s),
+            fmt(c.reference_s, "s"),
+            fmt(c.ratio(), "x"),
+            c.goal_ratio.map_or("-".into(), |g| format!("{g}x")),
+            c.peak_rss_mib,
+            c.reference
+        ));
+        if !c.note.is_empty() {
+            out.push_str(&format!("    {}\n", c.note));
+        }
+    }
+    out
+}
+
+/// One object per case, keyed by the case name. Times are medians in seconds; `ratio` is
+/// reference_s / slipway_s (higher is better).
+pub fn to_json(cases: &[Case]) -> Value {
+    let mut map = serde_json::Map::new();
+    for c in cases {
+        map.insert(
+            c.name.clone(),
+            json!({
+                "slipway_s": c.slipway_s,
+                "reference_s": c.reference_s,
+                "ratio": c.ratio(),
+                "peak_rss_mib": c.peak_rss_mib,
+                "goal_ratio": c.goal_ratio,
+                "runs": c.runs,
+                "commands": { "slipway": c.command, "reference": c.reference },
+                "note": c.note,
+            }),
+        );
+    }
+    Value::Object(map)
+}
+
+/// `cargo xtask bench NAME`.
+pub fn run(root: &Path, name: &str, runs: usize) -> anyhow::Result<()> {
+    let Some((_, f)) = BENCHES.iter().find(|(n, _)| *n == name) else {
+        let known: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
+        bail!(
+            "no benchmark {name:?}; known: {}",
+            if known.is_empty() {
+                "(none yet)".into()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    let cases = f(&Ctx { root, runs })?;
+    print!("{}", table(&cases));
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&to_json(&cases))? + "\n",
+    )
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_ratios() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
+        let c = Case {
+            name: "x".into(),
+            slipway_s: 2.0,
+            reference_s: Some(3.0),
+            command: "slipway".into(),
+            reference: "dd".into(),
+            peak_rss_mib: 10.0,
+            goal_ratio: Some(0.9),
+            runs: 3,
+            note: String::new(),
+        };
+        assert_eq!(c.ratio(), Some(1.5));
+        let j = to_json(&[c]);
+        assert_eq!(j["x"]["ratio"], 1.5);
+        assert_eq!(j["x"]["slipway_s"], 2.0);
+        assert_eq!(j["x"]["reference_s"], 3.0);
+        assert_eq!(j["x"]["peak_rss_mib"], 10.0);
+        assert_eq!(j["x"]["commands"]["reference"], "dd");
+    }
+
+    #[test]
+    fn measures_a_child() {
+        let m = measure(
+            Path::new("/bin/sh"),
+            &[OsStr::new("-c"), OsStr::new("sleep 0.1")],
+            &[],
+        )
+        .unwrap();
+        assert!(m.seconds >= 0.1, "{m:?}");
+        assert!(m.peak_rss_mib > 0.0);
+        let err = measure(
+            Path::new("/bin/sh"),
+            &[OsStr::new("-c"), OsStr::new("echo nope >&2; exit 3")],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+}

@@ -130,18 +130,10 @@ pub struct HintArgs {
     pub rotational: Option<bool>,
 }
 
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    // As the ramdisk's init with no arguments: run from the kernel command line.
-    let command = cli.command.unwrap_or_else(|| {
-        Cmd::Run(RunArgs {
+impl RunArgs {
+    /// Everything from the kernel command line, defaults otherwise (the ramdisk's settings).
+    pub fn from_cmdline() -> RunArgs {
+        RunArgs {
             coordinator: None,
             token: None,
             ca_fingerprint: None,
@@ -151,8 +143,30 @@ pub fn main() -> ExitCode {
             allow_reboot: false,
             min_root_size: disk::DEFAULT_MIN_ROOT_BYTES,
             heartbeat_seconds: 10,
-        })
-    });
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = if crate::init::wanted() {
+        Cli { command: None }
+    } else {
+        Cli::parse()
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && !crate::init::wanted())
+        .init();
+    // As the ramdisk's /init: mount, load modules, configure the network, then run.
+    if crate::init::wanted() {
+        crate::init::main();
+    }
+    let command = cli
+        .command
+        .unwrap_or_else(|| Cmd::Run(RunArgs::from_cmdline()));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,7 +188,7 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Run(args) => run(args).await,
+        Cmd::Run(args) => run_agent(args, sys::is_init()).await,
         Cmd::Inventory {
             output,
             root,
@@ -293,8 +307,9 @@ fn only_disk(device: &Path) -> anyhow::Result<disk::SelectedDisk> {
     Ok(disk::select_root_disk(&hints, &inv.disks, 0)?)
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let ramdisk = sys::is_init();
+/// Enrols and serves the coordinator until a power action. `ramdisk`: this is the ramdisk's
+/// init (reboots and power-offs act on the machine; refusals are retried forever).
+pub async fn run_agent(args: RunArgs, ramdisk: bool) -> anyhow::Result<()> {
     let cmdline = match std::fs::read_to_string("/proc/cmdline") {
         Ok(t) => config::parse_cmdline(&t),
         Err(_) => config::Cmdline::default(),
@@ -363,6 +378,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             End::Power(action) => {
+                crate::init::milestone(
+                    if action == PowerAction::Reboot {
+                        "rebooting"
+                    } else {
+                        "powering-off"
+                    },
+                    "",
+                );
                 let e = sys::power(action == PowerAction::Reboot);
                 error!("{e}; staying up");
                 std::future::pending::<()>().await;

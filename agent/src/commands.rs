@@ -211,7 +211,16 @@ impl Runner {
             };
             let outcome = runner.execute(&cmd).await;
             match &outcome {
-                Outcome::Success { message, .. } => info!(command = %id, "{name} done: {message}"),
+                Outcome::Success { message, .. } => {
+                    info!(command = %id, "{name} done: {message}");
+                    let event = match &cmd.kind {
+                        Kind::Inspect => "inspected",
+                        Kind::WriteImage { .. } => "image-written",
+                        Kind::EraseMetadata => "cleaned",
+                        Kind::Reboot | Kind::PowerOff => "power-command",
+                    };
+                    crate::init::milestone(event, &format!("command={id}"));
+                }
                 Outcome::Failure { message, .. } => {
                     warn!(command = %id, "{name} failed: {message}");
                     runner.send(Update::Log {

@@ -9,14 +9,18 @@
 //! - [`disk`]: root device hints, the disk selection (the only source of [`disk::SelectedDisk`]),
 //!   writing and wiping.
 //! - [`image`]: streaming, verified image writes.
+//! - [`init`]: the ramdisk's PID 1: mounts, module coldplug, DHCP, then `run`.
+//! - [`dhcp`]: DHCPv4 messages, pure.
 //! - [`tls`]: the pinned-CA verifier and client configurations. [`config`]: the kernel
-//!   command line. [`sys`]: reboot and power off.
+//!   command line. [`sys`]: the kernel edge: mounts, modules, netlink, reboot.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod dhcp;
 pub mod disk;
 pub mod image;
+pub mod init;
 pub mod inventory;
 pub mod session;
 pub mod sys;

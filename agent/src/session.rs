@@ -170,6 +170,7 @@ pub async fn identity(s: &Settings) -> anyhow::Result<Identity> {
     };
     save_identity(&s.state_dir, &id)?;
     info!(host = %id.host, "enrolled; certificate valid until {}", response.not_after);
+    crate::init::milestone("enrolled", &format!("host={}", id.host));
     Ok(id)
 }
 
@@ -304,6 +305,10 @@ async fn session(
         .map_err(|st| anyhow::Error::new(Refused(st.message().to_string(), is_refusal(&st))))?;
     let mut commands = response.into_inner();
     info!(host = %id.host, "session open with the coordinator at {}", s.address);
+    crate::init::milestone(
+        "registered",
+        &format!("host={} coordinator={}", id.host, s.address),
+    );
 
     let started = std::time::Instant::now();
     let mut heartbeat = tokio::time::interval(s.heartbeat);

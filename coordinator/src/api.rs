@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::controller::{AgentInfo, AgentReport, Msg, Outcome, Refusal};
 use crate::pki;
@@ -163,9 +163,7 @@ impl pb::agent_service_server::AgentService for Api {
         }
         let agent = agent_info(hello.agent.as_ref());
         let reports = hello.commands.iter().filter_map(command_status).collect();
-        if let Some(inv) = &hello.inventory {
-            debug!(host = %host, disks = inv.disks.len(), nics = inv.nics.len(), "hello inventory");
-        }
+        let inventory = hello.inventory.as_ref().map(hardware_details);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<CommandRecord>();
         let session = {
             let host = host.clone();
@@ -176,6 +174,7 @@ impl pb::agent_service_server::AgentService for Api {
                 peer,
                 agent,
                 reports,
+                inventory,
                 commands: cmd_tx,
                 reply,
             })

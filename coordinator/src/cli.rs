@@ -52,6 +52,11 @@ pub enum Command {
         #[command(subcommand)]
         what: TokenCmd,
     },
+    /// Network boot helpers.
+    Boot {
+        #[command(subcommand)]
+        what: BootCmd,
+    },
     /// Show how agents reach this coordinator: URLs and the CA fingerprint.
     Info {
         #[arg(short, long, value_enum, default_value_t = Format::Text)]
@@ -87,6 +92,29 @@ pub enum TokenCmd {
         ttl: SignedDuration,
         #[arg(short, long, value_enum, default_value_t = Format::Text)]
         output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BootCmd {
+    /// Print a dnsmasq configuration that PXE-boots machines into this coordinator's ramdisk:
+    /// `--mode proxy` next to the site's DHCP server (ProxyDHCP), `--mode full` as the DHCP
+    /// server. URLs come from the running coordinator (or --http-url).
+    DnsmasqConfig {
+        #[arg(long, value_enum, default_value_t = crate::boot::DhcpMode::Proxy)]
+        mode: crate::boot::DhcpMode,
+        /// Proxy mode: the subnet address (e.g. 192.168.1.0); full mode: START,END[,NETMASK].
+        #[arg(long)]
+        range: String,
+        /// Interface dnsmasq serves.
+        #[arg(long)]
+        interface: Option<String>,
+        /// TFTP root holding undionly.kpxe and ipxe.efi (Debian package ipxe).
+        #[arg(long, default_value = "/usr/lib/ipxe")]
+        tftp_root: String,
+        /// The coordinator's HTTP URL, instead of asking the running coordinator.
+        #[arg(long)]
+        http_url: Option<String>,
     },
 }
 
@@ -135,6 +163,7 @@ fn init_tracing(serving: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -209,6 +238,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Format::Json => print(&encode(&t, false)?),
                 Format::Yaml => print(&encode(&t, true)?),
             }
+        }
+        Command::Boot {
+            what:
+                BootCmd::DnsmasqConfig {
+                    mode,
+                    range,
+                    interface,
+                    tftp_root,
+                    http_url,
+                },
+        } => {
+            let http = match http_url {
+                Some(u) => u,
+                None => {
+                    let info: Info =
+                        admin::call(&socket, http::Method::GET, "/v1/info", None).await?;
+                    info.http_url
+                }
+            };
+            let urls = crate::boot::Urls {
+                http: http.trim_end_matches('/').to_string(),
+                agent: String::new(),
+                ca_fingerprint: String::new(),
+            };
+            let opts = crate::boot::DnsmasqOptions {
+                mode,
+                interface,
+                range,
+                tftp_root,
+            };
+            print(&crate::boot::dnsmasq_config(&opts, &urls))
         }
         Command::Info { output } => {
             let info: Info = admin::call(&socket, http::Method::GET, "/v1/info", None).await?;

@@ -12,7 +12,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use jiff::{SignedDuration, Timestamp};
-use slipway_reconcile::host::{BareMetalHost, CommandRecord, HostStatus, Progress};
+use slipway_reconcile::host::{
+    BareMetalHost, CommandRecord, HardwareDetails, HostSpec, HostStatus, OperationalStatus,
+    Progress, ProvisioningState,
+};
 use slipway_reconcile::{
     Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Observed, Policy,
 };
@@ -90,8 +93,15 @@ pub enum Msg {
         peer: String,
         agent: AgentInfo,
         reports: Vec<AgentReport>,
+        /// The hardware the agent reported in its hello.
+        inventory: Option<HardwareDetails>,
         commands: CommandSender,
         reply: oneshot::Sender<Result<u64, Refusal>>,
+    },
+    /// A machine asks how to boot (its iPXE script asks by MAC).
+    Boot {
+        mac: String,
+        reply: oneshot::Sender<BootDecision>,
     },
     Report {
         host: String,
@@ -115,6 +125,34 @@ pub enum Msg {
         reply: oneshot::Sender<Result<(TokenSecret, Timestamp), String>>,
     },
 }
+
+/// What a booting machine gets.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BootDecision {
+    /// The Slipway ramdisk, with a fresh one-time token for `host`.
+    Ramdisk {
+        host: String,
+        token: TokenSecret,
+        mac: String,
+    },
+    /// Its own disk (the host is provisioned).
+    LocalDisk { host: String, state: String },
+    /// Nothing; the reason is shown on the machine's console.
+    Refuse(String),
+}
+
+/// What happens to machines whose MAC no host declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnknownHosts {
+    /// Boot the ramdisk and register them as discovered hosts (state unmanaged, operational
+    /// status discovered) with their inventory.
+    Discover,
+    /// Do not boot them.
+    Refuse,
+}
+
+/// Where a discovered host's record says it came from.
+pub const DISCOVERED: &str = "discovered";
 
 /// What the admin API shows: a copy of every host, refreshed after each batch.
 #[derive(Clone, Debug, Default)]
@@ -140,6 +178,9 @@ pub struct Settings {
     pub policy: Policy,
     /// How long agent certificates are valid.
     pub cert_validity: SignedDuration,
+    pub unknown_hosts: UnknownHosts,
+    /// Validity of the tokens put in boot scripts and ISOs.
+    pub boot_token_ttl: SignedDuration,
 }
 
 struct Session {
@@ -150,6 +191,8 @@ struct Session {
     sent: HashSet<String>,
     /// The latest report per command id.
     reports: HashMap<String, AgentReport>,
+    /// The hardware reported in the hello.
+    inventory: Option<HardwareDetails>,
 }
 
 struct Entry {
@@ -159,6 +202,7 @@ struct Entry {
 }
 
 enum Reply {
+    Boot(oneshot::Sender<BootDecision>, BootDecision),
     Enrolled(
         oneshot::Sender<Result<Enrolled, Refusal>>,
         Result<Enrolled, Refusal>,
@@ -310,11 +354,20 @@ impl Controller {
                 peer,
                 agent,
                 reports,
+                inventory,
                 commands,
                 reply,
             } => {
-                let result =
-                    self.connect(&host, &cert_sha256, &peer, &agent, reports, commands, now);
+                let result = self.connect(
+                    &host,
+                    &cert_sha256,
+                    &peer,
+                    &agent,
+                    reports,
+                    inventory,
+                    commands,
+                    now,
+                );
                 if let Err(Refusal(reason)) = &result {
                     warn!(host = %host, peer = %peer, "agent session refused: {reason}");
                 }
@@ -375,6 +428,19 @@ impl Controller {
                     entry.session = None;
                     self.to_plan.insert(host);
                 }
+            }
+            Msg::Boot { mac, reply } => {
+                let decision = self.boot(&mac, now);
+                match &decision {
+                    BootDecision::Ramdisk { host, .. } => {
+                        info!(host = %host, mac = %mac, "boot: serving the ramdisk")
+                    }
+                    BootDecision::LocalDisk { host, .. } => {
+                        info!(host = %host, mac = %mac, "boot: local disk")
+                    }
+                    BootDecision::Refuse(reason) => warn!(mac = %mac, "boot refused: {reason}"),
+                }
+                self.replies.push(Reply::Boot(reply, decision));
             }
             Msg::CreateToken { host, ttl, reply } => {
                 let result = self.create_token(&host, ttl, now);
@@ -441,7 +507,35 @@ impl Controller {
                 }
             }
         }
+        let declared_macs: HashSet<String> = snap
+            .hosts
+            .values()
+            .filter_map(|h| {
+                h.host
+                    .spec
+                    .boot_mac_address
+                    .as_deref()
+                    .and_then(crate::boot::normalize_mac)
+            })
+            .collect();
         for (name, entry) in &mut self.hosts {
+            if entry.record.source == DISCOVERED {
+                // Kept until a declared host claims its MAC.
+                let mac = entry
+                    .record
+                    .host
+                    .spec
+                    .boot_mac_address
+                    .as_deref()
+                    .and_then(crate::boot::normalize_mac);
+                if !entry.record.deleted && mac.is_some_and(|m| declared_macs.contains(&m)) {
+                    info!(host = %name, "a declared host now has this discovered host's MAC: dropping the discovered record");
+                    entry.record.deleted = true;
+                    self.changed_hosts.insert(name.clone());
+                    self.to_plan.insert(name.clone());
+                }
+                continue;
+            }
             if !snap.hosts.contains_key(name) && !entry.record.deleted {
                 info!(host = %name, "host no longer declared in the hosts directory: deleting it");
                 entry.record.deleted = true;
@@ -484,6 +578,22 @@ impl Controller {
         let Some(entry) = self.hosts.get_mut(&host).filter(|e| !e.record.deleted) else {
             return Err(Refusal(format!("host {host} is no longer declared")));
         };
+        // A ramdisk says which NIC it booted from; it must be the host's.
+        let declared = entry
+            .record
+            .host
+            .spec
+            .boot_mac_address
+            .as_deref()
+            .and_then(crate::boot::normalize_mac);
+        let booted = crate::boot::normalize_mac(&agent.boot_mac);
+        if let (Some(declared), Some(booted)) = (&declared, &booted)
+            && declared != booted
+        {
+            return Err(Refusal(format!(
+                "the agent booted from MAC {booted}, but host {host} has bootMACAddress {declared}"
+            )));
+        }
         let cert = self
             .ca
             .sign_agent(&host, csr_der, self.settings.cert_validity, now)
@@ -531,6 +641,7 @@ impl Controller {
         peer: &str,
         agent: &AgentInfo,
         reports: Vec<AgentReport>,
+        inventory: Option<HardwareDetails>,
         commands: CommandSender,
         now: Timestamp,
     ) -> Result<u64, Refusal> {
@@ -559,10 +670,123 @@ impl Controller {
             commands,
             sent: HashSet::new(),
             reports,
+            inventory,
         });
         info!(host = %host, peer = %peer, session = id, "agent session started");
         self.to_plan.insert(host.to_string());
         Ok(id)
+    }
+
+    /// Decides how the machine with `mac` boots.
+    fn boot(&mut self, mac: &str, now: Timestamp) -> BootDecision {
+        let Some(mac) = crate::boot::normalize_mac(mac) else {
+            return BootDecision::Refuse(format!("{mac:?} is not a MAC address"));
+        };
+        let found = self
+            .hosts
+            .iter()
+            .find(|(_, e)| {
+                !e.record.deleted
+                    && e.record
+                        .host
+                        .spec
+                        .boot_mac_address
+                        .as_deref()
+                        .and_then(crate::boot::normalize_mac)
+                        .as_deref()
+                        == Some(&mac)
+            })
+            .map(|(n, e)| {
+                (
+                    n.clone(),
+                    e.record
+                        .host
+                        .status
+                        .as_ref()
+                        .map(|s| s.provisioning.state)
+                        .unwrap_or_default(),
+                )
+            });
+        let host = match found {
+            Some((name, state)) => {
+                use ProvisioningState as S;
+                match state {
+                    S::Provisioned | S::ExternallyProvisioned => {
+                        return BootDecision::LocalDisk {
+                            host: name,
+                            state: state.to_string(),
+                        };
+                    }
+                    S::PoweringOffBeforeDelete | S::Deleting => {
+                        return BootDecision::Refuse(format!("host {name} is being deleted"));
+                    }
+                    _ => name,
+                }
+            }
+            None => match self.settings.unknown_hosts {
+                UnknownHosts::Refuse => {
+                    return BootDecision::Refuse(format!(
+                        "no host has bootMACAddress {mac}: declare one, or run slipway serve --unknown-hosts discover"
+                    ));
+                }
+                UnknownHosts::Discover => self.discovered(&mac, now),
+            },
+        };
+        match self.create_token(&host, self.settings.boot_token_ttl, now) {
+            Ok((token, _)) => {
+                if let Some(e) = self.hosts.get_mut(&host) {
+                    e.record.push_event(EventRecord {
+                        time: now,
+                        warning: false,
+                        reason: "BootRamdisk".into(),
+                        message: format!("{mac} asked how to boot: sent the Slipway ramdisk"),
+                    });
+                    self.changed_hosts.insert(host.clone());
+                }
+                BootDecision::Ramdisk { host, token, mac }
+            }
+            Err(e) => BootDecision::Refuse(e),
+        }
+    }
+
+    /// The record of an undeclared machine, created on its first boot.
+    fn discovered(&mut self, mac: &str, now: Timestamp) -> String {
+        let name = format!("discovered-{}", mac.replace(':', ""));
+        if !self.hosts.contains_key(&name) {
+            info!(host = %name, mac = %mac, "an undeclared machine booted: registering it as discovered");
+            let mut host = BareMetalHost {
+                api_version: slipway_reconcile::host::API_VERSION.into(),
+                kind: slipway_reconcile::host::KIND.into(),
+                spec: HostSpec {
+                    boot_mac_address: Some(mac.to_string()),
+                    online: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            host.metadata.name = name.clone();
+            host.metadata.creation_timestamp = Some(now);
+            let mut status = HostStatus::default();
+            status.provisioning.state = ProvisioningState::Unmanaged;
+            status.operational_status = OperationalStatus::Discovered;
+            status.last_updated = Some(now);
+            host.status = Some(status);
+            let record = HostRecord {
+                host,
+                source: DISCOVERED.into(),
+                ..Default::default()
+            };
+            self.hosts.insert(
+                name.clone(),
+                Entry {
+                    record,
+                    session: None,
+                    wake_at: None,
+                },
+            );
+            self.changed_hosts.insert(name.clone());
+        }
+        name
     }
 
     fn create_token(
@@ -647,6 +871,7 @@ impl Controller {
             status: &status,
             agent: session.map(|s| &s.link),
             command: view,
+            inventory: session.and_then(|s| s.inventory.as_ref()),
         };
         let plan = slipway_reconcile::plan(&desired, &observed, now);
 
@@ -729,6 +954,11 @@ impl Controller {
                 self.outbox.clear();
                 for reply in self.replies.drain(..) {
                     match reply {
+                        Reply::Boot(tx, _) => {
+                            let _ = tx.send(BootDecision::Refuse(
+                                "the coordinator cannot store state right now".into(),
+                            ));
+                        }
                         Reply::Enrolled(tx, _) => {
                             let _ = tx.send(Err(Refusal(
                                 "the coordinator cannot store state right now; try again".into(),
@@ -759,6 +989,9 @@ impl Controller {
         }
         for reply in self.replies.drain(..) {
             match reply {
+                Reply::Boot(tx, d) => {
+                    let _ = tx.send(d);
+                }
                 Reply::Enrolled(tx, r) => {
                     let _ = tx.send(r);
                 }

@@ -7,11 +7,13 @@
 //! - [`api`]: the agent-facing gRPC service over TLS; the only module that knows protobuf.
 //! - [`pki`]: the CA, server and agent certificates. [`tokens`]: bootstrap tokens.
 //! - [`store`]: the embedded redb store. [`sources`]: where host declarations come from.
-//! - [`http`]: images over HTTP. [`admin`]: the CLI's API on a Unix socket.
+//! - [`boot`]: iPXE scripts, kernel arguments, per-host ISOs, dnsmasq configuration; pure.
+//! - [`http`]: boot files, scripts and images over HTTP. [`admin`]: the CLI's API on a Unix socket.
 //! - [`output`]: tables and descriptions, pure.
 
 pub mod admin;
 pub mod api;
+pub mod boot;
 pub mod cli;
 pub mod controller;
 pub mod http;

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, Info};
 use crate::api::{self, Api};
-use crate::controller::{Controller, Msg, Settings};
+use crate::controller::{Controller, Msg, Settings, UnknownHosts};
 use crate::pki::Ca;
 use crate::sources::files::FilesSource;
 use crate::store::Store;
@@ -53,6 +53,16 @@ pub struct ServeArgs {
     /// Validity of agent certificates.
     #[arg(long, value_name = "DURATION", default_value = "720h", value_parser = parse_duration)]
     pub cert_validity: SignedDuration,
+    /// Directory with the ramdisk (vmlinuz, initramfs, slipway.iso: `cargo xtask ramdisk`
+    /// writes them to target/ramdisk/out). Default: STATE/boot.
+    #[arg(long, value_name = "DIR")]
+    pub boot_dir: Option<PathBuf>,
+    /// What machines whose MAC no host declares get when they PXE-boot.
+    #[arg(long, value_enum, default_value_t = UnknownHosts::Discover)]
+    pub unknown_hosts: UnknownHosts,
+    /// Validity of the one-time tokens in boot scripts and ISOs.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub boot_token_ttl: SignedDuration,
     /// How often the hosts directory is checked for changes.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: SignedDuration,
@@ -102,6 +112,8 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
             agent_lost_after: args.agent_lost_after,
         },
         cert_validity: args.cert_validity,
+        unknown_hosts: args.unknown_hosts,
+        boot_token_ttl: args.boot_token_ttl,
     };
     let controller = Controller::new(store, ca.clone(), settings)
         .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
@@ -173,8 +185,6 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
     let http_addr = http.local_addr()?;
-    let http_task =
-        tokio::spawn(async move { axum::serve(http, crate::http::router(images)).await });
 
     // Admin socket.
     let socket = state.join("admin.sock");
@@ -197,6 +207,30 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
     let admin_task = tokio::spawn(
         axum::serve(admin, admin::router(view, tx.clone(), info.clone())).into_future(),
     );
+
+    // HTTP: boot files, scripts, ISOs and images.
+    let boot_dir = args.boot_dir.clone().unwrap_or_else(|| state.join("boot"));
+    let console = ramdisk_console(&boot_dir);
+    if !boot_dir.join("initramfs").exists() {
+        warn!(
+            "no ramdisk in {} (vmlinuz, initramfs, slipway.iso): machines cannot PXE-boot until it is there (cargo xtask ramdisk; --boot-dir)",
+            boot_dir.display()
+        );
+    }
+    let urls = crate::boot::Urls {
+        http: info.http_url.clone(),
+        agent: info.agent_url.clone(),
+        ca_fingerprint: info.ca_fingerprint.clone(),
+    };
+    let router = crate::http::router(
+        images,
+        boot_dir,
+        urls,
+        console,
+        tx.clone(),
+        args.boot_token_ttl,
+    );
+    let http_task = tokio::spawn(async move { axum::serve(http, router).await });
     drop(tx);
 
     info!(
@@ -220,6 +254,15 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
     }
     let _ = fs::remove_file(&socket);
     Ok(())
+}
+
+/// The console arguments the ramdisk was built for (its manifest), or the default.
+fn ramdisk_console(dir: &std::path::Path) -> String {
+    std::fs::read(dir.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["console"].as_str().map(str::to_string))
+        .unwrap_or_else(|| crate::boot::DEFAULT_CONSOLE.to_string())
 }
 
 fn host_port(host: &str, port: u16) -> String {

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub mod vm;
+
 /// Paths of the binaries under test, built once per test run.
 pub struct Bins {
     pub slipway: PathBuf,
@@ -139,11 +141,25 @@ pub struct Coordinator {
     pub http_port: u16,
     pub extra_args: Vec<String>,
     pub log: PathBuf,
+    /// The address the coordinator listens on (127.0.0.1, or a bridge address in a netns).
+    pub listen_ip: String,
+    /// Run inside this network namespace.
+    pub netns: Option<String>,
 }
 
 impl Coordinator {
     /// Starts a coordinator in `dir` (hosts in `dir/hosts`, state in `dir/state`).
     pub fn start(dir: &Path, extra_args: &[&str]) -> Coordinator {
+        Coordinator::start_in(dir, extra_args, None, "127.0.0.1")
+    }
+
+    /// Starts a coordinator listening on `listen_ip`, inside `netns` if given.
+    pub fn start_in(
+        dir: &Path,
+        extra_args: &[&str],
+        netns: Option<&str>,
+        listen_ip: &str,
+    ) -> Coordinator {
         let hosts = dir.join("hosts");
         let state = dir.join("state");
         let images = dir.join("images");
@@ -160,6 +176,8 @@ impl Coordinator {
             http_port: free_port(),
             extra_args: extra_args.iter().map(ToString::to_string).collect(),
             log: dir.join("coordinator.log"),
+            listen_ip: listen_ip.to_string(),
+            netns: netns.map(str::to_string),
         };
         c.spawn();
         c
@@ -171,7 +189,15 @@ impl Coordinator {
             .append(true)
             .open(&self.log)
             .expect("open log");
-        let child = Command::new(&bins().slipway)
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bins().slipway);
+                c
+            }
+            None => Command::new(&bins().slipway),
+        };
+        let child = command
             .arg("serve")
             .arg("--hosts")
             .arg(&self.hosts)
@@ -180,9 +206,9 @@ impl Coordinator {
             .arg("--images")
             .arg(&self.images)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.grpc_port))
+            .arg(format!("{}:{}", self.listen_ip, self.grpc_port))
             .arg("--http-listen")
-            .arg(format!("127.0.0.1:{}", self.http_port))
+            .arg(format!("{}:{}", self.listen_ip, self.http_port))
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -226,11 +252,16 @@ impl Coordinator {
     }
 
     pub fn agent_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.grpc_port)
+        format!("https://{}:{}", self.listen_ip, self.grpc_port)
     }
 
     pub fn image_url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/images/{name}", self.http_port)
+        format!("http://{}:{}/images/{name}", self.listen_ip, self.http_port)
+    }
+
+    /// `http://IP:PORT` of the coordinator's HTTP server, as reached from here.
+    pub fn http_url(&self) -> String {
+        format!("http://{}:{}", self.listen_ip, self.http_port)
     }
 
     /// Runs `slipway ARGS` against this coordinator.
@@ -523,4 +554,48 @@ fn serve_slowly(mut stream: TcpStream, body: &[u8], rate: usize) {
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The ELF program interpreter (`PT_INTERP`) of a 64-bit little-endian executable: `None`
+/// for a statically linked one.
+pub fn elf_interpreter(bytes: &[u8]) -> Result<Option<String>, String> {
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    if bytes.get(..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) || bytes.get(5) != Some(&1) {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let phoff = u64_at(0x20).ok_or("truncated header")? as usize;
+    let phentsize = u16_at(0x36).ok_or("truncated header")? as usize;
+    let phnum = u16_at(0x38).ok_or("truncated header")? as usize;
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        if u32_at(ph).ok_or("truncated program headers")? == 3 {
+            let off = u64_at(ph + 8).ok_or("truncated program header")? as usize;
+            let size = u64_at(ph + 32).ok_or("truncated program header")? as usize;
+            let raw = bytes
+                .get(off..off + size)
+                .ok_or("PT_INTERP out of the file")?;
+            return Ok(Some(
+                String::from_utf8_lossy(raw)
+                    .trim_end_matches('\0')
+                    .to_string(),
+            ));
+        }
+    }
+    Ok(None)
 }

@@ -7,6 +7,16 @@ use crate::cmd;
 /// (program that must exist, Debian package that provides it)
 pub const TEST_TOOLS: &[(&str, &str)] = &[("losetup", "mount"), ("sha256sum", "coreutils")];
 
+/// What the VM tests and the demo need: QEMU (its iPXE NIC ROMs come with ipxe-qemu), dnsmasq,
+/// iproute2 for network namespaces.
+pub const VM_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("ip", "iproute2"),
+];
+/// QEMU's NIC boot ROMs (iPXE), and iPXE for real PXE ROMs (undionly.kpxe, ipxe.efi).
+pub const VM_PACKAGES: &[&str] = &["ipxe-qemu", "ipxe"];
+
 /// Installs the packages of any missing tool.
 pub fn ensure(tools: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = tools
@@ -25,7 +35,7 @@ pub fn ensure(tools: &[(&str, &str)]) -> anyhow::Result<()> {
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     cmd::run("apt-get", &["update", "-q"], None)?;
-    let mut args = vec!["install", "-y", "-q"];
+    let mut args = vec!["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q"];
     args.extend(missing);
     cmd::run("apt-get", &args, None)
 }
@@ -40,4 +50,30 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)
+}
+
+/// Installs Debian packages that are not installed (no program to look for).
+pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|p| {
+            !cmd::output("dpkg-query", &["-W", "-f=${Status}", p], &[])
+                .is_ok_and(|s| s.contains("install ok installed"))
+        })
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing packages; install them with: sudo apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    cmd::run("apt-get", &["update", "-q"], None)?;
+    let mut args = vec!["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q"];
+    args.extend(missing);
+    cmd::run("apt-get", &args, None)
 }

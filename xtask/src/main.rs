@@ -4,6 +4,8 @@ mod bench;
 mod cmd;
 mod demo;
 mod deps;
+mod ramdisk;
+mod testimage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +22,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Slipway's main job on its embedded default: a coordinator in files mode on
-    /// examples/hosts provisions every host there, printing the host table as it goes.
+    /// examples/hosts, two QEMU machines that PXE-boot the ramdisk, are inspected, provisioned
+    /// and boot their new disk; prints the host table as it goes and a summary.
     Demo,
     /// Measure a benchmark beside its reference (dd, qemu-img, sha256sum, IPA where installed);
     /// prints the figures and writes target/bench/NAME.json.
@@ -30,7 +33,13 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
-    /// Install the system packages the tests need (when missing, as root), then run every test.
+    /// Build the ramdisk (static agent, Debian kernel, modules, initramfs, ISO template) from
+    /// ramdisk/recipe.toml into target/ramdisk/out.
+    Ramdisk,
+    /// Build the small bootable OS image the VM tests and the demo provision.
+    TestImage,
+    /// Install the system packages the tests need (when missing, as root), build the ramdisk
+    /// and the test image, then run every test.
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -45,12 +54,37 @@ fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Packages for booting VMs (QEMU with iPXE ROMs), and the ramdisk's.
+fn vm_deps() -> anyhow::Result<()> {
+    deps::ensure(deps::TEST_TOOLS)?;
+    deps::ensure(deps::VM_TOOLS)?;
+    deps::ensure_packages(deps::VM_PACKAGES)?;
+    ramdisk_deps()
+}
+
+/// Packages for the ramdisk and the test image.
+fn ramdisk_deps() -> anyhow::Result<()> {
+    deps::ensure(ramdisk::TOOLS)?;
+    deps::ensure(testimage::TOOLS)?;
+    deps::ensure_packages(ramdisk::PACKAGES)?;
+    deps::ensure_packages(testimage::PACKAGES)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo => deps::ensure(deps::TEST_TOOLS).and_then(|()| demo::run(&root())),
+        Command::Demo => vm_deps().and_then(|()| demo::run(&root())),
+        Command::Ramdisk => ramdisk_deps()
+            .and_then(|()| ramdisk::build(&root()))
+            .map(drop),
+        Command::TestImage => ramdisk_deps()
+            .and_then(|()| testimage::build(&root()))
+            .map(drop),
         Command::Bench { name, runs } => bench::run(&root(), &name, runs),
-        Command::Test { args } => deps::ensure(deps::TEST_TOOLS).and_then(|()| {
+        Command::Test { args } => vm_deps().and_then(|()| {
+            // The VM tests boot the real ramdisk and provision the test image.
+            ramdisk::build(&root())?;
+            testimage::build(&root())?;
             let mut a = vec!["test", "--workspace"];
             a.extend(args.iter().map(String::as_str));
             cmd::run("cargo", &a, Some(&root()))

@@ -69,6 +69,8 @@ pub struct Observed<'a> {
     pub agent: Option<&'a AgentLink>,
     /// What the agent says about `status.current_command`.
     pub command: CommandView<'a>,
+    /// The hardware the live agent reported when it connected (its hello).
+    pub inventory: Option<&'a HardwareDetails>,
 }
 
 /// A live agent session.
@@ -276,6 +278,16 @@ impl Planner<'_> {
                 if self.d.spec.bmc.is_some() {
                     self.go(S::Registering);
                     self.status.operation_history.register.begin(self.now);
+                } else if let Some(inv) = self.o.inventory {
+                    // A discovered machine: keep what its agent reports.
+                    if self.status.hardware.as_ref() != Some(inv) {
+                        self.status.hardware = Some(inv.clone());
+                        self.record(
+                            false,
+                            "Discovered",
+                            "inventory received from the agent".into(),
+                        );
+                    }
                 }
             }
             S::Registering => self.registering(),

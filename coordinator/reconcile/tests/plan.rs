@@ -57,6 +57,7 @@ struct Case {
     agent: Option<AgentLink>,
     view: View,
     now: Timestamp,
+    inventory: Option<HardwareDetails>,
 }
 
 #[derive(Clone)]
@@ -119,6 +120,7 @@ fn baseline(state: S) -> Case {
         agent: Some(link(t0())),
         view,
         now: t0() + SignedDuration::from_secs(60),
+        inventory: None,
     }
 }
 
@@ -142,6 +144,12 @@ const EVENTS: &[Event] = &[
             a.disconnected_at = Some(t0());
         }
         c.now = t0() + SignedDuration::from_mins(11);
+    }),
+    ("agent inventory", |c| {
+        c.inventory = Some(HardwareDetails {
+            hostname: "reported".into(),
+            ..hardware()
+        })
     }),
     ("progress", |c| {
         c.view = View::Running(Some(Progress {
@@ -199,6 +207,7 @@ fn run(case: &Case) -> Plan {
         status: &case.status,
         agent: case.agent.as_ref(),
         command: view,
+        inventory: case.inventory.as_ref(),
     };
     plan(&desired, &observed, case.now)
 }
@@ -227,6 +236,9 @@ fn render(case: &Case, out: &Plan) -> String {
             Action::Forget => line.push_str(" forget"),
             Action::Record(_) => {}
         }
+    }
+    if out.status.hardware != case.status.hardware {
+        line.push_str(" +hardware");
     }
     if let Some(p) = &out.status.progress {
         write!(line, " progress:{}%", p.percent().unwrap_or(0)).unwrap();
@@ -273,6 +285,7 @@ fn check_invariants(case: &Case, out: &Plan) {
             View::Unknown
         },
         now: case.now,
+        inventory: case.inventory.clone(),
     };
     let second = run(&again);
     let sends: Vec<_> = second
@@ -332,6 +345,7 @@ fn drive(
                 status,
                 agent: Some(&agent),
                 command: v,
+                inventory: None,
             },
             now,
         );
@@ -443,6 +457,7 @@ fn changing_the_image_after_a_failure_retries_at_once() {
             status: &status,
             agent: Some(&agent),
             command: CommandView::Unknown,
+            inventory: None,
         },
         t0(),
     );
@@ -490,6 +505,7 @@ fn registration_error_is_counted_once_and_cleared_by_a_fix() {
                 status: &status,
                 agent: None,
                 command: CommandView::Unknown,
+                inventory: None,
             },
             t0(),
         );
@@ -510,6 +526,7 @@ fn registration_error_is_counted_once_and_cleared_by_a_fix() {
             status: &status,
             agent: None,
             command: CommandView::Unknown,
+            inventory: None,
         },
         t0(),
     );

@@ -6,15 +6,14 @@
 //! repeated runs (the machines are noisy); [`measure`] runs a command as a child process and
 //! reports its wall time and peak resident memory.
 
-// The registry is filled by the image, inventory and boot benchmarks; until then parts are unused.
-#![allow(dead_code)]
-
 use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
+
+mod boot;
 
 /// One measured comparison.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,7 +49,7 @@ impl Case {
 pub type Bench = (&'static str, fn(&Ctx) -> anyhow::Result<Vec<Case>>);
 
 /// The registry: every benchmark, in one place.
-pub const BENCHES: &[Bench] = &[];
+pub const BENCHES: &[Bench] = &[("boot", boot::run)];
 
 /// What a benchmark gets.
 pub struct Ctx<'a> {
@@ -73,6 +72,7 @@ pub fn median(values: &mut [f64]) -> f64 {
 }
 
 /// Wall time and peak RSS of one child process.
+#[allow(dead_code)] // for the benchmarks that time a command (image, inventory)
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Measure {
     pub seconds: f64,
@@ -81,6 +81,7 @@ pub struct Measure {
 
 /// Runs `program args` to completion and measures it (wait4's ru_maxrss for memory).
 #[allow(clippy::disallowed_methods)] // measuring needs the child's pid; the error carries the command line
+#[allow(dead_code)] // for the benchmarks that time a command (image, inventory)
 pub fn measure(program: &Path, args: &[&OsStr], env: &[(&str, &OsStr)]) -> anyhow::Result<Measure> {
     let line = crate::cmd::line(&program.display().to_string(), args);
     // stderr to a file, not a pipe: a chatty child must not block on a full pipe while we wait.
@@ -118,6 +119,7 @@ pub fn measure(program: &Path, args: &[&OsStr], env: &[(&str, &OsStr)]) -> anyho
 }
 
 /// Runs `f` `runs` times; median seconds and the largest peak RSS.
+#[allow(dead_code)] // for the benchmarks that time a command (image, inventory)
 pub fn repeat(
     runs: usize,
     mut f: impl FnMut() -> anyhow::Result<Measure>,

@@ -1,4 +1,9 @@
-//! The few calls that act on the machine itself.
+//! The kernel edge: the few calls that act on the machine itself (mounts, module loading,
+//! netlink, reboot). Nothing above this module calls the kernel directly.
+
+pub mod modules;
+pub mod mount;
+pub mod net;
 
 use tracing::error;
 

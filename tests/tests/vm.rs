@@ -1,0 +1,443 @@
+//! Real (virtual) machines booting the real ramdisk under QEMU/TCG:
+//! 1. PXE through QEMU's user-mode network, inspected, provisioned, booted from its disk.
+//! 2. PXE in a network namespace with a bridge, a tap and dnsmasq as the DHCP server; e1000
+//!    NIC and AHCI disk; provisioned and booted from its disk.
+//! 3. dnsmasq in proxy-DHCP mode next to a separate DHCP server; the machine registers.
+//! 4. The per-host ISO as a CD (BIOS); the machine registers.
+//!
+//! They need the ramdisk and the test image (`cargo xtask test` builds both first), QEMU and,
+//! for 2 and 3, root (network namespaces) and dnsmasq. Each VM run is bounded; the serial
+//! console is saved to target/vm-artifacts/ when a test fails.
+
+use std::fs;
+use std::time::Duration;
+
+use slipway_tests::vm::{self, Bus, Net, Netns, Spec, Vm};
+use slipway_tests::{Coordinator, sha256_hex};
+
+const MARKER: &str = "SLIPWAY-TEST-OS booted";
+
+fn host_yaml(name: &str, mac: &str, image_url: &str, checksum: &str, device: &str) -> String {
+    format!(
+        "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: {name}\nspec:\n  online: true\n  bootMACAddress: \"{mac}\"\n  image:\n    url: {image_url}\n    checksum: {checksum}\n    checksumType: sha256\n    format: raw\n  rootDeviceHints:\n    deviceName: {device}\n"
+    )
+}
+
+fn declare(c: &Coordinator, name: &str, yaml: &str) {
+    let tmp = c.hosts.join(format!(".{name}.tmp"));
+    fs::write(&tmp, yaml).unwrap();
+    fs::rename(&tmp, c.hosts.join(format!("{name}.yaml"))).unwrap();
+}
+
+#[test]
+fn pxe_user_network_inspect_provision_and_boot_from_disk() {
+    let _one = vm::exclusive();
+    let art = vm::artifacts();
+    let dir = tempfile::tempdir().unwrap();
+    let boot_dir = art.dir.display().to_string();
+    // Inside the guest, 10.0.2.2 is this machine's 127.0.0.1.
+    let c = Coordinator::start(
+        dir.path(),
+        &[
+            "--advertise",
+            "10.0.2.2",
+            "--boot-dir",
+            &boot_dir,
+            "--unknown-hosts",
+            "refuse",
+        ],
+    );
+    let image = fs::read(&art.test_os).unwrap();
+    fs::copy(&art.test_os, c.images.join("test-os.img")).unwrap();
+    let mac = "52:54:00:5a:00:01";
+    let url = format!("http://10.0.2.2:{}/images/test-os.img", c.http_port);
+    declare(
+        &c,
+        "vm-1",
+        &host_yaml("vm-1", mac, &url, &sha256_hex(&image), "/dev/vda"),
+    );
+    c.wait_state("vm-1", "inspecting", Duration::from_secs(10));
+
+    let disk = dir.path().join("vm-1.raw");
+    vm::sparse_disk(&disk, 8 << 30);
+    let bootfile = format!("http://10.0.2.2:{}/boot/boot.ipxe", c.http_port);
+    let mut vm = Vm::start(
+        Spec {
+            name: "vm-1",
+            cpus: 2,
+            mem_mib: 1024,
+            nic: "virtio-net-pci",
+            mac,
+            net: Net::User {
+                bootfile: Some(bootfile),
+            },
+            disk: Some((&disk, Bus::Virtio, "slipway-vm1-disk")),
+            cdrom: None,
+            boot_cdrom: false,
+            netns: None,
+        },
+        dir.path(),
+    );
+    let registered = vm.wait_serial("SLIPWAY-EVENT registered", Duration::from_secs(180));
+    eprintln!(
+        "vm-1 registered {:.1}s after start",
+        registered.as_secs_f64()
+    );
+
+    // Inspection reports the VM as configured.
+    let host = c.wait_host("vm-1", Duration::from_secs(120), "inspected", |h| {
+        h["status"]["hardware"].is_object()
+    });
+    let hw = &host["status"]["hardware"];
+    assert_eq!(hw["cpu"]["count"], 2, "{hw}");
+    let ram = hw["ramMebibytes"].as_u64().unwrap();
+    assert!(
+        (800..=1024).contains(&ram),
+        "RAM {ram} MiB for a 1024 MiB VM"
+    );
+    let disks = hw["storage"].as_array().unwrap();
+    assert!(
+        disks
+            .iter()
+            .any(|d| d["name"] == "/dev/vda" && d["sizeBytes"] == 8u64 << 30),
+        "{disks:?}"
+    );
+    let nics = hw["nics"].as_array().unwrap();
+    assert!(
+        nics.iter().any(|n| n["mac"] == mac && n["pxe"] == true),
+        "{nics:?}"
+    );
+
+    // Provisioned, rebooted into its disk, which prints the marker and powers off.
+    c.wait_state("vm-1", "provisioned", Duration::from_secs(180));
+    vm.wait_serial(MARKER, Duration::from_secs(180));
+    assert!(vm.wait_exit(Duration::from_secs(60)).success());
+    let written = fs::read(&disk).unwrap();
+    assert!(
+        written[..image.len()] == image[..],
+        "the disk holds the image"
+    );
+    let log = c.log_text();
+    assert!(
+        log.contains("boot: local disk"),
+        "the second PXE boot was sent to the disk"
+    );
+}
+
+#[test]
+fn pxe_in_a_network_namespace_with_dnsmasq_e1000_and_ahci() {
+    let _one = vm::exclusive();
+    let art = vm::artifacts();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ns = Netns::new("pxe", "10.77.0");
+    let boot_dir = art.dir.display().to_string();
+    let c = Coordinator::start_in(
+        dir.path(),
+        &[
+            "--advertise",
+            &ns.bridge_ip.clone(),
+            "--boot-dir",
+            &boot_dir,
+            "--unknown-hosts",
+            "refuse",
+        ],
+        Some(&ns.name),
+        &ns.bridge_ip.clone(),
+    );
+    // dnsmasq as the network's DHCP server, configured by `slipway boot dnsmasq-config`.
+    let out = c.cli(&[
+        "boot",
+        "dnsmasq-config",
+        "--mode",
+        "full",
+        "--range",
+        "10.77.0.100,10.77.0.200",
+        "--interface",
+        "br0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut conf = String::from_utf8(out.stdout).unwrap();
+    // IPv6 router advertisements, or iPXE waits 18 s for IPv6 autoconfiguration.
+    conf.push_str("enable-ra\ndhcp-range=fd00:5117::,ra-only\n");
+    conf.push_str(&format!(
+        "dhcp-leasefile={}\npid-file={}\n",
+        dir.path().join("leases").display(),
+        dir.path().join("dnsmasq.pid").display()
+    ));
+    let conf_path = dir.path().join("dnsmasq.conf");
+    fs::write(&conf_path, conf).unwrap();
+    ns.spawn(
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            "--log-facility=-",
+            &format!("--conf-file={}", conf_path.display()),
+        ],
+        &dir.path().join("dnsmasq.log"),
+    );
+    vm::wait_file_contains(
+        &dir.path().join("dnsmasq.log"),
+        "DHCP, sockets bound",
+        Duration::from_secs(10),
+    );
+
+    let image = fs::read(&art.test_os).unwrap();
+    fs::copy(&art.test_os, c.images.join("test-os.img")).unwrap();
+    let mac = "52:54:00:5a:00:02";
+    let url = format!("{}/images/test-os.img", c.http_url());
+    declare(
+        &c,
+        "vm-2",
+        &host_yaml("vm-2", mac, &url, &sha256_hex(&image), "/dev/sda"),
+    );
+    c.wait_state("vm-2", "inspecting", Duration::from_secs(10));
+
+    let disk = dir.path().join("vm-2.raw");
+    vm::sparse_disk(&disk, 8 << 30);
+    let tap = ns.tap.clone();
+    let mut vm = Vm::start(
+        Spec {
+            name: "vm-2",
+            cpus: 1,
+            mem_mib: 1024,
+            nic: "e1000",
+            mac,
+            net: Net::Tap { ifname: tap },
+            disk: Some((&disk, Bus::Ahci, "slipway-vm2-disk")),
+            cdrom: None,
+            boot_cdrom: false,
+            netns: Some(&ns.name),
+        },
+        dir.path(),
+    );
+    let registered = vm.wait_serial("SLIPWAY-EVENT registered", Duration::from_secs(180));
+    eprintln!(
+        "vm-2 registered {:.1}s after start",
+        registered.as_secs_f64()
+    );
+    let host = c.wait_host("vm-2", Duration::from_secs(120), "inspected", |h| {
+        h["status"]["hardware"].is_object()
+    });
+    let hw = &host["status"]["hardware"];
+    assert!(
+        hw["nics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["mac"] == mac && n["model"] == "e1000"),
+        "{hw}"
+    );
+    assert!(
+        hw["storage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "/dev/sda"),
+        "{hw}"
+    );
+    c.wait_state("vm-2", "provisioned", Duration::from_secs(240));
+    vm.wait_serial(MARKER, Duration::from_secs(180));
+    assert!(vm.wait_exit(Duration::from_secs(60)).success());
+    assert!(fs::read(&disk).unwrap()[..image.len()] == image[..]);
+}
+
+#[test]
+fn proxy_dhcp_next_to_an_existing_dhcp_server() {
+    let _one = vm::exclusive();
+    let art = vm::artifacts();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ns = Netns::new("proxy", "10.78.0");
+    let boot_dir = art.dir.display().to_string();
+    let c = Coordinator::start_in(
+        dir.path(),
+        &[
+            "--advertise",
+            &ns.bridge_ip.clone(),
+            "--boot-dir",
+            &boot_dir,
+            "--unknown-hosts",
+            "discover",
+        ],
+        Some(&ns.name),
+        &ns.bridge_ip.clone(),
+    );
+    // The site's DHCP server: addresses only, knows nothing of PXE.
+    let site = format!(
+        "port=0\ninterface=br0\nbind-interfaces\ndhcp-range=10.78.0.100,10.78.0.200,12h\nenable-ra\ndhcp-range=fd00:5117::,ra-only\ndhcp-leasefile={}\npid-file={}\n",
+        dir.path().join("site.leases").display(),
+        dir.path().join("site.pid").display()
+    );
+    fs::write(dir.path().join("site.conf"), site).unwrap();
+    ns.spawn(
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            "--log-facility=-",
+            &format!("--conf-file={}", dir.path().join("site.conf").display()),
+        ],
+        &dir.path().join("site.log"),
+    );
+    vm::wait_file_contains(
+        &dir.path().join("site.log"),
+        "DHCP, sockets bound",
+        Duration::from_secs(10),
+    );
+    // Slipway's dnsmasq in proxy mode beside it: it answers only the PXE part.
+    let out = c.cli(&[
+        "boot",
+        "dnsmasq-config",
+        "--mode",
+        "proxy",
+        "--range",
+        "10.78.0.0",
+        "--interface",
+        "br0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut conf = String::from_utf8(out.stdout).unwrap();
+    conf.push_str(&format!(
+        "dhcp-leasefile={}\npid-file={}\n",
+        dir.path().join("proxy.leases").display(),
+        dir.path().join("proxy.pid").display()
+    ));
+    fs::write(dir.path().join("proxy.conf"), conf).unwrap();
+    ns.spawn(
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            "--log-facility=-",
+            &format!("--conf-file={}", dir.path().join("proxy.conf").display()),
+        ],
+        &dir.path().join("proxy.log"),
+    );
+    vm::wait_file_contains(
+        &dir.path().join("proxy.log"),
+        "proxy on subnet",
+        Duration::from_secs(10),
+    );
+
+    // An undeclared machine: discovery registers it.
+    let mac = "52:54:00:5a:00:03";
+    let tap = ns.tap.clone();
+    let mut vm = Vm::start(
+        Spec {
+            name: "vm-3",
+            cpus: 1,
+            mem_mib: 1024,
+            nic: "e1000",
+            mac,
+            net: Net::Tap { ifname: tap },
+            disk: None,
+            cdrom: None,
+            boot_cdrom: false,
+            netns: Some(&ns.name),
+        },
+        dir.path(),
+    );
+    let registered = vm.wait_serial("SLIPWAY-EVENT registered", Duration::from_secs(180));
+    eprintln!(
+        "vm-3 registered {:.1}s after start",
+        registered.as_secs_f64()
+    );
+    let host = c.wait_host(
+        "discovered-5254005a0003",
+        Duration::from_secs(60),
+        "discovered with its inventory",
+        |h| h["status"]["hardware"].is_object(),
+    );
+    assert_eq!(host["status"]["provisioning"]["state"], "unmanaged");
+    assert_eq!(host["status"]["operationalStatus"], "discovered");
+    assert!(
+        host["status"]["hardware"]["nics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["mac"] == mac)
+    );
+    let leases = fs::read_to_string(dir.path().join("site.leases")).unwrap_or_default();
+    assert!(
+        leases.contains(mac),
+        "the site's DHCP server gave the address: {leases}"
+    );
+}
+
+#[test]
+fn per_host_iso_boots_as_a_cd_and_enrols() {
+    let _one = vm::exclusive();
+    let art = vm::artifacts();
+    let dir = tempfile::tempdir().unwrap();
+    let boot_dir = art.dir.display().to_string();
+    let c = Coordinator::start(
+        dir.path(),
+        &[
+            "--advertise",
+            "10.0.2.2",
+            "--boot-dir",
+            &boot_dir,
+            "--unknown-hosts",
+            "refuse",
+        ],
+    );
+    let mac = "52:54:00:5a:00:04";
+    declare(
+        &c,
+        "vm-4",
+        &format!(
+            "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: vm-4\nspec:\n  online: true\n  bootMACAddress: \"{mac}\"\n"
+        ),
+    );
+    c.wait_state("vm-4", "inspecting", Duration::from_secs(10));
+    let iso = vm::http_get(&format!("{}/boot/iso/vm-4.iso", c.http_url()));
+    let template = fs::metadata(art.dir.join("slipway.iso")).unwrap().len();
+    assert_eq!(
+        iso.len() as u64,
+        template,
+        "the per-host ISO keeps the template's layout"
+    );
+    let text = String::from_utf8_lossy(&iso);
+    assert!(
+        text.contains("slipway.token=")
+            && text.contains(&format!(
+                "slipway.coordinator=https://10.0.2.2:{}",
+                c.grpc_port
+            ))
+    );
+    let iso_path = dir.path().join("vm-4.iso");
+    fs::write(&iso_path, &iso).unwrap();
+
+    let mut vm = Vm::start(
+        Spec {
+            name: "vm-4",
+            cpus: 1,
+            mem_mib: 1024,
+            nic: "virtio-net-pci",
+            mac,
+            net: Net::User { bootfile: None },
+            disk: None,
+            cdrom: Some(&iso_path),
+            boot_cdrom: true,
+            netns: None,
+        },
+        dir.path(),
+    );
+    let registered = vm.wait_serial("SLIPWAY-EVENT registered", Duration::from_secs(180));
+    assert!(
+        vm.serial_text().contains("host=vm-4 coordinator="),
+        "enrolled as vm-4"
+    );
+    eprintln!(
+        "vm-4 registered {:.1}s after start (BIOS, CD)",
+        registered.as_secs_f64()
+    );
+    c.wait_host("vm-4", Duration::from_secs(60), "connected", |h| {
+        h["status"]["agent"]["connected"] == true
+    });
+}

@@ -9,12 +9,14 @@
 //! - [`disk`]: root device hints, the disk selection (the only source of [`disk::SelectedDisk`]),
 //!   writing and wiping.
 //! - [`image`]: streaming, verified image writes.
+//! - [`configdrive`]: the `config-2` partition with the host's first-boot data.
 //! - [`tls`]: the pinned-CA verifier and client configurations. [`config`]: the kernel
 //!   command line. [`sys`]: reboot and power off.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod configdrive;
 pub mod disk;
 pub mod image;
 pub mod inventory;

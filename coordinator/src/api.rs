@@ -436,8 +436,11 @@ pub fn command_to_proto(c: &CommandRecord) -> pb::Command {
             } as i32,
             root_device_hints: root_device_hints.as_ref().map(hints_to_proto),
             extra_ca_pem: String::new(),
+            config_drive: None,
         }),
-        CommandKind::EraseMetadata => Kind::EraseMetadata(pb::EraseMetadata {}),
+        CommandKind::EraseMetadata => Kind::EraseMetadata(pb::EraseMetadata {
+            mode: pb::erase_metadata::Mode::Metadata as i32,
+        }),
         CommandKind::Reboot => Kind::Reboot(pb::Reboot {}),
         CommandKind::PowerOff => Kind::PowerOff(pb::PowerOff {}),
     };

@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod configdrive;
 pub mod controller;
 pub mod http;
 pub mod output;

@@ -327,6 +327,49 @@ mod tests {
         );
     }
 
+    /// A disk in memory that cannot zero fast (the trait's default), like a device without
+    /// BLKZEROOUT.
+    struct MemDisk(Vec<u8>, std::path::PathBuf);
+
+    impl DiskWriter for MemDisk {
+        fn path(&self) -> &Path {
+            &self.1
+        }
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn write_all_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+            self.0[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn sync(&mut self) -> Result<(), DiskError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn full_erase_writes_zeros_when_the_device_cannot_zero_fast() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("d.img");
+        std::fs::write(&path, [1u8; 4096]).unwrap();
+        let inv = crate::inventory::Inventory::collect(
+            Path::new("/"),
+            &crate::inventory::Options {
+                disks: vec![path.clone()],
+                ..Default::default()
+            },
+        );
+        let sel = select_for_cleaning(&inv.disks).remove(0);
+        let mut mem = MemDisk(vec![0xee; 3 << 20], path);
+        let e = erase_full(&sel, &mut mem).unwrap();
+        assert_eq!(e.method, "write");
+        assert_eq!(e.bytes, 3 << 20);
+        assert!(mem.0.iter().all(|b| *b == 0));
+        // And a reader that cannot read fails the metadata wipe with the device named.
+        let err = wipe_metadata(&sel, &mut mem).unwrap_err().to_string();
+        assert!(err.contains("d.img"), "{err}");
+    }
+
     #[test]
     fn wipe_zeroes_both_ends_of_a_file_and_nothing_else() {
         let t = tempfile::tempdir().unwrap();

@@ -24,6 +24,8 @@ use crate::disk::{self, DiskError, DiskWriter, Reader, SelectedDisk};
 /// Preferred size of the config-drive partition (user data is at most a few MiB: a
 /// Kubernetes Secret holds at most 1 MiB).
 pub const PREFERRED_BYTES: u64 = 16 << 20;
+/// Smallest config-drive partition (FAT16 needs 4085 clusters).
+pub const MIN_BYTES: u64 = 8 << 20;
 /// The FAT volume label cloud-init looks for.
 pub const LABEL: &str = "config-2";
 /// Directories written, oldest first (openstacksdk's default versions).
@@ -156,7 +158,9 @@ pub fn build_fat(drive: &ConfigDrive, size: u64) -> Result<Vec<u8>, ConfigDriveE
     label[..LABEL.len()].copy_from_slice(LABEL.as_bytes());
     fatfs::format_volume(
         &mut buf,
-        fatfs::FormatVolumeOptions::new().volume_label(label),
+        fatfs::FormatVolumeOptions::new()
+            .volume_label(label)
+            .fat_type(fatfs::FatType::Fat16),
     )
     .map_err(fat)?;
     {
@@ -180,7 +184,75 @@ pub fn build_fat(drive: &ConfigDrive, size: u64) -> Result<Vec<u8>, ConfigDriveE
         }
         fs.unmount().map_err(fat)?;
     }
-    Ok(buf.into_inner())
+    let mut img = buf.into_inner();
+    fix_dot_entries(&mut img).map_err(|e| ConfigDriveError::Fat(io::Error::other(e)))?;
+    Ok(img)
+}
+
+/// fatfs 0.3 writes long-name entries before the `.` and `..` entries of a new directory,
+/// which `fsck.fat` rejects ("Expected a valid '.' entry in this slot") and which the FAT
+/// specification does not allow. Rewrites each directory's first slots as `.`, `..` and two
+/// deleted entries. FAT16 only (what [`build_fat`] makes).
+fn fix_dot_entries(img: &mut [u8]) -> Result<(), String> {
+    let le16 = |b: &[u8], at: usize| usize::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    if img.len() < 512 {
+        return Err("the FAT image is too small".into());
+    }
+    let sector = le16(img, 11);
+    let per_cluster = usize::from(img[13]);
+    let reserved = le16(img, 14);
+    let fats = usize::from(img[16]);
+    let root_entries = le16(img, 17);
+    let fat_sectors = le16(img, 22);
+    let root = (reserved + fats * fat_sectors) * sector;
+    let data = root + root_entries * 32;
+    let cluster_bytes = per_cluster * sector;
+    let is_dot = |e: &[u8], dots: &[u8]| {
+        e[..dots.len()] == *dots && e[dots.len()..11].iter().all(|b| *b == b' ')
+    };
+    // (offset, entries) of directories to visit: the root first.
+    let mut todo = vec![(root, root_entries)];
+    let mut seen = 0;
+    while let Some((dir, count)) = todo.pop() {
+        seen += 1;
+        if seen > 64 {
+            return Err("too many directories in the FAT image".into());
+        }
+        let end = (dir + count * 32).min(img.len());
+        let slots: Vec<usize> = (dir..end).step_by(32).collect();
+        if slots.len() >= 4 && dir != root {
+            let s: Vec<&[u8]> = slots[..4].iter().map(|o| &img[*o..*o + 32]).collect();
+            if s[0][11] == 0x0f && is_dot(s[1], b".") && s[2][11] == 0x0f && is_dot(s[3], b"..") {
+                let (dot, dotdot) = (s[1].to_vec(), s[3].to_vec());
+                img[slots[0]..slots[0] + 32].copy_from_slice(&dot);
+                img[slots[1]..slots[1] + 32].copy_from_slice(&dotdot);
+                for o in &slots[2..4] {
+                    img[*o..*o + 32].fill(0);
+                    img[*o] = 0xe5; // deleted
+                }
+            }
+        }
+        for o in slots {
+            let e = &img[o..o + 32];
+            if e[0] == 0 {
+                break;
+            }
+            if e[0] == 0xe5 || e[11] == 0x0f || e[11] & 0x10 == 0 {
+                continue;
+            }
+            if is_dot(e, b".") || is_dot(e, b"..") {
+                continue;
+            }
+            let cluster = le16(e, 26);
+            if cluster >= 2 {
+                let at = data + (cluster - 2) * cluster_bytes;
+                if at + cluster_bytes <= img.len() {
+                    todo.push((at, cluster_bytes / 32));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where a config drive went.
@@ -232,8 +304,11 @@ pub fn write_config_drive(
     drive.check()?;
     let device = writer.path().display().to_string();
     let sector = u64::from(disk.disk().logical_block_size);
-    // Room for the files twice over (FAT, directories, slack), at least 1 MiB.
-    let min_len = (drive.content_len() * 2 + (1 << 20)).next_multiple_of(1 << 20);
+    // Room for the files twice over (FAT, directories, slack); at least 8 MiB, so FAT16 has
+    // enough clusters.
+    let min_len = (drive.content_len() * 2 + (1 << 20))
+        .next_multiple_of(1 << 20)
+        .max(MIN_BYTES);
     let want = NewPartition {
         len: PREFERRED_BYTES.max(min_len),
         min_len,
@@ -324,8 +399,8 @@ mod tests {
     #[test]
     fn fat_image_holds_every_file_under_both_versions() {
         let d = drive();
-        let img = build_fat(&d, 4 << 20).unwrap();
-        assert_eq!(img.len(), 4 << 20);
+        let img = build_fat(&d, MIN_BYTES).unwrap();
+        assert_eq!(img.len(), MIN_BYTES as usize);
         // Read it back with the same library (mtools and cloud-init read it in the
         // integration tests).
         let fs = fatfs::FileSystem::new(Cursor::new(img), fatfs::FsOptions::new()).unwrap();
@@ -337,5 +412,32 @@ mod tests {
             assert_eq!(got, data, "{path}");
         }
         assert_eq!(d.files().len(), 6);
+    }
+
+    #[test]
+    fn directories_start_with_plain_dot_entries() {
+        let img = build_fat(&drive(), MIN_BYTES).unwrap();
+        let fs = fatfs::FileSystem::new(Cursor::new(img.clone()), fatfs::FsOptions::new()).unwrap();
+        let names: Vec<String> = fs
+            .root_dir()
+            .open_dir("openstack")
+            .unwrap()
+            .iter()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [".", "..", "2012-08-10", "latest"]);
+        // No long-name entry before "." anywhere: find each "." entry and look behind it.
+        let dot = *b".          \x10";
+        let mut found = 0;
+        for at in (0..img.len() - 32).step_by(32) {
+            if img[at..at + 12] == dot {
+                found += 1;
+                assert!(
+                    at % 512 == 0,
+                    "'.' is not the first entry of its cluster at {at}"
+                );
+            }
+        }
+        assert_eq!(found, 3, "openstack, 2012-08-10, latest");
     }
 }

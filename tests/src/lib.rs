@@ -373,6 +373,17 @@ pub fn run_tool(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a system tool and returns its exit code (-1 when killed by a signal).
+pub fn run_tool_code(args: &[&str]) -> i32 {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{} is needed by this test (see .ci/run): {e}", args[0]))
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
 /// Writes a file into the hosts directory the way editors do (write, then rename).
 pub fn write_doc(hosts: &Path, file: &str, doc: &str) {
     let tmp = hosts.join(format!(".{file}.tmp"));

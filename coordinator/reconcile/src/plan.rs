@@ -377,7 +377,8 @@ impl Planner<'_> {
             self.go(ProvisioningState::Available);
             return;
         }
-        if let Drive::Done(_) = self.drive(self.erase(), ErrorType::Preparation) {
+        if let Drive::Done(success) = self.drive(self.erase(), ErrorType::Preparation) {
+            self.record(false, "CleaningComplete", success.message);
             self.clear_error();
             self.go(ProvisioningState::Available);
         }
@@ -476,12 +477,14 @@ impl Planner<'_> {
     }
 
     fn deprovisioning(&mut self) {
-        let done = self.d.spec.cleaning_mode() == CleaningMode::Disabled || {
-            matches!(
-                self.drive(self.erase(), ErrorType::Provisioning),
-                Drive::Done(_)
-            )
-        };
+        let done = self.d.spec.cleaning_mode() == CleaningMode::Disabled
+            || match self.drive(self.erase(), ErrorType::Provisioning) {
+                Drive::Done(success) => {
+                    self.record(false, "CleaningComplete", success.message);
+                    true
+                }
+                _ => false,
+            };
         if done {
             self.abandon_command();
             self.status.provisioning.image = None;

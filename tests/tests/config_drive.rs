@@ -157,3 +157,40 @@ fn host_with_user_data_secret_gets_a_config_drive() {
         "the user data is in the store"
     );
 }
+
+#[test]
+fn config_drive_that_cannot_be_added_fails_provisioning_and_wipes_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(dir.path(), &[]);
+    // An image without a partition table: nowhere to add a partition.
+    let bytes = slipway_tests::pattern(3 * MIB as usize, 9);
+    fs::write(c.images.join("bare.img"), &bytes).unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::File::create(&disk).unwrap().set_len(32 * MIB).unwrap();
+    let host = format!(
+        "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: worker-bare\nspec:\n  online: true\n  image:\n    url: {}\n    checksum: {}\n    format: raw\n  rootDeviceHints:\n    deviceName: {}\n  userData:\n    name: ud\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: ud\nstringData:\n  userData: \"#cloud-config\\n\"\n",
+        c.image_url("bare.img"),
+        sha256_hex(&bytes),
+        disk.display()
+    );
+    write_doc(&c.hosts, "worker-bare.yaml", &host);
+    c.wait_state("worker-bare", "inspecting", Duration::from_secs(20));
+    let token = c.token("worker-bare", "10m");
+    let _agent = Agent::start(&c, &token, &disk, &dir.path().join("agent"), &[]);
+    let h = c.wait_host(
+        "worker-bare",
+        Duration::from_secs(120),
+        "in provisioning error",
+        |h| h["status"]["errorType"] == "provisioning error",
+    );
+    let message = h["status"]["errorMessage"].as_str().unwrap();
+    assert!(
+        message.contains("config drive") && message.contains("no partition table"),
+        "{message}"
+    );
+    let written = fs::read(&disk).unwrap();
+    assert!(
+        written[..MIB as usize].iter().all(|b| *b == 0),
+        "the image's first MiB is still on the disk"
+    );
+}

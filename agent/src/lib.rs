@@ -1,7 +1,8 @@
 //! The Slipway agent: the ramdisk's init, and a standalone tool for each of its layers.
 //!
 //! Code map (see ARCHITECTURE.md):
-//! - [`cli`]: subcommands (`run`, `inventory`, `disks`, `write-image`, `wipe`); thin.
+//! - [`cli`]: subcommands (`run`, `inventory`, `disks`, `write-image`, `wipe`,
+//!   `config-drive`); thin.
 //! - [`session`]: enrolment and the session with the coordinator; the only module that knows
 //!   protobuf.
 //! - [`commands`]: runs commands by id, idempotently.

@@ -706,17 +706,21 @@ impl Controller {
                                 {
                                     Ok(data) => Some(data),
                                     Err(message) => {
-                                        // The plan checked the Secrets in this same batch; only a
-                                        // Secret that does not parse gets here. Not sent: the
-                                        // agent would write a drive without its data.
+                                        // The plan checked that the Secrets and keys exist; only contents that
+                                        // do not parse get here. Not sent: the command fails as if the agent had
+                                        // refused it, so the host shows a provisioning error and retries later.
                                         warn!(command = %cmd.id, "not sending {}: {message}", cmd.kind.name());
-                                        entry.record.push_event(EventRecord {
-                                            time: now,
-                                            warning: true,
-                                            reason: "ConfigDriveError".into(),
-                                            message,
-                                        });
-                                        self.changed_hosts.insert(name.to_string());
+                                        s.sent.insert(cmd.id.clone());
+                                        s.reports.insert(
+                                            cmd.id.clone(),
+                                            AgentReport::Finished {
+                                                id: cmd.id.clone(),
+                                                outcome: Outcome::Failure(CommandFailure {
+                                                    message,
+                                                }),
+                                            },
+                                        );
+                                        self.to_plan.insert(name.to_string());
                                         continue;
                                     }
                                 }

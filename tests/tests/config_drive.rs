@@ -194,3 +194,43 @@ fn config_drive_that_cannot_be_added_fails_provisioning_and_wipes_the_disk() {
         "the image's first MiB is still on the disk"
     );
 }
+
+#[test]
+fn network_data_that_does_not_parse_is_a_provisioning_error_naming_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(dir.path(), &[]);
+    let image = c.images.join("os.img");
+    fs::File::create(&image).unwrap().set_len(4 * MIB).unwrap();
+    run_tool(&["sgdisk", "-o", "-n1:2048:+1M", &image.display().to_string()]);
+    let bytes = fs::read(&image).unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::File::create(&disk).unwrap().set_len(32 * MIB).unwrap();
+    let host = format!(
+        "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: worker-nd\nspec:\n  online: true\n  image:\n    url: {}\n    checksum: {}\n  rootDeviceHints:\n    deviceName: {}\n  networkData:\n    name: nd\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: nd\nstringData:\n  networkData: \"{{links: [{MARKER}\"\n",
+        c.image_url("os.img"),
+        sha256_hex(&bytes),
+        disk.display()
+    );
+    write_doc(&c.hosts, "worker-nd.yaml", &host);
+    c.wait_state("worker-nd", "inspecting", Duration::from_secs(20));
+    let token = c.token("worker-nd", "10m");
+    let _agent = Agent::start(&c, &token, &disk, &dir.path().join("agent"), &[]);
+    let h = c.wait_host(
+        "worker-nd",
+        Duration::from_secs(120),
+        "in provisioning error",
+        |h| h["status"]["errorType"] == "provisioning error",
+    );
+    let message = h["status"]["errorMessage"].as_str().unwrap();
+    assert!(
+        message.contains("\"nd\"") && message.contains("spec.networkData"),
+        "{message}"
+    );
+    assert!(
+        !message.contains(MARKER),
+        "the error shows the Secret's contents"
+    );
+    assert!(!c.log_text().contains(MARKER));
+    // Nothing was written: the agent never got the command.
+    assert!(fs::read(&disk).unwrap().iter().all(|b| *b == 0));
+}

@@ -293,10 +293,9 @@ impl Runner {
                         done.push(if full {
                             let e = disk::erase_full(target, &mut w)?;
                             format!(
-                                "{} ({}, {} by {} in {:.1}s)",
+                                "{} ({} zeroed by {} in {:.1}s)",
                                 e.device,
                                 disk::human(e.bytes),
-                                "zeroed",
                                 e.method,
                                 e.seconds
                             )

@@ -81,8 +81,9 @@ fn align_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
 
-/// Places `[start, end)` in LBAs: as far back as `end_excl` allows with the preferred length,
-/// aligned to `align`, never before `used_end`.
+/// Places `[start, end_excl)` in LBAs: ending at `end_excl`, starting at the first
+/// `align`-aligned LBA that keeps it within the preferred length `want`, never before
+/// `used_end`; at least `min` long or no room.
 fn place(
     used_end: u64,
     end_excl: u64,

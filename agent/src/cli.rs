@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::commands::{Context, PowerAction, Runner};
 use crate::config::{self, parse_size};
+use crate::configdrive::{self, ConfigDrive};
 use crate::disk::{self, FileDisk, Hints};
 use crate::image::{self, Algo, Format, ImageSpec};
 use crate::inventory::{self, Inventory};
@@ -62,8 +63,39 @@ pub enum Cmd {
         #[arg(long, value_enum)]
         checksum_type: Option<ChecksumArg>,
     },
-    /// Wipe partition tables and signatures from DEVICE (metal3's metadata cleaning).
-    Wipe { device: PathBuf },
+    /// Wipe partition tables and filesystem, RAID, LVM and ZFS signatures from DEVICE and from
+    /// each of its partitions (metal3's metadata cleaning); with --full, zero every byte.
+    Wipe {
+        device: PathBuf,
+        /// Make every byte read back as zero (discard with a zeroing guarantee, BLKZEROOUT, or
+        /// writing zeros), for decommissioning. Takes as long as the disk needs.
+        #[arg(long)]
+        full: bool,
+        /// Only print what metadata wiping would zero.
+        #[arg(long, conflicts_with = "full")]
+        dry_run: bool,
+    },
+    /// Add a config-2 partition with first-boot data at the end of DEVICE (after the image
+    /// already on it), as provisioning does after writing the image.
+    ConfigDrive {
+        device: PathBuf,
+        /// openstack/*/user_data.
+        #[arg(long, value_name = "FILE")]
+        user_data: Option<PathBuf>,
+        /// openstack/*/network_data.json (JSON or YAML).
+        #[arg(long, value_name = "FILE")]
+        network_data: Option<PathBuf>,
+        /// openstack/*/meta_data.json (a JSON or YAML object); uuid, name, hostname and
+        /// public_keys are filled in when missing.
+        #[arg(long, value_name = "FILE")]
+        meta_data: Option<PathBuf>,
+        /// Host name for meta_data.json.
+        #[arg(long, default_value = "")]
+        hostname: String,
+        /// Instance uuid for meta_data.json (default: a new random one).
+        #[arg(long)]
+        uuid: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -275,17 +307,124 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 w.bytes, w.device, w.seconds, w.algo, w.digest
             ))
         }
-        Cmd::Wipe { device } => {
+        Cmd::Wipe {
+            device,
+            full,
+            dry_run,
+        } => {
             let target = only_disk(&device)?;
             let mut writer = FileDisk::open(&target)?;
-            let parts = disk::wipe_metadata(&target, &mut writer)?;
-            print(&format!(
-                "wiped the first and last MiB of {} and of its {} partitions\n",
-                device.display(),
-                parts.len()
-            ))
+            if full {
+                let e = disk::erase_full(&target, &mut writer)?;
+                return print(&format!(
+                    "zeroed all {} bytes of {} ({}) in {:.2}s\n",
+                    e.bytes, e.device, e.method, e.seconds
+                ));
+            }
+            let mut out = String::new();
+            let areas = if dry_run {
+                let sector = u64::from(target.disk().logical_block_size);
+                disk::plan_metadata_wipe(&mut disk::Reader(&mut writer), sector)
+                    .with_context(|| format!("cannot read {}", device.display()))?
+            } else {
+                let w = disk::wipe_metadata(&target, &mut writer)?;
+                out.push_str(&format!(
+                    "wiped {} in {} areas of {} in {:.3}s\n",
+                    disk::human(w.bytes()),
+                    w.areas.len(),
+                    w.device,
+                    w.seconds
+                ));
+                w.areas
+            };
+            for a in &areas {
+                out.push_str(&format!(
+                    "  {:>14} .. {:<14} {:>10}  {}\n",
+                    a.start,
+                    a.end,
+                    disk::human(a.len()),
+                    a.what
+                ));
+            }
+            print(&out)
+        }
+        Cmd::ConfigDrive {
+            device,
+            user_data,
+            network_data,
+            meta_data,
+            hostname,
+            uuid,
+        } => {
+            let read = |p: &Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+                p.as_ref()
+                    .map(|p| {
+                        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+                    })
+                    .transpose()
+            };
+            let network_data = match read(&network_data)? {
+                Some(bytes) => Some(serde_json::to_vec(&yaml_or_json(
+                    &bytes,
+                    "--network-data",
+                )?)?),
+                None => None,
+            };
+            let meta = match read(&meta_data)? {
+                Some(bytes) => match yaml_or_json(&bytes, "--meta-data")? {
+                    serde_json::Value::Object(m) => m,
+                    _ => bail!("--meta-data must hold an object (key: value pairs)"),
+                },
+                None => Default::default(),
+            };
+            let uuid = match uuid {
+                Some(u) => u,
+                None => random_uuid()?,
+            };
+            let drive = ConfigDrive {
+                user_data: read(&user_data)?,
+                network_data,
+                meta_data: serde_json::to_vec(&configdrive::complete_meta_data(
+                    meta, &uuid, &hostname,
+                ))?,
+            };
+            let target = only_disk(&device)?;
+            let mut writer = FileDisk::open(&target)?;
+            // After everything already on the disk.
+            let placed = configdrive::write_config_drive(&target, &mut writer, &drive, 0)?;
+            print(&format!("wrote the {placed}\n"))
         }
     }
+}
+
+/// Parses a file given as YAML or JSON (JSON is YAML) into a JSON value. Errors name the flag,
+/// not the contents.
+fn yaml_or_json(bytes: &[u8], flag: &str) -> anyhow::Result<serde_json::Value> {
+    serde_yaml_ng::from_slice(bytes).map_err(|e| {
+        anyhow!(
+            "{flag}: not YAML or JSON{}",
+            e.location()
+                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// A random (version 4) UUID, as text.
+fn random_uuid() -> anyhow::Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| anyhow!("no entropy for a uuid: {e}"))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
 }
 
 /// The selection for a device named on the command line: only that device can be chosen.

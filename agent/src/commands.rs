@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::configdrive::{self, ConfigDrive};
 use crate::disk::{self, FileDisk, Hints};
 use crate::image::{self, ImageSpec, Progress, Written};
 use crate::inventory::{self, Inventory};
@@ -19,8 +20,16 @@ use crate::inventory::{self, Inventory};
 #[derive(Clone, Debug, PartialEq)]
 pub enum Kind {
     Inspect,
-    WriteImage { spec: ImageSpec, hints: Hints },
-    EraseMetadata,
+    WriteImage {
+        spec: ImageSpec,
+        hints: Hints,
+        /// Written after the image, in a partition at the end of the same disk.
+        config_drive: Option<ConfigDrive>,
+    },
+    /// Cleaning of every disk: metadata only, or (`full`) every byte zeroed.
+    EraseMetadata {
+        full: bool,
+    },
     Reboot,
     PowerOff,
 }
@@ -30,14 +39,15 @@ impl Kind {
         match self {
             Kind::Inspect => "inspect",
             Kind::WriteImage { .. } => "write-image",
-            Kind::EraseMetadata => "erase-metadata",
+            Kind::EraseMetadata { full: false } => "erase-metadata",
+            Kind::EraseMetadata { full: true } => "erase-full",
             Kind::Reboot => "reboot",
             Kind::PowerOff => "power-off",
         }
     }
 
     fn touches_disks(&self) -> bool {
-        matches!(self, Kind::WriteImage { .. } | Kind::EraseMetadata)
+        matches!(self, Kind::WriteImage { .. } | Kind::EraseMetadata { .. })
     }
 }
 
@@ -216,7 +226,7 @@ impl Runner {
                     let event = match &cmd.kind {
                         Kind::Inspect => "inspected",
                         Kind::WriteImage { .. } => "image-written",
-                        Kind::EraseMetadata => "cleaned",
+                        Kind::EraseMetadata { .. } => "cleaned",
                         Kind::Reboot | Kind::PowerOff => "power-command",
                     };
                     crate::init::milestone(event, &format!("command={id}"));
@@ -273,29 +283,59 @@ impl Runner {
                     detail: Detail::Inventory(Box::new(inv)),
                 }
             }
-            Kind::WriteImage { spec, hints } => self.write_image(&cmd.id, spec, hints).await,
-            Kind::EraseMetadata => {
+            Kind::WriteImage {
+                spec,
+                hints,
+                config_drive,
+            } => {
+                self.write_image(&cmd.id, spec, hints, config_drive.as_ref())
+                    .await
+            }
+            Kind::EraseMetadata { full } => {
+                let full = *full;
                 let inv = collect(ctx).await;
                 let targets = disk::select_for_cleaning(&inv.disks);
-                let names: Vec<String> = targets.iter().map(|d| d.disk().name.clone()).collect();
                 let result = tokio::task::spawn_blocking(move || {
+                    let mut done = Vec::new();
                     for target in &targets {
                         let mut w = FileDisk::open(target)?;
-                        disk::wipe_metadata(target, &mut w)?;
+                        done.push(if full {
+                            let e = disk::erase_full(target, &mut w)?;
+                            format!(
+                                "{} ({} zeroed by {} in {:.1}s)",
+                                e.device,
+                                disk::human(e.bytes),
+                                e.method,
+                                e.seconds
+                            )
+                        } else {
+                            let w = disk::wipe_metadata(target, &mut w)?;
+                            format!(
+                                "{} ({} areas, {} zeroed in {:.2}s)",
+                                w.device,
+                                w.areas.len(),
+                                disk::human(w.bytes()),
+                                w.seconds
+                            )
+                        });
                     }
-                    Ok::<_, disk::DiskError>(())
+                    Ok::<_, disk::DiskError>(done)
                 })
                 .await;
                 match result {
-                    Ok(Ok(())) if names.is_empty() => Outcome::Success {
+                    Ok(Ok(done)) if done.is_empty() => Outcome::Success {
                         message: "no disks to clean".into(),
                         detail: Detail::None,
                     },
-                    Ok(Ok(())) => Outcome::Success {
-                        message: format!(
-                            "wiped partition tables and signatures of {}",
-                            names.join(", ")
-                        ),
+                    Ok(Ok(done)) => Outcome::Success {
+                        message: if full {
+                            format!("erased every byte of {}", done.join(", "))
+                        } else {
+                            format!(
+                                "wiped partition tables and signatures of {}",
+                                done.join(", ")
+                            )
+                        },
                         detail: Detail::None,
                     },
                     Ok(Err(e)) => Outcome::Failure {
@@ -329,7 +369,13 @@ impl Runner {
         }
     }
 
-    async fn write_image(&self, id: &str, spec: &ImageSpec, hints: &Hints) -> Outcome {
+    async fn write_image(
+        &self,
+        id: &str,
+        spec: &ImageSpec,
+        hints: &Hints,
+        config_drive: Option<&ConfigDrive>,
+    ) -> Outcome {
         let ctx = &self.inner.ctx;
         let inv = collect(ctx).await;
         let target = match disk::select_root_disk(hints, &inv.disks, ctx.min_root_bytes) {
@@ -342,6 +388,14 @@ impl Runner {
             }
         };
         let device = target.disk().name.clone();
+        if let Some(drive) = config_drive
+            && let Err(e) = drive.check()
+        {
+            return Outcome::Failure {
+                kind: FailureKind::InvalidRequest,
+                message: chain(&e),
+            };
+        }
         let writer = match FileDisk::open(&target) {
             Ok(w) => Box::new(w),
             Err(e) => {
@@ -369,15 +423,62 @@ impl Runner {
                 progress: p,
             })
         });
-        match image::write_image(&client, spec, writer, progress).await {
+        let result = image::write_image(&client, spec, writer, progress).await;
+        let mut placed_text = String::new();
+        if let (Ok(w), Some(drive)) = (&result, config_drive) {
+            // Image (verified, first MiB last) -> config drive -> sync; a failure wipes.
+            let (drive, target, image_end) = (drive.clone(), target.clone(), w.bytes);
+            let placed = tokio::task::spawn_blocking(move || {
+                let mut writer = FileDisk::open(&target)?;
+                configdrive::write_config_drive(&target, &mut writer, &drive, image_end)
+                    .inspect_err(|_| {
+                        if let Err(e) = disk::zero_ends(&mut writer) {
+                            tracing::error!(
+                                "could not wipe {} after the failed config drive: {e}",
+                                target.disk().name
+                            );
+                        }
+                    })
+            })
+            .await;
+            match placed {
+                Ok(Ok(p)) => {
+                    info!(command = %id, "wrote the {p}");
+                    placed_text = format!("; {p}");
+                }
+                Ok(Err(e)) => {
+                    return Outcome::Failure {
+                        kind: match e {
+                            configdrive::ConfigDriveError::Partition { .. }
+                            | configdrive::ConfigDriveError::Invalid(_) => {
+                                FailureKind::InvalidRequest
+                            }
+                            _ => FailureKind::Disk,
+                        },
+                        message: format!(
+                            "the image was written but the config drive was not: {}; the first and last MiB of {device} were zeroed, so it cannot boot without its first-boot data",
+                            chain(&e)
+                        ),
+                    };
+                }
+                Err(e) => {
+                    return Outcome::Failure {
+                        kind: FailureKind::Internal,
+                        message: format!("the config-drive task failed: {e}"),
+                    };
+                }
+            }
+        }
+        match result {
             Ok(w) => Outcome::Success {
                 message: format!(
-                    "wrote {} to {} in {:.1}s ({}/s), {} verified",
+                    "wrote {} to {} in {:.1}s ({}/s), {} verified{}",
                     disk::human(w.bytes),
                     w.device,
                     w.seconds,
                     disk::human((w.bytes as f64 / w.seconds.max(1e-3)) as u64),
-                    w.algo
+                    w.algo,
+                    placed_text
                 ),
                 detail: Detail::Written(w),
             },

@@ -1,7 +1,8 @@
 //! The Slipway agent: the ramdisk's init, and a standalone tool for each of its layers.
 //!
 //! Code map (see ARCHITECTURE.md):
-//! - [`cli`]: subcommands (`run`, `inventory`, `disks`, `write-image`, `wipe`); thin.
+//! - [`cli`]: subcommands (`run`, `inventory`, `disks`, `write-image`, `wipe`,
+//!   `config-drive`); thin.
 //! - [`session`]: enrolment and the session with the coordinator; the only module that knows
 //!   protobuf.
 //! - [`commands`]: runs commands by id, idempotently.
@@ -11,12 +12,14 @@
 //! - [`image`]: streaming, verified image writes.
 //! - [`init`]: the ramdisk's PID 1: mounts, module coldplug, DHCP, then `run`.
 //! - [`dhcp`]: DHCPv4 messages, pure.
+//! - [`configdrive`]: the `config-2` partition with the host's first-boot data.
 //! - [`tls`]: the pinned-CA verifier and client configurations. [`config`]: the kernel
 //!   command line. [`sys`]: the kernel edge: mounts, modules, netlink, reboot.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod configdrive;
 pub mod dhcp;
 pub mod disk;
 pub mod image;

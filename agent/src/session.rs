@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::commands::{
     self, Command, Detail, FailureKind, Kind, Outcome, PowerAction, Runner, State, Update,
 };
+use crate::configdrive::ConfigDrive;
 use crate::disk::Hints;
 use crate::image::{Algo, Format, ImageSpec, Progress};
 use crate::inventory::Inventory;
@@ -364,7 +365,9 @@ fn command_from_proto(c: pb::Command) -> Result<Command, (String, String)> {
         Some(K::Inspect(_)) => Kind::Inspect,
         Some(K::Reboot(_)) => Kind::Reboot,
         Some(K::PowerOff(_)) => Kind::PowerOff,
-        Some(K::EraseMetadata(_)) => Kind::EraseMetadata,
+        Some(K::EraseMetadata(e)) => Kind::EraseMetadata {
+            full: e.mode() == pb::erase_metadata::Mode::Full,
+        },
         Some(K::WriteImage(w)) => {
             let algo = match pb::ChecksumType::try_from(w.checksum_type)
                 .unwrap_or(pb::ChecksumType::Auto)
@@ -394,7 +397,16 @@ fn command_from_proto(c: pb::Command) -> Result<Command, (String, String)> {
                 wwn_vendor_extension: h.wwn_vendor_extension,
                 rotational: h.rotational,
             };
-            Kind::WriteImage { spec, hints }
+            let config_drive = w.config_drive.map(|c| ConfigDrive {
+                user_data: c.user_data,
+                network_data: c.network_data,
+                meta_data: c.meta_data,
+            });
+            Kind::WriteImage {
+                spec,
+                hints,
+                config_drive,
+            }
         }
         None => {
             return Err((
@@ -589,5 +601,46 @@ mod tests {
         let (id, msg) = command_from_proto(c).unwrap_err();
         assert_eq!(id, "write-image-1");
         assert!(msg.contains("3 hex digits"), "{msg}");
+    }
+
+    #[test]
+    fn config_drive_and_erase_mode_arrive() {
+        let c = pb::Command {
+            id: "w".into(),
+            kind: Some(pb::command::Kind::WriteImage(pb::WriteImage {
+                url: "http://x/y".into(),
+                checksum: "a".repeat(64),
+                config_drive: Some(pb::ConfigDrive {
+                    user_data: Some(b"#cloud-config".to_vec()),
+                    network_data: None,
+                    meta_data: b"{}".to_vec(),
+                }),
+                ..Default::default()
+            })),
+        };
+        let Kind::WriteImage { config_drive, .. } = command_from_proto(c).unwrap().kind else {
+            panic!("not a write-image");
+        };
+        let d = config_drive.unwrap();
+        assert_eq!(d.user_data.as_deref(), Some(&b"#cloud-config"[..]));
+        assert_eq!(d.network_data, None);
+        let erase = |mode: pb::erase_metadata::Mode| {
+            command_from_proto(pb::Command {
+                id: "e".into(),
+                kind: Some(pb::command::Kind::EraseMetadata(pb::EraseMetadata {
+                    mode: mode as i32,
+                })),
+            })
+            .unwrap()
+            .kind
+        };
+        assert_eq!(
+            erase(pb::erase_metadata::Mode::Unspecified),
+            Kind::EraseMetadata { full: false }
+        );
+        assert_eq!(
+            erase(pb::erase_metadata::Mode::Full),
+            Kind::EraseMetadata { full: true }
+        );
     }
 }

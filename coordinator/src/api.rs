@@ -16,8 +16,8 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use slipway_proto::v1 as pb;
 use slipway_reconcile::host::{
-    Bios, ChecksumType, CommandKind, CommandRecord, Cpu, Firmware, HardwareDetails,
-    HardwareSystemVendor, ImageFormat, Nic, Progress, RootDeviceHints, Storage,
+    Bios, ChecksumType, CommandKind, Cpu, Firmware, HardwareDetails, HardwareSystemVendor,
+    ImageFormat, Nic, Progress, RootDeviceHints, Storage,
 };
 use slipway_reconcile::{CommandFailure, CommandSuccess};
 use tokio::net::{TcpListener, TcpStream};
@@ -28,7 +28,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
-use crate::controller::{AgentInfo, AgentReport, Msg, Outcome, Refusal};
+use crate::controller::{AgentInfo, AgentReport, Msg, Outcome, Outgoing, Refusal};
 use crate::pki;
 use crate::tokens::TokenSecret;
 
@@ -164,7 +164,7 @@ impl pb::agent_service_server::AgentService for Api {
         let agent = agent_info(hello.agent.as_ref());
         let reports = hello.commands.iter().filter_map(command_status).collect();
         let inventory = hello.inventory.as_ref().map(hardware_details);
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<CommandRecord>();
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<Outgoing>();
         let session = {
             let host = host.clone();
             let peer = peer.clone();
@@ -412,13 +412,15 @@ pub fn hardware_details(inv: &pb::Inventory) -> HardwareDetails {
     }
 }
 
-pub fn command_to_proto(c: &CommandRecord) -> pb::Command {
+pub fn command_to_proto(out: &Outgoing) -> pb::Command {
     use pb::command::Kind;
+    let c = &out.record;
     let kind = match &c.kind {
         CommandKind::Inspect => Kind::Inspect(pb::Inspect {}),
         CommandKind::WriteImage {
             image,
             root_device_hints,
+            config_drive: _,
         } => Kind::WriteImage(pb::WriteImage {
             url: image.url.clone(),
             checksum: image.checksum.clone(),
@@ -435,8 +437,19 @@ pub fn command_to_proto(c: &CommandRecord) -> pb::Command {
             } as i32,
             root_device_hints: root_device_hints.as_ref().map(hints_to_proto),
             extra_ca_pem: String::new(),
+            config_drive: out.config_drive.as_ref().map(|d| pb::ConfigDrive {
+                user_data: d.user_data.clone(),
+                network_data: d.network_data.clone(),
+                meta_data: d.meta_data.clone(),
+            }),
         }),
-        CommandKind::EraseMetadata => Kind::EraseMetadata(pb::EraseMetadata {}),
+        CommandKind::EraseMetadata { full } => Kind::EraseMetadata(pb::EraseMetadata {
+            mode: if *full {
+                pb::erase_metadata::Mode::Full
+            } else {
+                pb::erase_metadata::Mode::Metadata
+            } as i32,
+        }),
         CommandKind::Reboot => Kind::Reboot(pb::Reboot {}),
         CommandKind::PowerOff => Kind::PowerOff(pb::PowerOff {}),
     };

@@ -13,17 +13,19 @@ use std::sync::{Arc, RwLock};
 
 use jiff::{SignedDuration, Timestamp};
 use slipway_reconcile::host::{
-    BareMetalHost, CommandRecord, HardwareDetails, HostSpec, HostStatus, OperationalStatus,
-    Progress, ProvisioningState,
+    BareMetalHost, CommandKind, CommandRecord, HardwareDetails, HostSpec, HostStatus,
+    OperationalStatus, Progress, ProvisioningState,
 };
+use slipway_reconcile::validate::SecretKeys;
 use slipway_reconcile::{
     Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Observed, Policy,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::configdrive::{self, ConfigDriveData};
 use crate::pki::Ca;
-use crate::sources::files::{Problem, Snapshot};
+use crate::sources::files::{Problem, Secret, Snapshot};
 use crate::store::{Batch, EventRecord, HostRecord, Store, TokenRecord};
 use crate::tokens::{self, TokenSecret};
 
@@ -75,8 +77,17 @@ pub struct Enrolled {
     pub not_after: Timestamp,
 }
 
+/// A command on its way to an agent session: the record as planned (and stored), with the
+/// config-drive contents resolved from the host's Secrets at the moment of sending. The
+/// contents are never stored and never logged.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub record: CommandRecord,
+    pub config_drive: Option<ConfigDriveData>,
+}
+
 /// A command on its way to an agent session.
-pub type CommandSender = mpsc::UnboundedSender<CommandRecord>;
+pub type CommandSender = mpsc::UnboundedSender<Outgoing>;
 
 pub enum Msg {
     Snapshot(Snapshot),
@@ -220,6 +231,10 @@ pub struct Controller {
     hosts: BTreeMap<String, Entry>,
     tokens: HashMap<String, TokenRecord>,
     problems: Vec<Problem>,
+    /// The Secrets of the hosts directory (userData, networkData, metaData), and their key
+    /// names for the planner.
+    secrets: BTreeMap<String, Secret>,
+    secret_keys: SecretKeys,
     view: SharedView,
     next_session: u64,
     // Per batch:
@@ -228,7 +243,7 @@ pub struct Controller {
     changed_tokens: HashSet<String>,
     removed_hosts: HashSet<String>,
     replies: Vec<Reply>,
-    outbox: Vec<(CommandSender, CommandRecord)>,
+    outbox: Vec<(CommandSender, Outgoing)>,
     view_dirty: bool,
 }
 
@@ -259,6 +274,8 @@ impl Controller {
             hosts,
             tokens,
             problems: Vec::new(),
+            secrets: BTreeMap::new(),
+            secret_keys: SecretKeys::new(),
             view: SharedView::default(),
             next_session: 1,
             to_plan,
@@ -460,6 +477,20 @@ impl Controller {
             }
             self.problems = snap.problems.clone();
             self.view_dirty = true;
+        }
+        if snap.secrets != self.secrets {
+            // Hosts that use a Secret plan again: one that waited for it can go on.
+            for (name, entry) in &self.hosts {
+                let spec = &entry.record.host.spec;
+                if spec.user_data.is_some()
+                    || spec.network_data.is_some()
+                    || spec.meta_data.is_some()
+                {
+                    self.to_plan.insert(name.clone());
+                }
+            }
+            self.secret_keys = configdrive::secret_keys(&snap.secrets);
+            self.secrets = snap.secrets.clone();
         }
         for (name, sourced) in &snap.hosts {
             let source = sourced.path.display().to_string();
@@ -863,7 +894,10 @@ impl Controller {
             _ => CommandView::Unknown,
         };
         let desired = Desired {
+            name,
             spec: &entry.record.host.spec,
+            annotations: &entry.record.host.metadata.annotations,
+            secrets: &self.secret_keys,
             deleted: entry.record.deleted,
             policy: &self.settings.policy,
         };
@@ -888,9 +922,45 @@ impl Controller {
             match action {
                 Action::Send(cmd) => match &mut entry.session {
                     Some(s) => {
+                        let config_drive = match &cmd.kind {
+                            CommandKind::WriteImage {
+                                config_drive: Some(refs),
+                                ..
+                            } => {
+                                match configdrive::resolve(&entry.record.host, refs, &self.secrets)
+                                {
+                                    Ok(data) => Some(data),
+                                    Err(message) => {
+                                        // The plan checked that the Secrets and keys exist; only contents that
+                                        // do not parse get here. Not sent: the command fails as if the agent had
+                                        // refused it, so the host shows a provisioning error and retries later.
+                                        warn!(command = %cmd.id, "not sending {}: {message}", cmd.kind.name());
+                                        s.sent.insert(cmd.id.clone());
+                                        s.reports.insert(
+                                            cmd.id.clone(),
+                                            AgentReport::Finished {
+                                                id: cmd.id.clone(),
+                                                outcome: Outcome::Failure(CommandFailure {
+                                                    message,
+                                                }),
+                                            },
+                                        );
+                                        self.to_plan.insert(name.to_string());
+                                        continue;
+                                    }
+                                }
+                            }
+                            _ => None,
+                        };
                         info!(command = %cmd.id, "sending {} to the agent", cmd.kind.name());
                         s.sent.insert(cmd.id.clone());
-                        self.outbox.push((s.commands.clone(), cmd));
+                        self.outbox.push((
+                            s.commands.clone(),
+                            Outgoing {
+                                record: cmd,
+                                config_drive,
+                            },
+                        ));
                     }
                     None => debug!(command = %cmd.id, "no agent session; command not sent"),
                 },

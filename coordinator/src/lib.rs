@@ -15,6 +15,7 @@ pub mod admin;
 pub mod api;
 pub mod boot;
 pub mod cli;
+pub mod configdrive;
 pub mod controller;
 pub mod http;
 pub mod output;

@@ -387,6 +387,41 @@ pub fn write_host(hosts: &Path, name: &str, image_url: &str, checksum: &str, dev
     fs::rename(&tmp, hosts.join(format!("{name}.yaml"))).expect("rename host");
 }
 
+/// Runs a system tool (sgdisk, mcopy, ...) and returns its stdout; panics with the command
+/// line and stderr when it fails or is missing.
+pub fn run_tool(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{} is needed by this test (see .ci/run): {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a system tool and returns its exit code (-1 when killed by a signal).
+pub fn run_tool_code(args: &[&str]) -> i32 {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{} is needed by this test (see .ci/run): {e}", args[0]))
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+/// Writes a file into the hosts directory the way editors do (write, then rename).
+pub fn write_doc(hosts: &Path, file: &str, doc: &str) {
+    let tmp = hosts.join(format!(".{file}.tmp"));
+    fs::write(&tmp, doc).expect("write document");
+    fs::rename(&tmp, hosts.join(file)).expect("rename document");
+}
+
 /// A running agent process.
 pub struct Agent {
     child: Option<Child>,

@@ -5,7 +5,24 @@ use anyhow::bail;
 use crate::cmd;
 
 /// (program that must exist, Debian package that provides it)
-pub const TEST_TOOLS: &[(&str, &str)] = &[("losetup", "mount"), ("sha256sum", "coreutils")];
+pub const TEST_TOOLS: &[(&str, &str)] = &[
+    ("losetup", "mount"),
+    ("sha256sum", "coreutils"),
+    // Cleaning and config-drive tests: real signatures, tables and readers.
+    ("wipefs", "util-linux"),
+    ("blkid", "util-linux"),
+    ("mkswap", "util-linux"),
+    ("sgdisk", "gdisk"),
+    ("sfdisk", "fdisk"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("mkfs.vfat", "dosfstools"),
+    ("fsck.vfat", "dosfstools"),
+    ("mdadm", "mdadm"),
+    ("pvcreate", "lvm2"),
+    ("mcopy", "mtools"),
+    ("cloud-init", "cloud-init"),
+];
 
 /// What the VM tests and the demo need: QEMU (its iPXE NIC ROMs come with ipxe-qemu), dnsmasq,
 /// iproute2 for network namespaces.

@@ -6,8 +6,15 @@
 //!
 //! - [`select`]: hints, matching, the selection.
 //! - [`writer`]: the [`DiskWriter`] trait and the real block-device/file writer.
-//! - [`wipe`]: metadata cleaning.
+//! - [`layout`]: partition tables (MBR with logical partitions, GPT) read from the disk's
+//!   bytes; pure.
+//! - [`partition`]: adding a partition at the end of a disk's table; pure.
+//! - [`wipe`]: metadata cleaning (planned from the bytes, then zeroed) and full erase;
+//!   `erase` is its kernel edge (discard, BLKZEROOUT, hole punching).
 
+mod erase;
+pub mod layout;
+pub mod partition;
 mod select;
 mod wipe;
 mod writer;
@@ -16,5 +23,39 @@ pub use select::{
     DEFAULT_MIN_ROOT_BYTES, Hints, NoMatch, SelectedDisk, human, mismatches, select_for_cleaning,
     select_root_disk,
 };
-pub use wipe::{WIPE_BYTES, wipe_metadata, zero_ends};
+pub use wipe::{
+    Area, Erased, WIPE_BYTES, Wiped, erase_full, plan_metadata_wipe, reread_partitions,
+    wipe_metadata, zero_ends, zero_range,
+};
 pub use writer::{DiskError, DiskWriter, FileDisk};
+
+/// Reads a disk through its [`DiskWriter`], for the pure planners of [`layout`],
+/// [`partition`] and [`wipe`].
+pub struct Reader<'a>(pub &'a mut dyn DiskWriter);
+
+impl layout::ReadAt for Reader<'_> {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0
+            .read_exact_at(offset, buf)
+            .map_err(|e| std::io::Error::other(chain(&e)))
+    }
+}
+
+/// An error with its causes, on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

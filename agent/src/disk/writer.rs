@@ -24,6 +24,21 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read {} at byte {offset}", path.display())]
+    Read {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} refused to zero bytes {offset}..{end}", path.display())]
+    Zero {
+        path: PathBuf,
+        offset: u64,
+        end: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot flush {} to stable storage", path.display())]
     Sync {
         path: PathBuf,
@@ -40,6 +55,23 @@ pub trait DiskWriter: Send {
     fn size(&self) -> u64;
     fn write_all_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError>;
     fn sync(&mut self) -> Result<(), DiskError>;
+    /// Reads exactly `buf.len()` bytes at `offset` (partition tables and signatures, for
+    /// cleaning and the config drive).
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let _ = buf;
+        Err(DiskError::Read {
+            path: self.path().to_path_buf(),
+            offset,
+            source: io::Error::from(io::ErrorKind::Unsupported),
+        })
+    }
+    /// Makes `[offset, offset + len)` read back as zeros without writing data, when the
+    /// target can guarantee that (see [`super::wipe::erase_full`]). `Ok(None)`: it cannot;
+    /// the caller writes zeros. `Ok(Some(how))` names the method used.
+    fn zero_fast(&mut self, offset: u64, len: u64) -> Result<Option<&'static str>, DiskError> {
+        let _ = (offset, len);
+        Ok(None)
+    }
 }
 
 /// A block device or a plain file.
@@ -86,6 +118,25 @@ impl DiskWriter for FileDisk {
                 len: buf.len(),
                 source,
             })
+    }
+
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| DiskError::Read {
+                path: self.path.clone(),
+                offset,
+                source,
+            })
+    }
+
+    fn zero_fast(&mut self, offset: u64, len: u64) -> Result<Option<&'static str>, DiskError> {
+        super::erase::zero_fast(&self.file, offset, len).map_err(|source| DiskError::Zero {
+            path: self.path.clone(),
+            offset,
+            end: offset + len,
+            source,
+        })
     }
 
     fn sync(&mut self) -> Result<(), DiskError> {

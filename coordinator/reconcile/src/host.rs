@@ -205,6 +205,48 @@ pub struct RootDeviceHints {
     pub rotational: Option<bool>,
 }
 
+/// The annotation that makes automated cleaning a full erase (decommissioning): with
+/// `slipway.io/erase: full`, every byte of every disk is zeroed instead of only the metadata.
+/// metal3's `automatedCleaningMode` has no value for this; `disabled` still skips cleaning.
+pub const ERASE_ANNOTATION: &str = "slipway.io/erase";
+
+/// Secret keys read for each kind of first-boot data, in order (metal3's, then the generic
+/// `value` that Cluster API bootstrap secrets use).
+pub const USER_DATA_KEYS: [&str; 2] = ["userData", "value"];
+pub const NETWORK_DATA_KEYS: [&str; 2] = ["networkData", "value"];
+pub const META_DATA_KEYS: [&str; 2] = ["metaData", "value"];
+
+/// Whether the host's annotations ask for a full erase (an unknown value is a registration
+/// problem, see [`crate::validate`]).
+pub fn full_erase(annotations: &BTreeMap<String, String>) -> bool {
+    annotations.get(ERASE_ANNOTATION).map(String::as_str) == Some("full")
+}
+
+/// References to the Secrets of a config drive. Only references: a command record (persisted
+/// in `status.currentCommand`) never holds the contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigDriveRefs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_data: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_data: Option<SecretRef>,
+}
+
+impl ConfigDriveRefs {
+    /// The spec's references, if it has any.
+    pub fn of(spec: &HostSpec) -> Option<ConfigDriveRefs> {
+        let refs = ConfigDriveRefs {
+            user_data: spec.user_data.clone(),
+            network_data: spec.network_data.clone(),
+            meta_data: spec.meta_data.clone(),
+        };
+        (refs != ConfigDriveRefs::default()).then_some(refs)
+    }
+}
+
 /// A reference to a Secret holding userData, networkData or metaData.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -525,9 +567,17 @@ pub enum CommandKind {
         image: Image,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         root_device_hints: Option<RootDeviceHints>,
+        /// The Secrets of the config drive: references only, resolved by the executor when it
+        /// sends the command.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config_drive: Option<ConfigDriveRefs>,
     },
-    /// Wipe partition tables and signatures of the host's disks (metadata cleaning).
-    EraseMetadata,
+    /// Wipe partition tables and signatures of the host's disks (metadata cleaning), or with
+    /// `full`, zero every byte (the `slipway.io/erase: full` annotation).
+    EraseMetadata {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        full: bool,
+    },
     Reboot,
     PowerOff,
 }
@@ -538,7 +588,8 @@ impl CommandKind {
         match self {
             CommandKind::Inspect => "inspect",
             CommandKind::WriteImage { .. } => "write-image",
-            CommandKind::EraseMetadata => "erase-metadata",
+            CommandKind::EraseMetadata { full: false } => "erase-metadata",
+            CommandKind::EraseMetadata { full: true } => "erase-full",
             CommandKind::Reboot => "reboot",
             CommandKind::PowerOff => "power-off",
         }
@@ -727,6 +778,26 @@ spec:
         assert_eq!(json["operationalStatus"], "OK");
         let back: HostStatus = serde_json::from_value(json).unwrap();
         assert_eq!(back, status);
+    }
+
+    #[test]
+    fn command_records_of_older_coordinators_still_parse() {
+        let old: CommandKind = serde_json::from_str(r#"{"type":"eraseMetadata"}"#).unwrap();
+        assert_eq!(old, CommandKind::EraseMetadata { full: false });
+        let full = serde_json::to_value(CommandKind::EraseMetadata { full: true }).unwrap();
+        assert_eq!(
+            full,
+            serde_json::json!({"type": "eraseMetadata", "full": true})
+        );
+        let w: CommandKind =
+            serde_json::from_str(r#"{"type":"writeImage","image":{"url":"http://a/b"}}"#).unwrap();
+        assert!(matches!(
+            w,
+            CommandKind::WriteImage {
+                config_drive: None,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -14,13 +14,16 @@
 //! coordinator asks the agent about the same command instead of starting another, and the agent
 //! (which keeps commands by id) never runs one twice.
 
+use std::collections::BTreeMap;
+
 use jiff::{SignedDuration, Timestamp};
 
 use crate::host::{
-    AgentStatus, CleaningMode, CommandKind, CommandRecord, ErrorType, HardwareDetails, HostSpec,
-    HostStatus, InspectionMode, OperationalStatus, Progress, ProvisioningState,
+    self, AgentStatus, CleaningMode, CommandKind, CommandRecord, ConfigDriveRefs, ErrorType,
+    HardwareDetails, HostSpec, HostStatus, InspectionMode, OperationalStatus, Progress,
+    ProvisioningState,
 };
-use crate::validate;
+use crate::validate::{self, SecretKeys};
 
 /// Timing policy for retries and lost agents.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,7 +58,13 @@ impl Policy {
 /// What the owner wants.
 #[derive(Clone, Copy, Debug)]
 pub struct Desired<'a> {
+    /// The host's name (for messages).
+    pub name: &'a str,
     pub spec: &'a HostSpec,
+    /// The host's annotations (`slipway.io/erase`).
+    pub annotations: &'a BTreeMap<String, String>,
+    /// The Secrets the host's source knows, by name, with their key names (never values).
+    pub secrets: &'a SecretKeys,
     /// The host's document was removed (files mode) or is being deleted (Kubernetes).
     pub deleted: bool,
     pub policy: &'a Policy,
@@ -260,7 +269,7 @@ impl Planner<'_> {
         if !matches!(self.state(), S::None | S::Unmanaged | S::Registering) && !self.d.deleted {
             // A spec that became invalid after registration holds the host (no new commands)
             // with the problem shown, until the owner fixes it.
-            let problems = validate::registration_problems(self.d.spec);
+            let problems = self.registration_problems();
             if !problems.is_empty() {
                 self.fail_steady(ErrorType::Registration, validate::describe(&problems));
                 return;
@@ -313,8 +322,21 @@ impl Planner<'_> {
         }
     }
 
+    fn registration_problems(&self) -> Vec<validate::Problem> {
+        let mut problems = validate::registration_problems(self.d.spec);
+        problems.extend(validate::annotation_problems(self.d.annotations));
+        problems
+    }
+
+    /// Cleaning as the host asks for it: metadata, or every byte with `slipway.io/erase: full`.
+    fn erase(&self) -> CommandKind {
+        CommandKind::EraseMetadata {
+            full: host::full_erase(self.d.annotations),
+        }
+    }
+
     fn registering(&mut self) {
-        let problems = validate::registration_problems(self.d.spec);
+        let problems = self.registration_problems();
         if !problems.is_empty() {
             self.fail_steady(ErrorType::Registration, validate::describe(&problems));
             return;
@@ -367,7 +389,8 @@ impl Planner<'_> {
             self.go(ProvisioningState::Available);
             return;
         }
-        if let Drive::Done(_) = self.drive(CommandKind::EraseMetadata, ErrorType::Preparation) {
+        if let Drive::Done(success) = self.drive(self.erase(), ErrorType::Preparation) {
+            self.record(false, "CleaningComplete", success.message);
             self.clear_error();
             self.go(ProvisioningState::Available);
         }
@@ -401,7 +424,12 @@ impl Planner<'_> {
             self.status.provisioning.root_device_hints = self.d.spec.root_device_hints.clone();
             self.status.retry_after = None;
         }
-        let problems = validate::provisioning_problems(self.d.spec);
+        let mut problems = validate::provisioning_problems(self.d.spec);
+        problems.extend(validate::secret_problems(
+            self.d.name,
+            self.d.spec,
+            self.d.secrets,
+        ));
         if !problems.is_empty() && self.status.current_command.is_none() {
             self.fail_steady(ErrorType::Provisioning, validate::describe(&problems));
             return;
@@ -415,6 +443,7 @@ impl Planner<'_> {
         let want = CommandKind::WriteImage {
             image: written.clone(),
             root_device_hints: self.status.provisioning.root_device_hints.clone(),
+            config_drive: ConfigDriveRefs::of(self.d.spec),
         };
         if let Drive::Done(success) = self.drive(want, ErrorType::Provisioning) {
             if written != image {
@@ -460,12 +489,14 @@ impl Planner<'_> {
     }
 
     fn deprovisioning(&mut self) {
-        let done = self.d.spec.cleaning_mode() == CleaningMode::Disabled || {
-            matches!(
-                self.drive(CommandKind::EraseMetadata, ErrorType::Provisioning),
-                Drive::Done(_)
-            )
-        };
+        let done = self.d.spec.cleaning_mode() == CleaningMode::Disabled
+            || match self.drive(self.erase(), ErrorType::Provisioning) {
+                Drive::Done(success) => {
+                    self.record(false, "CleaningComplete", success.message);
+                    true
+                }
+                _ => false,
+            };
         if done {
             self.abandon_command();
             self.status.provisioning.image = None;

@@ -4,9 +4,17 @@
 //! scopes: those that stop registration (the host cannot be managed at all) and those that only
 //! stop provisioning (the image and first-boot data).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::host::{ChecksumType, HostSpec, Image, ImageFormat};
+use crate::host::{
+    ChecksumType, ERASE_ANNOTATION, HostSpec, Image, ImageFormat, META_DATA_KEYS,
+    NETWORK_DATA_KEYS, SecretRef, USER_DATA_KEYS,
+};
+
+/// The Secrets the host's source knows: name -> the keys each holds. Names of keys only:
+/// values never reach the planner.
+pub type SecretKeys = BTreeMap<String, BTreeSet<String>>;
 
 /// One thing wrong with a spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,13 +112,71 @@ pub fn provisioning_problems(spec: &HostSpec) -> Vec<Problem> {
         ("spec.networkData", &spec.network_data),
         ("spec.metaData", &spec.meta_data),
     ] {
-        if value.is_some() {
+        if let Some(r) = value
+            && r.name.is_empty()
+        {
             out.push(Problem {
                 field,
-                message: "config drives are not written by this version of Slipway yet; remove \
-                          the reference, or the host would boot without its first-boot data"
-                    .into(),
+                message: "names no Secret; give the name of a v1 Secret".into(),
             });
+        }
+    }
+    out
+}
+
+/// Problems with the annotations Slipway reads.
+pub fn annotation_problems(annotations: &BTreeMap<String, String>) -> Vec<Problem> {
+    match annotations.get(ERASE_ANNOTATION).map(String::as_str) {
+        None | Some("full" | "metadata") => Vec::new(),
+        Some(other) => vec![Problem {
+            field: "metadata.annotations[slipway.io/erase]",
+            message: format!(
+                "{other:?} is not an erase mode; write full (zero every byte when cleaning) or \
+                 metadata (the default), or remove the annotation"
+            ),
+        }],
+    }
+}
+
+/// The Secrets of the config drive that are missing, or lack their key. Each problem names the
+/// host, the field and the Secret, and says what to add. The host waits (no retry count) until
+/// the Secret appears.
+pub fn secret_problems(host: &str, spec: &HostSpec, secrets: &SecretKeys) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let fields: [(&'static str, &Option<SecretRef>, [&str; 2]); 3] = [
+        ("spec.userData", &spec.user_data, USER_DATA_KEYS),
+        ("spec.networkData", &spec.network_data, NETWORK_DATA_KEYS),
+        ("spec.metaData", &spec.meta_data, META_DATA_KEYS),
+    ];
+    for (field, value, keys) in fields {
+        let Some(r) = value.as_ref().filter(|r| !r.name.is_empty()) else {
+            continue;
+        };
+        match secrets.get(&r.name) {
+            None => out.push(Problem {
+                field,
+                message: format!(
+                    "host {host} needs Secret {:?}, which does not exist; add a v1 Secret named \
+                     {} with key {} (provisioning waits for it)",
+                    r.name, r.name, keys[0]
+                ),
+            }),
+            Some(have) if !keys.iter().any(|k| have.contains(*k)) => out.push(Problem {
+                field,
+                message: format!(
+                    "host {host}: Secret {:?} has no key {} or {} (its keys: {}); add one \
+                     (provisioning waits for it)",
+                    r.name,
+                    keys[0],
+                    keys[1],
+                    if have.is_empty() {
+                        "none".to_string()
+                    } else {
+                        have.iter().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            }),
+            Some(_) => {}
         }
     }
     out
@@ -362,11 +428,64 @@ mod tests {
                 "spec.rootDeviceHints.hctl"
             ]
         );
-        let prov: Vec<_> = provisioning_problems(&spec)
-            .iter()
-            .map(|p| p.field)
-            .collect();
-        assert_eq!(prov, ["spec.userData"]);
+        // Config drives are supported: a named Secret is no problem of the spec itself.
+        assert_eq!(provisioning_problems(&spec), vec![]);
+    }
+
+    #[test]
+    fn missing_secrets_and_keys_name_host_field_and_secret() {
+        let spec = HostSpec {
+            user_data: Some(SecretRef {
+                name: "ud".into(),
+                namespace: None,
+            }),
+            network_data: Some(SecretRef {
+                name: "nd".into(),
+                namespace: None,
+            }),
+            meta_data: Some(SecretRef {
+                name: "md".into(),
+                namespace: None,
+            }),
+            ..Default::default()
+        };
+        let mut secrets = SecretKeys::new();
+        secrets.insert("nd".into(), ["other".to_string()].into());
+        secrets.insert("md".into(), ["value".to_string()].into());
+        let problems = secret_problems("worker-0", &spec, &secrets);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[0].field, "spec.userData");
+        assert!(
+            problems[0].message.contains("worker-0")
+                && problems[0].message.contains("\"ud\"")
+                && problems[0].message.contains("does not exist")
+                && problems[0].message.contains("userData"),
+            "{}",
+            problems[0]
+        );
+        assert_eq!(problems[1].field, "spec.networkData");
+        assert!(
+            problems[1].message.contains("no key networkData or value")
+                && problems[1].message.contains("its keys: other"),
+            "{}",
+            problems[1]
+        );
+        secrets.insert("ud".into(), ["userData".to_string()].into());
+        secrets.insert("nd".into(), ["networkData".to_string()].into());
+        assert_eq!(secret_problems("worker-0", &spec, &secrets), vec![]);
+    }
+
+    #[test]
+    fn erase_annotation_values() {
+        let mut a = BTreeMap::new();
+        assert!(annotation_problems(&a).is_empty());
+        a.insert(ERASE_ANNOTATION.to_string(), "full".to_string());
+        assert!(annotation_problems(&a).is_empty());
+        assert!(crate::host::full_erase(&a));
+        a.insert(ERASE_ANNOTATION.to_string(), "ful".to_string());
+        let p = annotation_problems(&a);
+        assert_eq!(p[0].field, "metadata.annotations[slipway.io/erase]");
+        assert!(!crate::host::full_erase(&a));
     }
 
     #[test]

@@ -2,14 +2,17 @@
 //! with `tests/transitions.txt` (review changes with `UPDATE_EXPECT=1 cargo test -p
 //! slipway-reconcile` and `git diff`). Targeted tests below check whole flows.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use expect_test::expect_file;
 use jiff::{SignedDuration, Timestamp};
 use slipway_reconcile::host::{
-    AgentStatus, ChecksumType, CleaningMode, CommandKind, CommandRecord, ErrorType,
-    HardwareDetails, HostSpec, HostStatus, Image, ImageFormat, Progress, ProvisioningState as S,
+    AgentStatus, ChecksumType, CleaningMode, CommandKind, CommandRecord, ERASE_ANNOTATION,
+    ErrorType, HardwareDetails, HostSpec, HostStatus, Image, ImageFormat, Progress,
+    ProvisioningState as S, SecretRef,
 };
+use slipway_reconcile::validate::SecretKeys;
 use slipway_reconcile::{
     Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Observed, Plan,
     Policy, plan,
@@ -40,10 +43,11 @@ fn hardware() -> HardwareDetails {
 fn command_for(state: S) -> Option<CommandKind> {
     match state {
         S::Inspecting => Some(CommandKind::Inspect),
-        S::Preparing | S::Deprovisioning => Some(CommandKind::EraseMetadata),
+        S::Preparing | S::Deprovisioning => Some(CommandKind::EraseMetadata { full: false }),
         S::Provisioning => Some(CommandKind::WriteImage {
             image: image(),
             root_device_hints: None,
+            config_drive: None,
         }),
         _ => None,
     }
@@ -52,6 +56,8 @@ fn command_for(state: S) -> Option<CommandKind> {
 /// A host sitting in `state` as it would after normal operation, agent connected.
 struct Case {
     spec: HostSpec,
+    annotations: BTreeMap<String, String>,
+    secrets: SecretKeys,
     deleted: bool,
     status: HostStatus,
     agent: Option<AgentLink>,
@@ -115,6 +121,8 @@ fn baseline(state: S) -> Case {
     };
     Case {
         spec,
+        annotations: BTreeMap::new(),
+        secrets: SecretKeys::new(),
         deleted: matches!(state, S::PoweringOffBeforeDelete | S::Deleting),
         status,
         agent: Some(link(t0())),
@@ -179,6 +187,15 @@ const EVENTS: &[Event] = &[
     ("cleaning disabled", |c| {
         c.spec.automated_cleaning_mode = Some(CleaningMode::Disabled)
     }),
+    ("user data missing", |c| {
+        c.spec.user_data = Some(SecretRef {
+            name: "ud".into(),
+            namespace: None,
+        })
+    }),
+    ("full erase asked", |c| {
+        c.annotations.insert(ERASE_ANNOTATION.into(), "full".into());
+    }),
     ("deleted", |c| c.deleted = true),
     ("retry due", |c| {
         c.status.current_command = None;
@@ -199,7 +216,10 @@ fn run(case: &Case) -> Plan {
         View::Failed(f) => CommandView::Failed(f),
     };
     let desired = Desired {
+        name: "h",
         spec: &case.spec,
+        annotations: &case.annotations,
+        secrets: &case.secrets,
         deleted: case.deleted,
         policy: &policy,
     };
@@ -276,6 +296,8 @@ fn check_invariants(case: &Case, out: &Plan) {
     // nothing new: no command is sent twice.
     let again = Case {
         spec: case.spec.clone(),
+        annotations: case.annotations.clone(),
+        secrets: case.secrets.clone(),
         deleted: case.deleted,
         status: out.status.clone(),
         agent: case.agent.clone(),
@@ -337,7 +359,10 @@ fn drive(
         };
         let out = plan(
             &Desired {
+                name: "h",
                 spec,
+                annotations: &BTreeMap::new(),
+                secrets: &SecretKeys::new(),
                 deleted: false,
                 policy: &policy,
             },
@@ -449,7 +474,10 @@ fn changing_the_image_after_a_failure_retries_at_once() {
     let agent = link(t0());
     let out = plan(
         &Desired {
+            name: "h",
             spec: &spec,
+            annotations: &BTreeMap::new(),
+            secrets: &SecretKeys::new(),
             deleted: false,
             policy: &policy,
         },
@@ -473,7 +501,8 @@ fn changing_the_image_after_a_failure_retries_at_once() {
         sent,
         [&CommandKind::WriteImage {
             image: spec.image.clone().unwrap(),
-            root_device_hints: None
+            root_device_hints: None,
+            config_drive: None,
         }]
     );
 }
@@ -497,7 +526,10 @@ fn registration_error_is_counted_once_and_cleared_by_a_fix() {
     for _ in 0..3 {
         let out = plan(
             &Desired {
+                name: "h",
                 spec: &spec,
+                annotations: &BTreeMap::new(),
+                secrets: &SecretKeys::new(),
                 deleted: false,
                 policy: &policy,
             },
@@ -518,7 +550,10 @@ fn registration_error_is_counted_once_and_cleared_by_a_fix() {
     spec.boot_mac_address = Some("52:54:00:00:00:01".into());
     let out = plan(
         &Desired {
+            name: "h",
             spec: &spec,
+            annotations: &BTreeMap::new(),
+            secrets: &SecretKeys::new(),
             deleted: false,
             policy: &policy,
         },
@@ -552,4 +587,80 @@ fn restart_mid_provisioning_resends_the_same_command() {
     });
     assert_eq!(resent.as_deref(), Some("write-image-1"));
     assert_eq!(out.status.current_command, case.status.current_command);
+}
+
+#[test]
+fn config_drive_secrets_wait_for_their_secret_and_commands_carry_references_only() {
+    let policy = Policy::default();
+    let spec = HostSpec {
+        image: Some(image()),
+        user_data: Some(SecretRef {
+            name: "worker-0-user-data".into(),
+            namespace: None,
+        }),
+        ..Default::default()
+    };
+    let mut status = HostStatus::default();
+    status.provisioning.state = S::Provisioning;
+    status.provisioning.image = Some(image());
+    let agent = link(t0());
+    let annotations = BTreeMap::new();
+    let run = |secrets: &SecretKeys, status: &HostStatus| {
+        plan(
+            &Desired {
+                name: "worker-0",
+                spec: &spec,
+                annotations: &annotations,
+                secrets,
+                deleted: false,
+                policy: &policy,
+            },
+            &Observed {
+                status,
+                agent: Some(&agent),
+                command: CommandView::Unknown,
+                inventory: None,
+            },
+            t0(),
+        )
+    };
+    let out = run(&SecretKeys::new(), &status);
+    assert_eq!(out.status.error_type, Some(ErrorType::Provisioning));
+    let msg = &out.status.error_message;
+    assert!(
+        msg.contains("spec.userData")
+            && msg.contains("worker-0")
+            && msg.contains("worker-0-user-data"),
+        "{msg}"
+    );
+    assert!(!out.actions.iter().any(|a| matches!(a, Action::Send(_))));
+    assert_eq!(out.wake_at, None, "waits for the Secret, not a timer");
+    // Planning again with nothing new changes nothing (no error count creep).
+    let again = run(&SecretKeys::new(), &out.status);
+    assert_eq!(again.status.error_count, 1);
+
+    let mut secrets = SecretKeys::new();
+    secrets.insert("worker-0-user-data".into(), ["value".to_string()].into());
+    let out = run(&secrets, &out.status);
+    let sent: Vec<_> = out
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(c) => Some(c.kind.clone()),
+            _ => None,
+        })
+        .collect();
+    let [CommandKind::WriteImage { config_drive, .. }] = &sent[..] else {
+        panic!("expected one write-image, got {sent:?}");
+    };
+    assert_eq!(
+        config_drive
+            .as_ref()
+            .unwrap()
+            .user_data
+            .as_ref()
+            .unwrap()
+            .name,
+        "worker-0-user-data"
+    );
 }

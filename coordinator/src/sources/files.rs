@@ -28,13 +28,24 @@ pub struct SourcedHost {
     pub document: usize,
 }
 
-/// A `v1 Secret` document (BMC credentials, userData, networkData).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+/// A `v1 Secret` document (BMC credentials, userData, networkData). `Debug` shows key names,
+/// never values.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret {
     pub name: String,
     pub namespace: Option<String>,
     /// Decoded values of `data` and `stringData` (stringData wins, as in Kubernetes).
     pub data: BTreeMap<String, Vec<u8>>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("name", &self.name)
+            .field("namespace", &self.namespace)
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// Something wrong in the hosts directory.

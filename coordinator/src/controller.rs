@@ -19,6 +19,7 @@ use slipway_reconcile::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::hardware::{Hardware, HardwareData};
 use crate::pki::Ca;
 use crate::sources::files::{Problem, Snapshot};
 use crate::store::{Batch, EventRecord, HostRecord, Store, TokenRecord};
@@ -104,6 +105,13 @@ pub enum Msg {
         warning: bool,
         message: String,
     },
+    /// The agent's full inventory, from its hello or an inspect result (`by`).
+    Inventory {
+        host: String,
+        session: u64,
+        hardware: Box<Hardware>,
+        by: &'static str,
+    },
     Disconnect {
         host: String,
         session: u64,
@@ -120,6 +128,8 @@ pub enum Msg {
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub hosts: BTreeMap<String, HostView>,
+    /// Each host's latest full inventory (shared, not copied, at each publish).
+    pub hardware: BTreeMap<String, Arc<HardwareData>>,
     pub problems: Vec<Problem>,
 }
 
@@ -175,6 +185,7 @@ pub struct Controller {
     settings: Settings,
     hosts: BTreeMap<String, Entry>,
     tokens: HashMap<String, TokenRecord>,
+    hardware: BTreeMap<String, Arc<HardwareData>>,
     problems: Vec<Problem>,
     view: SharedView,
     next_session: u64,
@@ -182,6 +193,7 @@ pub struct Controller {
     to_plan: HashSet<String>,
     changed_hosts: HashSet<String>,
     changed_tokens: HashSet<String>,
+    changed_hardware: HashSet<String>,
     removed_hosts: HashSet<String>,
     replies: Vec<Reply>,
     outbox: Vec<(CommandSender, CommandRecord)>,
@@ -207,6 +219,12 @@ impl Controller {
             );
         }
         let tokens = store.load_tokens()?.into_iter().collect();
+        let hardware = store
+            .load_hardware()?
+            .into_iter()
+            .filter(|(name, _)| hosts.contains_key(name))
+            .map(|(name, h)| (name, Arc::new(h)))
+            .collect();
         let to_plan = hosts.keys().cloned().collect();
         Ok(Controller {
             store,
@@ -214,12 +232,14 @@ impl Controller {
             settings,
             hosts,
             tokens,
+            hardware,
             problems: Vec::new(),
             view: SharedView::default(),
             next_session: 1,
             to_plan,
             changed_hosts: HashSet::new(),
             changed_tokens: HashSet::new(),
+            changed_hardware: HashSet::new(),
             removed_hosts: HashSet::new(),
             replies: Vec::new(),
             outbox: Vec::new(),
@@ -360,6 +380,26 @@ impl Controller {
                     } else {
                         info!("{message}");
                     }
+                }
+            }
+            Msg::Inventory {
+                host,
+                session,
+                hardware,
+                by,
+            } => {
+                let current = self
+                    .hosts
+                    .get(&host)
+                    .and_then(|e| e.session.as_ref())
+                    .is_some_and(|s| s.id == session);
+                if current {
+                    debug!(host = %host, by, "full inventory received");
+                    let data = HardwareData::new(&host, *hardware, now, by);
+                    self.hardware.insert(host.clone(), Arc::new(data));
+                    self.changed_hardware.insert(host);
+                } else {
+                    debug!(host = %host, session, "inventory from a replaced session ignored");
                 }
             }
             Msg::Disconnect {
@@ -696,6 +736,9 @@ impl Controller {
                 info!(host = %name, "host removed");
             }
             self.changed_hosts.insert(name.clone());
+            if self.hardware.remove(name).is_some() {
+                self.changed_hardware.insert(name.clone());
+            }
             // Its tokens go with it.
             let dead: Vec<String> = self
                 .tokens
@@ -719,6 +762,11 @@ impl Controller {
                 .changed_tokens
                 .iter()
                 .map(|k| (k.clone(), self.tokens.get(k).cloned()))
+                .collect(),
+            hardware: self
+                .changed_hardware
+                .iter()
+                .map(|k| (k.clone(), self.hardware.get(k).map(|h| (**h).clone())))
                 .collect(),
         };
         if !batch.is_empty() {
@@ -754,6 +802,7 @@ impl Controller {
         }
         self.changed_hosts.clear();
         self.changed_tokens.clear();
+        self.changed_hardware.clear();
         for (tx, cmd) in self.outbox.drain(..) {
             let _ = tx.send(cmd);
         }
@@ -787,6 +836,7 @@ impl Controller {
             .collect();
         let view = View {
             hosts,
+            hardware: self.hardware.clone(),
             problems: self.problems.clone(),
         };
         match self.view.write() {

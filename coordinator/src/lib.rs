@@ -8,12 +8,14 @@
 //! - [`pki`]: the CA, server and agent certificates. [`tokens`]: bootstrap tokens.
 //! - [`store`]: the embedded redb store. [`sources`]: where host declarations come from.
 //! - [`http`]: images over HTTP. [`admin`]: the CLI's API on a Unix socket.
+//! - [`hardware`]: the full inventory as a metal3 `HardwareData` document, and its summary.
 //! - [`output`]: tables and descriptions, pure.
 
 pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod hardware;
 pub mod http;
 pub mod output;
 pub mod pki;

@@ -16,6 +16,8 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+mod inventory;
+
 /// One measured comparison.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
@@ -50,7 +52,7 @@ impl Case {
 pub type Bench = (&'static str, fn(&Ctx) -> anyhow::Result<Vec<Case>>);
 
 /// The registry: every benchmark, in one place.
-pub const BENCHES: &[Bench] = &[];
+pub const BENCHES: &[Bench] = &[("inventory", inventory::run)];
 
 /// What a benchmark gets.
 pub struct Ctx<'a> {

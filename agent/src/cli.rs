@@ -174,6 +174,25 @@ pub fn main() -> ExitCode {
             lldp_seconds: None,
         })
     });
+    // The inventory is a few hundred file reads: run it on this thread, without starting an
+    // async runtime and its threads (they cost more than the inventory itself).
+    if let Cmd::Inventory {
+        output,
+        root,
+        capture,
+        lldp_seconds,
+        disks,
+        boot_mac,
+    } = command
+    {
+        return match inventory_cmd(output, root, capture, lldp_seconds, disks, boot_mac) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -204,30 +223,10 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             disks,
             boot_mac,
         } => {
-            let opts = inventory::Options {
-                disks,
-                boot_mac: boot_mac.map(|m| m.to_ascii_lowercase()),
-                lldp: seconds(lldp_seconds)?,
-            };
-            let inv = tokio::task::spawn_blocking(move || match capture {
-                Some(dir) => {
-                    if dir.exists() {
-                        bail!(
-                            "{} already exists; the capture goes into a new directory",
-                            dir.display()
-                        );
-                    }
-                    let (inv, files) = inventory::capture(&root, &opts, &dir)?;
-                    info!("captured {files} files into {}", dir.display());
-                    Ok(inv)
-                }
-                None => Ok(Inventory::collect(&root, &opts)),
+            tokio::task::spawn_blocking(move || {
+                inventory_cmd(output, root, capture, lldp_seconds, disks, boot_mac)
             })
-            .await??;
-            print(&match output {
-                Output::Json => serde_json::to_string_pretty(&inv)? + "\n",
-                Output::Yaml => serde_yaml_ng::to_string(&inv)?,
-            })
+            .await?
         }
         Cmd::Disks { hints, disks } => {
             let inv = Inventory::collect(
@@ -399,6 +398,40 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// `slipway-agent inventory`.
+fn inventory_cmd(
+    output: Output,
+    root: PathBuf,
+    capture: Option<PathBuf>,
+    lldp_seconds: f64,
+    disks: Vec<PathBuf>,
+    boot_mac: Option<String>,
+) -> anyhow::Result<()> {
+    let opts = inventory::Options {
+        disks,
+        boot_mac: boot_mac.map(|m| m.to_ascii_lowercase()),
+        lldp: seconds(lldp_seconds)?,
+    };
+    let inv = match capture {
+        Some(dir) => {
+            if dir.exists() {
+                bail!(
+                    "{} already exists; the capture goes into a new directory",
+                    dir.display()
+                );
+            }
+            let (inv, files) = inventory::capture(&root, &opts, &dir)?;
+            info!("captured {files} files into {}", dir.display());
+            inv
+        }
+        None => Inventory::collect(&root, &opts),
+    };
+    print(&match output {
+        Output::Json => serde_json::to_string_pretty(&inv)? + "\n",
+        Output::Yaml => serde_yaml_ng::to_string(&inv)?,
+    })
 }
 
 /// A flag's seconds as a duration.

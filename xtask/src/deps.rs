@@ -5,7 +5,12 @@ use anyhow::bail;
 use crate::cmd;
 
 /// (program that must exist, Debian package that provides it)
-pub const TEST_TOOLS: &[(&str, &str)] = &[("losetup", "mount"), ("sha256sum", "coreutils")];
+pub const TEST_TOOLS: &[(&str, &str)] = &[
+    ("losetup", "mount"),
+    ("sha256sum", "coreutils"),
+    ("ip", "iproute2"),
+    ("lsblk", "util-linux"),
+];
 
 /// Installs the packages of any missing tool.
 pub fn ensure(tools: &[(&str, &str)]) -> anyhow::Result<()> {

@@ -2,9 +2,12 @@
 //! ironic-python-agent's `list_hardware_info` on the same machine, in the same run.
 //!
 //! Slipway is timed as a whole process (`slipway-agent inventory -o json`: exec, runtime start,
-//! collection, JSON), so its figure includes overhead IPA's does not. IPA is timed inside one
+//! collection, JSON), so its figure includes overhead IPA's does not. IPA is timed inside its
 //! Python process (`GenericHardwareManager().list_hardware_info()`, after its imports and
-//! configuration), which is the cost an inspection pays in a running IPA.
+//! configuration): the first call of a fresh process is the reference (what an inspection
+//! costs when the ramdisk's IPA starts). Two more cases put the same Slipway figure beside IPA's
+//! whole process (Python start and imports included, timed like Slipway's) and beside IPA's
+//! second call in a process (faster: IPA caches some tool output).
 //!
 //! IPA comes from a venv: `$SLIPWAY_IPA_VENV`, default `target/bench/ipa-venv`. With
 //! `SLIPWAY_BENCH_INSTALL_IPA=1` the bench creates it (`pip install ironic-python-agent`) and
@@ -79,11 +82,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
     let mut note = format!(
         "{slipway_runs} Slipway runs, median; whole process incl. exec; load average {load} at the end"
     );
-    let reference_s = if python.exists() {
-        let (ipa, disks) = ipa_median(&python, ctx.runs, ctx.root)?;
+    let ipa = if python.exists() {
+        let ipa = ipa_medians(&python, ctx.runs, ctx.root)?;
         note.push_str(&format!(
-            "; IPA: {} in-process calls after imports, median, {disks} disks seen",
-            ctx.runs
+            "; IPA: {} fresh processes, call timed after imports, median, {} disks seen",
+            ctx.runs, ipa.disks
         ));
         Some(ipa)
     } else {
@@ -101,41 +104,107 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
             "NOT met"
         }
     ));
-    Ok(vec![Case {
-        name: "inventory".into(),
-        slipway_s: slipway.seconds,
-        reference_s,
-        command: format!("{} inventory --lldp-seconds 0 -o json", agent.display()),
-        reference: "ironic-python-agent GenericHardwareManager().list_hardware_info()".into(),
-        peak_rss_mib: slipway.peak_rss_mib,
-        goal_ratio: Some(100.0),
-        runs: slipway_runs,
-        note,
-    }])
+    let command = format!("{} inventory --lldp-seconds 0 -o json", agent.display());
+    let mut cases = vec![];
+    if let Some(i) = &ipa {
+        cases.push(Case {
+            name: "inventory-vs-ipa-process".into(),
+            slipway_s: slipway.seconds,
+            reference_s: Some(i.process),
+            command: command.clone(),
+            reference: "IPA list_hardware_info() as a whole Python process, imports included"
+                .into(),
+            peak_rss_mib: slipway.peak_rss_mib,
+            goal_ratio: None,
+            runs: slipway_runs,
+            note: format!(
+                "the same Slipway runs; both sides timed as whole processes; IPA peak RSS {:.1} MiB",
+                i.process_rss_mib
+            ),
+        });
+    }
+    cases.insert(
+        0,
+        Case {
+            name: "inventory".into(),
+            slipway_s: slipway.seconds,
+            reference_s: ipa.as_ref().map(|i| i.first),
+            command: command.clone(),
+            reference: "IPA list_hardware_info(), first call of a fresh process".into(),
+            peak_rss_mib: slipway.peak_rss_mib,
+            goal_ratio: Some(100.0),
+            runs: slipway_runs,
+            note,
+        },
+    );
+    if let Some(i) = ipa {
+        cases.push(Case {
+            name: "inventory-vs-ipa-cached".into(),
+            slipway_s: slipway.seconds,
+            reference_s: Some(i.second),
+            command,
+            reference: "IPA list_hardware_info(), second call (its tool output cached)".into(),
+            peak_rss_mib: slipway.peak_rss_mib,
+            goal_ratio: None,
+            runs: slipway_runs,
+            note: "the same Slipway runs; IPA's figure is a call after one that warmed its caches"
+                .into(),
+        });
+    }
+    Ok(cases)
 }
 
-/// Median seconds of IPA's `list_hardware_info` over `runs` calls in one process.
-fn ipa_median(python: &Path, runs: usize, root: &Path) -> anyhow::Result<(f64, u64)> {
+struct Ipa {
+    /// Median of the first call in each fresh process.
+    first: f64,
+    /// Median of the second call.
+    second: f64,
+    /// Median wall time of a whole process making one call, imports included.
+    process: f64,
+    process_rss_mib: f64,
+    disks: u64,
+}
+
+/// IPA's `list_hardware_info`, called twice in each of `runs` fresh processes.
+fn ipa_medians(python: &Path, runs: usize, root: &Path) -> anyhow::Result<Ipa> {
     let script = root.join("target/bench/ipa_list_hardware_info.py");
     std::fs::create_dir_all(root.join("target/bench"))?;
     std::fs::write(&script, IPA_SCRIPT)
         .with_context(|| format!("cannot write {}", script.display()))?;
-    let out = cmd::output(
-        &python.display().to_string(),
-        &[&script.display().to_string(), &runs.max(1).to_string()],
-        &[],
-    )?;
-    let line = out.lines().last().unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(line)
-        .with_context(|| format!("unexpected output from the IPA script: {out}"))?;
-    let mut times: Vec<f64> = v["times"]
-        .as_array()
-        .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
-        .unwrap_or_default();
-    if times.is_empty() {
-        bail!("the IPA script reported no times: {out}");
+    let (mut first, mut second, mut disks) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..runs.max(1) {
+        let out = cmd::output(
+            &python.display().to_string(),
+            &[&script.display().to_string(), "2"],
+            &[],
+        )?;
+        let line = out.lines().last().unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("unexpected output from the IPA script: {out}"))?;
+        let times: Vec<f64> = v["times"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default();
+        let [a, b] = times[..] else {
+            bail!(
+                "the IPA script reported {} times, not 2: {out}",
+                times.len()
+            );
+        };
+        first.push(a);
+        second.push(b);
+        disks = v["disks"].as_u64().unwrap_or(0);
     }
-    Ok((median(&mut times), v["disks"].as_u64().unwrap_or(0)))
+    let whole = repeat(runs, || {
+        measure(python, &[script.as_os_str(), OsStr::new("1")], &[])
+    })?;
+    Ok(Ipa {
+        first: median(&mut first),
+        second: median(&mut second),
+        process: whole.seconds,
+        process_rss_mib: whole.peak_rss_mib,
+        disks,
+    })
 }
 
 fn install_ipa(venv: &Path) -> anyhow::Result<()> {

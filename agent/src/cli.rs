@@ -35,16 +35,28 @@ pub enum Cmd {
     /// read from the kernel command line (slipway.coordinator=, slipway.token=, slipway.ca=,
     /// slipway.mac= or BOOTIF=).
     Run(RunArgs),
-    /// Print this machine's hardware inventory.
+    /// Print this machine's hardware inventory (no coordinator needed).
     Inventory {
         #[arg(short, long, value_enum, default_value_t = Output::Json)]
         output: Output,
-        /// Read /sys and /proc under this directory instead of the running machine's.
+        /// Read /sys, /proc and /dev under this directory instead of the running machine's
+        /// (a fixture or a capture).
         #[arg(long, default_value = "/", value_name = "DIR")]
         root: PathBuf,
+        /// Also copy exactly the files the inventory reads into DIR (which must not exist yet),
+        /// so the machine can become a test fixture: `--root DIR` reads it back.
+        #[arg(long, value_name = "DIR")]
+        capture: Option<PathBuf>,
+        /// How long to listen for LLDP frames from the switches (0: not at all). Only on the
+        /// running machine; needs root (CAP_NET_RAW) and interfaces that are up.
+        #[arg(long, default_value = "3", value_name = "SECONDS")]
+        lldp_seconds: f64,
         /// Report only these disks (block devices or plain files).
         #[arg(long = "disk", value_name = "PATH")]
         disks: Vec<PathBuf>,
+        /// MAC of the interface the machine booted from (marks it `pxe`).
+        #[arg(long)]
+        boot_mac: Option<String>,
     },
     /// List the disks and show which one the root device hints choose, and why not the others.
     Disks {
@@ -140,6 +152,10 @@ pub struct RunArgs {
     /// Interval of heartbeats to the coordinator.
     #[arg(long, default_value = "10", value_name = "SECONDS")]
     pub heartbeat_seconds: u64,
+    /// How long each inventory listens for LLDP frames. Default: 3 s as the ramdisk's init,
+    /// 0 (no listen) as a normal program, where it would delay every hello.
+    #[arg(long, value_name = "SECONDS")]
+    pub lldp_seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, clap::Args)]
@@ -159,6 +175,10 @@ pub struct HintArgs {
     #[arg(long)]
     pub wwn: Option<String>,
     #[arg(long)]
+    pub wwn_with_extension: Option<String>,
+    #[arg(long)]
+    pub wwn_vendor_extension: Option<String>,
+    #[arg(long)]
     pub rotational: Option<bool>,
 }
 
@@ -175,6 +195,7 @@ impl RunArgs {
             allow_reboot: false,
             min_root_size: disk::DEFAULT_MIN_ROOT_BYTES,
             heartbeat_seconds: 10,
+            lldp_seconds: None,
         }
     }
 }
@@ -199,6 +220,25 @@ pub fn main() -> ExitCode {
     let command = cli
         .command
         .unwrap_or_else(|| Cmd::Run(RunArgs::from_cmdline()));
+    // The inventory is a few hundred file reads: run it on this thread, without starting an
+    // async runtime and its threads (they cost more than the inventory itself).
+    if let Cmd::Inventory {
+        output,
+        root,
+        capture,
+        lldp_seconds,
+        disks,
+        boot_mac,
+    } = command
+    {
+        return match inventory_cmd(output, root, capture, lldp_seconds, disks, boot_mac) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -224,29 +264,22 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Inventory {
             output,
             root,
+            capture,
+            lldp_seconds,
             disks,
+            boot_mac,
         } => {
-            let inv = tokio::task::spawn_blocking(move || {
-                Inventory::collect(
-                    &root,
-                    &inventory::Options {
-                        disks,
-                        boot_mac: None,
-                    },
-                )
+            tokio::task::spawn_blocking(move || {
+                inventory_cmd(output, root, capture, lldp_seconds, disks, boot_mac)
             })
-            .await?;
-            print(&match output {
-                Output::Json => serde_json::to_string_pretty(&inv)? + "\n",
-                Output::Yaml => serde_yaml_ng::to_string(&inv)?,
-            })
+            .await?
         }
         Cmd::Disks { hints, disks } => {
             let inv = Inventory::collect(
                 Path::new("/"),
                 &inventory::Options {
                     disks,
-                    boot_mac: None,
+                    ..Default::default()
                 },
             );
             let hints = Hints {
@@ -257,25 +290,11 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 serial_number: hints.serial_number,
                 min_size_gigabytes: hints.min_size_gigabytes,
                 wwn: hints.wwn,
+                wwn_with_extension: hints.wwn_with_extension,
+                wwn_vendor_extension: hints.wwn_vendor_extension,
                 rotational: hints.rotational,
-                ..Default::default()
             };
-            let mut out = String::new();
-            for d in &inv.disks {
-                out.push_str(&format!(
-                    "{:<24} {:>10}  {:<5} {:<20} {:<20}\n",
-                    d.name,
-                    disk::human(d.size_bytes),
-                    d.kind,
-                    d.model,
-                    d.serial_number
-                ));
-            }
-            match disk::select_root_disk(&hints, &inv.disks, disk::DEFAULT_MIN_ROOT_BYTES) {
-                Ok(sel) => out.push_str(&format!("root disk for {hints}: {}\n", sel.disk().name)),
-                Err(e) => out.push_str(&format!("{e}\n")),
-            }
-            print(&out)
+            print(&disks_table(&hints, &inv.disks))
         }
         Cmd::WriteImage {
             url,
@@ -436,7 +455,7 @@ fn only_disk(device: &Path) -> anyhow::Result<disk::SelectedDisk> {
         Path::new("/"),
         &inventory::Options {
             disks: vec![device.to_path_buf()],
-            boot_mac: None,
+            ..Default::default()
         },
     );
     let hints = Hints {
@@ -479,6 +498,7 @@ pub async fn run_agent(args: RunArgs, ramdisk: bool) -> anyhow::Result<()> {
         inventory: inventory::Options {
             disks: args.disks,
             boot_mac,
+            lldp: seconds(args.lldp_seconds.unwrap_or(if ramdisk { 3.0 } else { 0.0 }))?,
         },
         min_root_bytes: args.min_root_size,
         allow_power: ramdisk || args.allow_reboot,
@@ -540,6 +560,68 @@ pub async fn run_agent(args: RunArgs, ramdisk: bool) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// `slipway-agent inventory`.
+fn inventory_cmd(
+    output: Output,
+    root: PathBuf,
+    capture: Option<PathBuf>,
+    lldp_seconds: f64,
+    disks: Vec<PathBuf>,
+    boot_mac: Option<String>,
+) -> anyhow::Result<()> {
+    let opts = inventory::Options {
+        disks,
+        boot_mac: boot_mac.map(|m| m.to_ascii_lowercase()),
+        lldp: seconds(lldp_seconds)?,
+    };
+    let inv = match capture {
+        Some(dir) => {
+            if dir.exists() {
+                bail!(
+                    "{} already exists; the capture goes into a new directory",
+                    dir.display()
+                );
+            }
+            let (inv, files) = inventory::capture(&root, &opts, &dir)?;
+            info!("captured {files} files into {}", dir.display());
+            inv
+        }
+        None => Inventory::collect(&root, &opts),
+    };
+    print(&match output {
+        Output::Json => serde_json::to_string_pretty(&inv)? + "\n",
+        Output::Yaml => serde_yaml_ng::to_string(&inv)?,
+    })
+}
+
+/// A flag's seconds as a duration.
+fn seconds(s: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| anyhow!("{s} is not a number of seconds (0 or more)"))
+}
+
+/// What `slipway-agent disks` prints: every disk, then the choice or why none.
+pub fn disks_table(hints: &Hints, disks: &[inventory::Disk]) -> String {
+    let mut out = String::new();
+    for d in disks {
+        out.push_str(&format!(
+            "{:<14} {:>10}  {:<5} {:<7} {:<20} {:<20} {}\n",
+            d.name,
+            disk::human(d.size_bytes),
+            d.kind,
+            d.transport.as_deref().unwrap_or("-"),
+            d.model.as_deref().unwrap_or("-"),
+            d.serial_number.as_deref().unwrap_or("-"),
+            d.by_path.as_deref().unwrap_or("-"),
+        ));
+    }
+    match disk::select_root_disk(hints, disks, disk::DEFAULT_MIN_ROOT_BYTES) {
+        Ok(sel) => out.push_str(&format!("root disk for {hints}: {}\n", sel.disk().name)),
+        Err(e) => out.push_str(&format!("{e}\n")),
+    }
+    out
 }
 
 /// Prints to stdout; a closed pipe is not an error.

@@ -270,7 +270,7 @@ impl Runner {
         let ctx = &self.inner.ctx;
         match &cmd.kind {
             Kind::Inspect => {
-                let inv = collect(ctx).await;
+                let inv = collect(ctx, true).await;
                 let message = format!(
                     "{} CPUs, {} MiB RAM, {} disks, {} NICs",
                     inv.cpu.count,
@@ -293,7 +293,7 @@ impl Runner {
             }
             Kind::EraseMetadata { full } => {
                 let full = *full;
-                let inv = collect(ctx).await;
+                let inv = collect(ctx, false).await;
                 let targets = disk::select_for_cleaning(&inv.disks);
                 let result = tokio::task::spawn_blocking(move || {
                     let mut done = Vec::new();
@@ -377,7 +377,7 @@ impl Runner {
         config_drive: Option<&ConfigDrive>,
     ) -> Outcome {
         let ctx = &self.inner.ctx;
-        let inv = collect(ctx).await;
+        let inv = collect(ctx, false).await;
         let target = match disk::select_root_disk(hints, &inv.disks, ctx.min_root_bytes) {
             Ok(t) => t,
             Err(e) => {
@@ -506,9 +506,14 @@ impl Runner {
     }
 }
 
-async fn collect(ctx: &Context) -> Inventory {
+/// The inventory; `lldp`: listen for LLDP neighbours as configured (only `inspect` waits for
+/// them; choosing a disk does not need them).
+async fn collect(ctx: &Context, lldp: bool) -> Inventory {
     let root = ctx.root.clone();
-    let opts = ctx.inventory.clone();
+    let mut opts = ctx.inventory.clone();
+    if !lldp {
+        opts.lldp = std::time::Duration::ZERO;
+    }
     tokio::task::spawn_blocking(move || Inventory::collect(&root, &opts))
         .await
         .unwrap_or_default()

@@ -33,7 +33,7 @@ use crate::commands::{
 use crate::configdrive::ConfigDrive;
 use crate::disk::Hints;
 use crate::image::{Algo, Format, ImageSpec, Progress};
-use crate::inventory::Inventory;
+use crate::inventory::{self, Inventory};
 use crate::tls::{self, Fingerprint};
 
 /// How the agent reaches its coordinator.
@@ -285,7 +285,11 @@ async fn session(
     while updates.try_recv().is_ok() {}
     let (tx, rx) = mpsc::channel::<pb::AgentEvent>(256);
     let root = runner.context().root.clone();
-    let opts = runner.context().inventory.clone();
+    // No LLDP listen for the hello: it would delay every (re)connection; `inspect` listens.
+    let opts = inventory::Options {
+        lldp: std::time::Duration::ZERO,
+        ..runner.context().inventory.clone()
+    };
     let inventory = tokio::task::spawn_blocking(move || Inventory::collect(&root, &opts))
         .await
         .unwrap_or_default();
@@ -503,27 +507,57 @@ fn update_to_proto(u: Update) -> pb::AgentEvent {
     })
 }
 
+fn s(v: &Option<String>) -> String {
+    v.clone().unwrap_or_default()
+}
+
 pub fn inventory_to_proto(inv: &Inventory) -> pb::Inventory {
+    let sys = &inv.system;
     pb::Inventory {
         system: Some(pb::SystemInfo {
-            manufacturer: inv.system.manufacturer.clone(),
-            product_name: inv.system.product_name.clone(),
-            serial_number: inv.system.serial_number.clone(),
-            uuid: inv.system.uuid.clone(),
-            bios_vendor: inv.system.bios_vendor.clone(),
-            bios_version: inv.system.bios_version.clone(),
-            bios_date: inv.system.bios_date.clone(),
+            manufacturer: s(&sys.manufacturer),
+            product_name: s(&sys.product_name),
+            serial_number: s(&sys.serial_number),
+            uuid: s(&sys.uuid),
+            bios_vendor: s(&sys.bios_vendor),
+            bios_version: s(&sys.bios_version),
+            bios_date: s(&sys.bios_date),
+            version: s(&sys.version),
+            sku: s(&sys.sku),
+            family: s(&sys.family),
         }),
         cpu: Some(pb::Cpu {
-            model: inv.cpu.model.clone(),
-            architecture: inv.cpu.architecture.clone(),
+            model: s(&inv.cpu.model),
+            architecture: s(&inv.cpu.architecture),
             count: inv.cpu.count,
-            frequency_mhz: inv.cpu.frequency_mhz,
+            frequency_mhz: inv.cpu.frequency_mhz.unwrap_or(0),
             flags: inv.cpu.flags.clone(),
+            vendor: s(&inv.cpu.vendor),
+            cores: inv.cpu.cores,
+            sockets: inv.cpu.sockets,
+            threads_per_core: inv.cpu.threads_per_core,
+            max_frequency_mhz: inv.cpu.max_frequency_mhz,
         }),
         memory: Some(pb::Memory {
             total_bytes: inv.memory.total_bytes,
-            physical_mib: inv.memory.physical_mib,
+            physical_mib: inv.memory.physical_mib.unwrap_or(0),
+            dimms: inv
+                .memory
+                .dimms
+                .iter()
+                .map(|d| pb::Dimm {
+                    locator: s(&d.locator),
+                    bank_locator: s(&d.bank_locator),
+                    size_mib: d.size_mib.unwrap_or(0),
+                    r#type: s(&d.kind),
+                    form_factor: s(&d.form_factor),
+                    speed_mts: d.speed_mts.unwrap_or(0),
+                    configured_speed_mts: d.configured_speed_mts.unwrap_or(0),
+                    manufacturer: s(&d.manufacturer),
+                    serial_number: s(&d.serial_number),
+                    part_number: s(&d.part_number),
+                })
+                .collect(),
         }),
         disks: inv
             .disks
@@ -533,16 +567,33 @@ pub fn inventory_to_proto(inv: &Inventory) -> pb::Inventory {
                 alternate_names: d.alternate_names.clone(),
                 size_bytes: d.size_bytes,
                 rotational: d.rotational,
-                model: d.model.clone(),
-                vendor: d.vendor.clone(),
-                serial_number: d.serial_number.clone(),
-                wwn: d.wwn.clone(),
-                wwn_with_extension: d.wwn_with_extension.clone(),
-                wwn_vendor_extension: d.wwn_vendor_extension.clone(),
-                hctl: d.hctl.clone(),
+                model: s(&d.model),
+                vendor: s(&d.vendor),
+                serial_number: s(&d.serial_number),
+                wwn: s(&d.wwn),
+                wwn_with_extension: s(&d.wwn_with_extension),
+                wwn_vendor_extension: s(&d.wwn_vendor_extension),
+                hctl: s(&d.hctl),
                 r#type: d.kind.clone(),
                 logical_block_size: d.logical_block_size,
                 physical_block_size: d.physical_block_size,
+                by_path: s(&d.by_path),
+                transport: s(&d.transport),
+                removable: d.removable,
+                read_only: d.read_only,
+                numa_node: d.numa_node,
+                partition_table: s(&d.partition_table),
+                partitions: d
+                    .partitions
+                    .iter()
+                    .map(|p| pb::Partition {
+                        name: p.name.clone(),
+                        number: p.number.unwrap_or(0),
+                        start_bytes: p.start_bytes,
+                        size_bytes: p.size_bytes,
+                        label: s(&p.label),
+                    })
+                    .collect(),
             })
             .collect(),
         nics: inv
@@ -550,17 +601,78 @@ pub fn inventory_to_proto(inv: &Inventory) -> pb::Inventory {
             .iter()
             .map(|n| pb::Nic {
                 name: n.name.clone(),
-                mac: n.mac.clone(),
-                mtu: n.mtu,
-                driver: n.driver.clone(),
-                speed_mbps: n.speed_mbps,
-                has_carrier: n.has_carrier,
+                mac: s(&n.mac),
+                mtu: n.mtu.unwrap_or(0),
+                driver: s(&n.driver),
+                speed_mbps: n.speed_mbps.unwrap_or(0),
+                has_carrier: n.has_carrier.unwrap_or(false),
                 ip_addresses: n.ip_addresses.clone(),
                 pxe: n.pxe,
+                kind: n.kind.clone(),
+                permanent_mac: s(&n.permanent_mac),
+                pci_address: s(&n.pci_address),
+                vendor_id: s(&n.vendor_id),
+                device_id: s(&n.device_id),
+                operstate: s(&n.operstate),
+                numa_node: n.numa_node,
+                bond_master: s(&n.bond_master),
+                bond: n.bond.as_ref().map(|b| pb::Bond {
+                    mode: s(&b.mode),
+                    members: b.members.clone(),
+                }),
+                lldp: n.lldp.as_ref().map(|l| pb::LldpNeighbour {
+                    chassis_id: s(&l.chassis_id),
+                    port_id: s(&l.port_id),
+                    port_description: s(&l.port_description),
+                    system_name: s(&l.system_name),
+                    system_description: s(&l.system_description),
+                    management_addresses: l.management_addresses.clone(),
+                    port_vlan_id: l.port_vlan_id.map(u32::from),
+                    vlans: l
+                        .vlans
+                        .iter()
+                        .map(|v| pb::LldpVlan {
+                            id: u32::from(v.id),
+                            name: s(&v.name),
+                        })
+                        .collect(),
+                }),
             })
             .collect(),
         boot_mode: inv.boot_mode.clone(),
-        hostname: inv.hostname.clone(),
+        hostname: s(&inv.hostname),
+        secure_boot: inv.secure_boot,
+        numa_nodes: inv
+            .numa_nodes
+            .iter()
+            .map(|n| pb::NumaNode {
+                id: n.id,
+                cpus: n.cpus.clone(),
+                memory_bytes: n.memory_bytes.unwrap_or(0),
+            })
+            .collect(),
+        pci_devices: inv
+            .pci_devices
+            .iter()
+            .map(|p| pb::PciDevice {
+                address: p.address.clone(),
+                class: s(&p.class),
+                vendor_id: s(&p.vendor_id),
+                device_id: s(&p.device_id),
+                subsystem_vendor_id: s(&p.subsystem_vendor_id),
+                subsystem_device_id: s(&p.subsystem_device_id),
+                revision: s(&p.revision),
+                driver: s(&p.driver),
+                numa_node: p.numa_node,
+                gpu: p.gpu,
+            })
+            .collect(),
+        bmc: inv.bmc.as_ref().map(|b| pb::Bmc {
+            ipv4_address: s(&b.ipv4_address),
+            ipv6_address: s(&b.ipv6_address),
+            mac: s(&b.mac),
+            interface: s(&b.interface),
+        }),
     }
 }
 

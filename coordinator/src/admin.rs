@@ -4,8 +4,9 @@
 //! through it; filesystem permissions are the authentication, as for containerd or Docker.
 //! `curl --unix-socket STATE/admin.sock http://slipway/v1/hosts` works too.
 //!
-//! Routes: `GET /v1/hosts`, `GET /v1/hosts/{name}`, `POST /v1/hosts/{name}/tokens`
-//! (`{"ttlSeconds": N}`), `GET /v1/info`.
+//! Routes: `GET /v1/hosts`, `GET /v1/hosts/{name}`, `GET /v1/hosts/{name}/hardwaredata` (the
+//! host's `HardwareData` document, `null` before its agent reported), `GET /v1/hardwaredata`
+//! (every host's), `POST /v1/hosts/{name}/tokens` (`{"ttlSeconds": N}`), `GET /v1/info`.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::controller::{HostView, Msg, SharedView};
+use crate::hardware::HardwareData;
 use crate::sources::files::Problem;
 
 /// `GET /v1/hosts`.
@@ -75,6 +77,8 @@ pub fn router(view: SharedView, tx: mpsc::Sender<Msg>, info: Info) -> Router {
     Router::new()
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(get_host))
+        .route("/v1/hosts/{name}/hardwaredata", get(get_hardware))
+        .route("/v1/hardwaredata", get(list_hardware))
         .route("/v1/hosts/{name}/tokens", post(create_token))
         .route(
             "/v1/info",
@@ -101,6 +105,19 @@ async fn get_host(State(s): State<AppState>, UrlPath(name): UrlPath<String>) -> 
         Some(h) => Json(h.clone()).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("host {name} not found")),
     }
+}
+
+async fn get_hardware(State(s): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
+    let view = s.view.read().unwrap_or_else(|p| p.into_inner());
+    if !view.hosts.contains_key(&name) {
+        return error(StatusCode::NOT_FOUND, format!("host {name} not found"));
+    }
+    Json(view.hardware.get(&name).map(|h| (**h).clone())).into_response()
+}
+
+async fn list_hardware(State(s): State<AppState>) -> Json<Vec<HardwareData>> {
+    let view = s.view.read().unwrap_or_else(|p| p.into_inner());
+    Json(view.hardware.values().map(|h| (**h).clone()).collect())
 }
 
 async fn create_token(

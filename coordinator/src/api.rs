@@ -16,8 +16,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use slipway_proto::v1 as pb;
 use slipway_reconcile::host::{
-    Bios, ChecksumType, CommandKind, Cpu, Firmware, HardwareDetails, HardwareSystemVendor,
-    ImageFormat, Nic, Progress, RootDeviceHints, Storage,
+    Bios, ChecksumType, CommandKind, HardwareDetails, ImageFormat, Progress, RootDeviceHints,
 };
 use slipway_reconcile::{CommandFailure, CommandSuccess};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
 use crate::controller::{AgentInfo, AgentReport, Msg, Outcome, Outgoing, Refusal};
+use crate::hardware::{self, Hardware};
 use crate::pki;
 use crate::tokens::TokenSecret;
 
@@ -163,7 +163,11 @@ impl pb::agent_service_server::AgentService for Api {
         }
         let agent = agent_info(hello.agent.as_ref());
         let reports = hello.commands.iter().filter_map(command_status).collect();
-        let inventory = hello.inventory.as_ref().map(hardware_details);
+        let hello_hardware = hello
+            .inventory
+            .as_ref()
+            .map(|inv| Box::new(hardware_of(inv)));
+        let inventory = hello_hardware.as_ref().map(|h| hardware::details(h));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<Outgoing>();
         let session = {
             let host = host.clone();
@@ -181,6 +185,17 @@ impl pb::agent_service_server::AgentService for Api {
             .await?
         };
         let session = session.map_err(|Refusal(reason)| Status::permission_denied(reason))?;
+        if let Some(hardware) = hello_hardware {
+            let _ = self
+                .tx
+                .send(Msg::Inventory {
+                    host: host.clone(),
+                    session,
+                    hardware,
+                    by: "hello",
+                })
+                .await;
+        }
 
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -202,14 +217,33 @@ impl pb::agent_service_server::AgentService for Api {
                             progress: Some(progress(&p)),
                         },
                     },
-                    pb::agent_event::Event::Result(r) => match command_result(&r) {
-                        Some(report) => Msg::Report {
-                            host: host.clone(),
-                            session,
-                            report,
-                        },
-                        None => continue,
-                    },
+                    pb::agent_event::Event::Result(r) => {
+                        // The full inventory first, so it is stored by the time the report
+                        // moves the host on.
+                        if let Some(pb::command_result::Outcome::Success(pb::Success {
+                            detail: Some(pb::success::Detail::Inventory(inv)),
+                            ..
+                        })) = &r.outcome
+                        {
+                            let msg = Msg::Inventory {
+                                host: host.clone(),
+                                session,
+                                hardware: Box::new(hardware_of(inv)),
+                                by: "inspect",
+                            };
+                            if tx.send(msg).await.is_err() {
+                                return;
+                            }
+                        }
+                        match command_result(&r) {
+                            Some(report) => Msg::Report {
+                                host: host.clone(),
+                                session,
+                                report,
+                            },
+                            None => continue,
+                        }
+                    }
                     pb::agent_event::Event::Log(l) => Msg::AgentLog {
                         host: host.clone(),
                         session,
@@ -349,44 +383,93 @@ fn command_result(r: &pb::CommandResult) -> Option<AgentReport> {
 
 /// The metal3 `HardwareDetails` summary of an inventory.
 pub fn hardware_details(inv: &pb::Inventory) -> HardwareDetails {
+    hardware::details(&hardware_of(inv))
+}
+
+/// The full inventory, in the shape of a `HardwareData`'s `spec.hardware`.
+pub fn hardware_of(inv: &pb::Inventory) -> Hardware {
     let sys = inv.system.clone().unwrap_or_default();
     let cpu = inv.cpu.clone().unwrap_or_default();
-    let mem = inv.memory.unwrap_or_default();
+    let mem = inv.memory.clone().unwrap_or_default();
     let ram_mebibytes = if mem.physical_mib > 0 {
         mem.physical_mib
     } else {
         mem.total_bytes / (1024 * 1024)
     };
-    HardwareDetails {
-        system_vendor: HardwareSystemVendor {
+    Hardware {
+        system_vendor: hardware::SystemVendor {
             manufacturer: sys.manufacturer,
             product_name: sys.product_name,
             serial_number: sys.serial_number,
+            version: sys.version,
+            uuid: sys.uuid,
+            sku: sys.sku,
+            family: sys.family,
         },
-        firmware: Firmware {
+        firmware: hardware::Firmware {
             bios: Bios {
                 date: sys.bios_date,
                 vendor: sys.bios_vendor,
                 version: sys.bios_version,
             },
+            boot_mode: inv.boot_mode.clone(),
+            secure_boot: inv.secure_boot,
         },
         ram_mebibytes,
         nics: inv
             .nics
             .iter()
-            .map(|n| Nic {
+            .map(|n| hardware::Nic {
                 name: n.name.clone(),
-                model: n.driver.clone(),
+                model: if n.vendor_id.is_empty() {
+                    n.driver.clone()
+                } else {
+                    format!("{} {}", n.vendor_id, n.device_id)
+                },
                 mac: n.mac.clone(),
                 ip: n.ip_addresses.first().cloned().unwrap_or_default(),
                 speed_gbps: n.speed_mbps / 1000,
                 pxe: n.pxe,
+                kind: n.kind.clone(),
+                permanent_mac: n.permanent_mac.clone(),
+                driver: n.driver.clone(),
+                pci_address: n.pci_address.clone(),
+                vendor_id: n.vendor_id.clone(),
+                device_id: n.device_id.clone(),
+                speed_mbps: n.speed_mbps,
+                mtu: n.mtu,
+                has_carrier: n.has_carrier,
+                operstate: n.operstate.clone(),
+                ip_addresses: n.ip_addresses.clone(),
+                numa_node: n.numa_node,
+                bond_master: n.bond_master.clone(),
+                bond: n.bond.as_ref().map(|b| hardware::Bond {
+                    mode: b.mode.clone(),
+                    members: b.members.clone(),
+                }),
+                lldp: n.lldp.as_ref().map(|l| hardware::Lldp {
+                    chassis_id: l.chassis_id.clone(),
+                    port_id: l.port_id.clone(),
+                    port_description: l.port_description.clone(),
+                    system_name: l.system_name.clone(),
+                    system_description: l.system_description.clone(),
+                    management_addresses: l.management_addresses.clone(),
+                    port_vlan_id: l.port_vlan_id,
+                    vlans: l
+                        .vlans
+                        .iter()
+                        .map(|v| hardware::LldpVlan {
+                            id: v.id,
+                            name: v.name.clone(),
+                        })
+                        .collect(),
+                }),
             })
             .collect(),
         storage: inv
             .disks
             .iter()
-            .map(|d| Storage {
+            .map(|d| hardware::Storage {
                 name: d.name.clone(),
                 alternate_names: d.alternate_names.clone(),
                 rotational: d.rotational,
@@ -399,16 +482,93 @@ pub fn hardware_details(inv: &pb::Inventory) -> HardwareDetails {
                 wwn_vendor_extension: d.wwn_vendor_extension.clone(),
                 wwn_with_extension: d.wwn_with_extension.clone(),
                 hctl: d.hctl.clone(),
+                by_path: d.by_path.clone(),
+                transport: d.transport.clone(),
+                logical_block_size: d.logical_block_size,
+                physical_block_size: d.physical_block_size,
+                removable: d.removable,
+                read_only: d.read_only,
+                numa_node: d.numa_node,
+                partition_table: d.partition_table.clone(),
+                partitions: d
+                    .partitions
+                    .iter()
+                    .map(|p| hardware::Partition {
+                        name: p.name.clone(),
+                        number: p.number,
+                        start_bytes: p.start_bytes,
+                        size_bytes: p.size_bytes,
+                        label: p.label.clone(),
+                    })
+                    .collect(),
             })
             .collect(),
-        cpu: Cpu {
+        cpu: hardware::Cpu {
             arch: cpu.architecture,
             model: cpu.model,
             clock_megahertz: f64::from(cpu.frequency_mhz),
             flags: cpu.flags,
             count: cpu.count,
+            vendor: cpu.vendor,
+            cores: cpu.cores,
+            sockets: cpu.sockets,
+            threads_per_core: cpu.threads_per_core,
+            max_clock_megahertz: cpu.max_frequency_mhz,
         },
         hostname: inv.hostname.clone(),
+        memory: hardware::Memory {
+            total_bytes: mem.total_bytes,
+            physical_mebibytes: mem.physical_mib,
+            dimms: mem
+                .dimms
+                .iter()
+                .map(|d| hardware::Dimm {
+                    locator: d.locator.clone(),
+                    bank_locator: d.bank_locator.clone(),
+                    size_mebibytes: d.size_mib,
+                    kind: d.r#type.clone(),
+                    form_factor: d.form_factor.clone(),
+                    speed_mts: d.speed_mts,
+                    configured_speed_mts: d.configured_speed_mts,
+                    manufacturer: d.manufacturer.clone(),
+                    serial_number: d.serial_number.clone(),
+                    part_number: d.part_number.clone(),
+                })
+                .collect(),
+        },
+        numa_nodes: inv
+            .numa_nodes
+            .iter()
+            .map(|n| hardware::NumaNode {
+                id: n.id,
+                cpus: n.cpus.clone(),
+                memory_bytes: n.memory_bytes,
+            })
+            .collect(),
+        pci_devices: inv
+            .pci_devices
+            .iter()
+            .map(|p| hardware::PciDevice {
+                address: p.address.clone(),
+                class_name: hardware::class_name(&p.class).into(),
+                class: p.class.clone(),
+                vendor_name: hardware::vendor_name(&p.vendor_id).into(),
+                vendor_id: p.vendor_id.clone(),
+                device_id: p.device_id.clone(),
+                subsystem_vendor_id: p.subsystem_vendor_id.clone(),
+                subsystem_device_id: p.subsystem_device_id.clone(),
+                revision: p.revision.clone(),
+                driver: p.driver.clone(),
+                numa_node: p.numa_node,
+                gpu: p.gpu,
+            })
+            .collect(),
+        bmc: inv.bmc.as_ref().map(|b| hardware::Bmc {
+            ipv4_address: b.ipv4_address.clone(),
+            ipv6_address: b.ipv6_address.clone(),
+            mac: b.mac.clone(),
+            interface: b.interface.clone(),
+        }),
     }
 }
 

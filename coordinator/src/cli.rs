@@ -12,6 +12,7 @@ use slipway_reconcile::host::BareMetalHost;
 
 use crate::admin::{self, HostList, Info, TokenRequest, TokenResponse};
 use crate::controller::HostView;
+use crate::hardware::HardwareData;
 use crate::output;
 use crate::serve::{self, ServeArgs, parse_duration};
 
@@ -69,6 +70,15 @@ pub enum GetWhat {
     /// The host table: NAME, STATE, ONLINE, ERROR, PROGRESS, AGE.
     #[command(alias = "host", alias = "bmh", alias = "baremetalhosts")]
     Hosts {
+        /// Only these hosts.
+        names: Vec<String>,
+        #[arg(short, long, value_enum, default_value_t = TableFormat::Table)]
+        output: TableFormat,
+    },
+    /// Full hardware inventories (metal3 HardwareData documents): a table of every host's, or
+    /// the documents with -o yaml|json.
+    #[command(alias = "hardwaredatas", alias = "hd")]
+    Hardwaredata {
         /// Only these hosts.
         names: Vec<String>,
         #[arg(short, long, value_enum, default_value_t = TableFormat::Table)]
@@ -205,6 +215,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Get {
+            what: GetWhat::Hardwaredata { names, output },
+        } => {
+            let docs: Vec<HardwareData> = if names.is_empty() {
+                admin::call(&socket, http::Method::GET, "/v1/hardwaredata", None).await?
+            } else {
+                let mut docs = Vec::new();
+                for n in &names {
+                    let doc: Option<HardwareData> = admin::call(
+                        &socket,
+                        http::Method::GET,
+                        &format!("/v1/hosts/{n}/hardwaredata"),
+                        None,
+                    )
+                    .await?;
+                    docs.push(doc.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "host {n} has no hardware data yet: its agent has not reported an \
+                             inventory (see `slipway describe host {n}`)"
+                        )
+                    })?);
+                }
+                docs
+            };
+            let yaml = matches!(output, TableFormat::Yaml);
+            let text = match output {
+                TableFormat::Table | TableFormat::Wide => {
+                    output::hardware_table(&docs, Timestamp::now())
+                }
+                _ if names.len() == 1 => encode(&docs[0], yaml)?,
+                _ => encode(
+                    &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": docs}),
+                    yaml,
+                )?,
+            };
+            print(&text)
+        }
         Command::Describe {
             what: DescribeWhat::Host { name },
         } => {
@@ -215,7 +262,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None,
             )
             .await?;
-            print(&output::describe(&host, Timestamp::now()))
+            let hardware: Option<HardwareData> = admin::call(
+                &socket,
+                http::Method::GET,
+                &format!("/v1/hosts/{name}/hardwaredata"),
+                None,
+            )
+            .await?;
+            print(&output::describe(
+                &host,
+                hardware.as_ref(),
+                Timestamp::now(),
+            ))
         }
         Command::Token {
             what: TokenCmd::Create { host, ttl, output },

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::configdrive::{self, ConfigDriveData};
+use crate::hardware::{Hardware, HardwareData};
 use crate::pki::Ca;
 use crate::sources::files::{Problem, Secret, Snapshot};
 use crate::store::{Batch, EventRecord, HostRecord, Store, TokenRecord};
@@ -125,6 +126,13 @@ pub enum Msg {
         warning: bool,
         message: String,
     },
+    /// The agent's full inventory, from its hello or an inspect result (`by`).
+    Inventory {
+        host: String,
+        session: u64,
+        hardware: Box<Hardware>,
+        by: &'static str,
+    },
     Disconnect {
         host: String,
         session: u64,
@@ -169,6 +177,8 @@ pub const DISCOVERED: &str = "discovered";
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub hosts: BTreeMap<String, HostView>,
+    /// Each host's latest full inventory (shared, not copied, at each publish).
+    pub hardware: BTreeMap<String, Arc<HardwareData>>,
     pub problems: Vec<Problem>,
 }
 
@@ -230,6 +240,7 @@ pub struct Controller {
     settings: Settings,
     hosts: BTreeMap<String, Entry>,
     tokens: HashMap<String, TokenRecord>,
+    hardware: BTreeMap<String, Arc<HardwareData>>,
     problems: Vec<Problem>,
     /// The Secrets of the hosts directory (userData, networkData, metaData), and their key
     /// names for the planner.
@@ -241,6 +252,7 @@ pub struct Controller {
     to_plan: HashSet<String>,
     changed_hosts: HashSet<String>,
     changed_tokens: HashSet<String>,
+    changed_hardware: HashSet<String>,
     removed_hosts: HashSet<String>,
     replies: Vec<Reply>,
     outbox: Vec<(CommandSender, Outgoing)>,
@@ -266,6 +278,12 @@ impl Controller {
             );
         }
         let tokens = store.load_tokens()?.into_iter().collect();
+        let hardware = store
+            .load_hardware()?
+            .into_iter()
+            .filter(|(name, _)| hosts.contains_key(name))
+            .map(|(name, h)| (name, Arc::new(h)))
+            .collect();
         let to_plan = hosts.keys().cloned().collect();
         Ok(Controller {
             store,
@@ -273,6 +291,7 @@ impl Controller {
             settings,
             hosts,
             tokens,
+            hardware,
             problems: Vec::new(),
             secrets: BTreeMap::new(),
             secret_keys: SecretKeys::new(),
@@ -281,6 +300,7 @@ impl Controller {
             to_plan,
             changed_hosts: HashSet::new(),
             changed_tokens: HashSet::new(),
+            changed_hardware: HashSet::new(),
             removed_hosts: HashSet::new(),
             replies: Vec::new(),
             outbox: Vec::new(),
@@ -430,6 +450,26 @@ impl Controller {
                     } else {
                         info!("{message}");
                     }
+                }
+            }
+            Msg::Inventory {
+                host,
+                session,
+                hardware,
+                by,
+            } => {
+                let current = self
+                    .hosts
+                    .get(&host)
+                    .and_then(|e| e.session.as_ref())
+                    .is_some_and(|s| s.id == session);
+                if current {
+                    debug!(host = %host, by, "full inventory received");
+                    let data = HardwareData::new(&host, *hardware, now, by);
+                    self.hardware.insert(host.clone(), Arc::new(data));
+                    self.changed_hardware.insert(host);
+                } else {
+                    debug!(host = %host, session, "inventory from a replaced session ignored");
                 }
             }
             Msg::Disconnect {
@@ -991,6 +1031,9 @@ impl Controller {
                 info!(host = %name, "host removed");
             }
             self.changed_hosts.insert(name.clone());
+            if self.hardware.remove(name).is_some() {
+                self.changed_hardware.insert(name.clone());
+            }
             // Its tokens go with it.
             let dead: Vec<String> = self
                 .tokens
@@ -1014,6 +1057,11 @@ impl Controller {
                 .changed_tokens
                 .iter()
                 .map(|k| (k.clone(), self.tokens.get(k).cloned()))
+                .collect(),
+            hardware: self
+                .changed_hardware
+                .iter()
+                .map(|k| (k.clone(), self.hardware.get(k).map(|h| (**h).clone())))
                 .collect(),
         };
         if !batch.is_empty() {
@@ -1054,6 +1102,7 @@ impl Controller {
         }
         self.changed_hosts.clear();
         self.changed_tokens.clear();
+        self.changed_hardware.clear();
         for (tx, cmd) in self.outbox.drain(..) {
             let _ = tx.send(cmd);
         }
@@ -1090,6 +1139,7 @@ impl Controller {
             .collect();
         let view = View {
             hosts,
+            hardware: self.hardware.clone(),
             problems: self.problems.clone(),
         };
         match self.view.write() {

@@ -9,6 +9,7 @@
 //! - [`store`]: the embedded redb store. [`sources`]: where host declarations come from.
 //! - [`boot`]: iPXE scripts, kernel arguments, per-host ISOs, dnsmasq configuration; pure.
 //! - [`http`]: boot files, scripts and images over HTTP. [`admin`]: the CLI's API on a Unix socket.
+//! - [`hardware`]: the full inventory as a metal3 `HardwareData` document, and its summary.
 //! - [`output`]: tables and descriptions, pure.
 
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod boot;
 pub mod cli;
 pub mod configdrive;
 pub mod controller;
+pub mod hardware;
 pub mod http;
 pub mod output;
 pub mod pki;

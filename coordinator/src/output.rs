@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use slipway_reconcile::host::{BareMetalHost, HostStatus, ProvisioningState};
 
 use crate::controller::HostView;
+use crate::hardware::{self, HardwareData};
 use crate::sources::files::Problem;
 
 /// kubectl's age format: 45s, 12m, 5h, 3d.
@@ -176,8 +177,9 @@ fn waiting_for(v: &HostView) -> Option<String> {
     })
 }
 
-/// `slipway describe host NAME`.
-pub fn describe(v: &HostView, now: Timestamp) -> String {
+/// `slipway describe host NAME`; the hardware section summarises the full inventory when there
+/// is one, else the metal3 summary in the status.
+pub fn describe(v: &HostView, full: Option<&HardwareData>, now: Timestamp) -> String {
     let h = &v.host;
     let st = status(h);
     let mut o = String::new();
@@ -307,7 +309,9 @@ pub fn describe(v: &HostView, now: Timestamp) -> String {
         .unwrap_or_default();
     let _ = writeln!(o, "  Cleaning:    {cleaning}");
 
-    if let Some(hw) = &st.hardware {
+    if let Some(full) = full {
+        o.push_str(&hardware_summary(full, now));
+    } else if let Some(hw) = &st.hardware {
         let _ = writeln!(o, "Hardware:");
         let sv = &hw.system_vendor;
         let mut system = join_nonempty(&[&sv.manufacturer, &sv.product_name]);
@@ -396,6 +400,257 @@ pub fn describe(v: &HostView, now: Timestamp) -> String {
         o.push_str(&columns(&rows));
     }
     o
+}
+
+/// A kernel-style CPU list: 0-3,8,10-11.
+fn cpu_ranges(cpus: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let start = cpus[i];
+        let mut end = start;
+        while i + 1 < cpus.len() && cpus[i + 1] == end + 1 {
+            i += 1;
+            end = cpus[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
+
+/// The hardware section of `describe`, from a full inventory.
+pub fn hardware_summary(doc: &HardwareData, now: Timestamp) -> String {
+    let h = &doc.spec.hardware;
+    let mut o = String::new();
+    let by = doc
+        .metadata
+        .annotations
+        .get(hardware::COLLECTED_BY)
+        .map(String::as_str)
+        .unwrap_or("agent");
+    let _ = writeln!(
+        o,
+        "Hardware:     (full inventory from {by}, {} ago; `slipway get hardwaredata {}`)",
+        age(doc.collected_at(), now),
+        doc.metadata.name
+    );
+    let sv = &h.system_vendor;
+    let mut system = join_nonempty(&[&sv.manufacturer, &sv.product_name]);
+    if !sv.serial_number.is_empty() {
+        let _ = write!(system, " (serial {})", sv.serial_number);
+    }
+    let bios = &h.firmware.bios;
+    let fw = join_nonempty(&[&bios.vendor, &bios.version]);
+    if !fw.is_empty() {
+        let _ = write!(system, ", BIOS {fw}");
+        if !bios.date.is_empty() {
+            let _ = write!(system, " ({})", bios.date);
+        }
+    }
+    if !h.firmware.boot_mode.is_empty() {
+        let _ = write!(system, ", {}", h.firmware.boot_mode);
+    }
+    match h.firmware.secure_boot {
+        Some(true) => system.push_str(", Secure Boot on"),
+        Some(false) => system.push_str(", Secure Boot off"),
+        None => {}
+    }
+    let _ = writeln!(o, "  System:      {}", system.trim_start_matches(", "));
+    let c = &h.cpu;
+    let model = if c.model.is_empty() {
+        "unknown model"
+    } else {
+        &c.model
+    };
+    let mut cpu = format!("{} x {model}", c.sockets.unwrap_or(1));
+    let mut topo = vec![format!("{} threads", c.count)];
+    if let Some(cores) = c.cores {
+        topo.push(format!("{cores} cores"));
+    }
+    if c.clock_megahertz > 0.0 {
+        topo.push(format!("{} MHz", c.clock_megahertz));
+    }
+    if let Some(max) = c.max_clock_megahertz {
+        topo.push(format!("max {max} MHz"));
+    }
+    let _ = write!(cpu, " ({}, {})", c.arch, topo.join(", "));
+    let _ = writeln!(o, "  CPU:         {cpu}");
+    let m = &h.memory;
+    let mut mem = if m.physical_mebibytes > 0 {
+        format!(
+            "{} installed, {} usable",
+            bytes(m.physical_mebibytes << 20),
+            bytes(m.total_bytes)
+        )
+    } else {
+        format!("{} usable", bytes(m.total_bytes))
+    };
+    if !m.dimms.is_empty() {
+        let dimms: Vec<String> = m
+            .dimms
+            .iter()
+            .map(|d| {
+                let mut s = format!("{} {}", d.locator, bytes(d.size_mebibytes << 20));
+                if !d.kind.is_empty() {
+                    let _ = write!(s, " {}", d.kind);
+                }
+                if d.speed_mts > 0 {
+                    let _ = write!(s, " {} MT/s", d.speed_mts);
+                }
+                s
+            })
+            .collect();
+        let _ = write!(mem, "; {} DIMMs: {}", m.dimms.len(), dimms.join(", "));
+    }
+    let _ = writeln!(o, "  Memory:      {mem}");
+    if h.numa_nodes.len() > 1 {
+        let nodes: Vec<String> = h
+            .numa_nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{} (cpus {}, {})",
+                    n.id,
+                    cpu_ranges(&n.cpus),
+                    bytes(n.memory_bytes)
+                )
+            })
+            .collect();
+        let _ = writeln!(o, "  NUMA:        {}", nodes.join("; "));
+    }
+    let _ = writeln!(o, "  Disks:");
+    let rows: Vec<Vec<String>> = h
+        .storage
+        .iter()
+        .map(|d| {
+            vec![
+                format!("    {}", d.name),
+                bytes(d.size_bytes),
+                d.kind.clone(),
+                d.transport.clone(),
+                d.model.clone(),
+                d.serial_number.clone(),
+                d.by_path.clone(),
+            ]
+        })
+        .collect();
+    o.push_str(&columns(&rows));
+    let _ = writeln!(o, "  NICs:");
+    let rows: Vec<Vec<String>> = h
+        .nics
+        .iter()
+        .map(|n| {
+            let mut what = Vec::new();
+            if let Some(b) = &n.bond {
+                what.push(format!("bond {} ({})", b.mode, b.members.join(", ")));
+            }
+            if !n.bond_master.is_empty() {
+                what.push(format!("in {}", n.bond_master));
+            }
+            if n.speed_mbps > 0 {
+                what.push(if n.speed_mbps % 1000 == 0 {
+                    format!("{} Gb/s", n.speed_mbps / 1000)
+                } else {
+                    format!("{} Mb/s", n.speed_mbps)
+                });
+            }
+            if n.pxe {
+                what.push("pxe".into());
+            }
+            if let Some(l) = &n.lldp {
+                let mut s = format!(
+                    "switch {} port {}",
+                    if l.system_name.is_empty() {
+                        &l.chassis_id
+                    } else {
+                        &l.system_name
+                    },
+                    l.port_id
+                );
+                if let Some(v) = l.port_vlan_id {
+                    let _ = write!(s, " vlan {v}");
+                }
+                what.push(s);
+            }
+            vec![
+                format!("    {}", n.name),
+                n.mac.clone(),
+                n.ip.clone(),
+                n.driver.clone(),
+                what.join(", "),
+            ]
+        })
+        .collect();
+    o.push_str(&columns(&rows));
+    let gpus: Vec<String> = h
+        .pci_devices
+        .iter()
+        .filter(|p| p.gpu)
+        .map(|p| {
+            let vendor = if p.vendor_name.is_empty() {
+                &p.vendor_id
+            } else {
+                &p.vendor_name
+            };
+            format!("{vendor} {} at {}", p.device_id, p.address)
+        })
+        .collect();
+    let mut pci = format!("{} devices", h.pci_devices.len());
+    if !gpus.is_empty() {
+        let _ = write!(pci, ", {} GPU: {}", gpus.len(), gpus.join(", "));
+    }
+    let _ = writeln!(o, "  PCI:         {pci}");
+    let bmc = match &h.bmc {
+        Some(b) => {
+            let addr = join_nonempty(&[&b.ipv4_address, &b.ipv6_address]);
+            let addr = if addr.is_empty() {
+                "address unknown".to_string()
+            } else {
+                addr
+            };
+            if b.interface.is_empty() {
+                addr
+            } else {
+                format!("{addr} ({})", b.interface)
+            }
+        }
+        None => "none seen from the host".into(),
+    };
+    let _ = writeln!(o, "  BMC:         {bmc}");
+    o
+}
+
+/// `slipway get hardwaredata`: one row per host.
+pub fn hardware_table(docs: &[HardwareData], now: Timestamp) -> String {
+    let mut rows = vec![
+        ["NAME", "CPUS", "MEMORY", "DISKS", "NICS", "GPUS", "AGE"]
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+    ];
+    for d in docs {
+        let h = &d.spec.hardware;
+        let mem = if h.memory.physical_mebibytes > 0 {
+            h.memory.physical_mebibytes << 20
+        } else {
+            h.memory.total_bytes
+        };
+        rows.push(vec![
+            d.metadata.name.clone(),
+            h.cpu.count.to_string(),
+            bytes(mem),
+            h.storage.len().to_string(),
+            h.nics.len().to_string(),
+            h.pci_devices.iter().filter(|p| p.gpu).count().to_string(),
+            age(d.collected_at(), now),
+        ]);
+    }
+    columns(&rows)
 }
 
 #[cfg(test)]
@@ -532,7 +787,159 @@ mod tests {
               AGE   TYPE      REASON   MESSAGE
               10s   Warning   Error    provisioning error: checksum mismatch
         "#]]
-        .assert_eq(&describe(&v, now()));
+        .assert_eq(&describe(&v, None, now()));
+    }
+
+    #[test]
+    fn describe_with_the_full_inventory() {
+        use crate::hardware::*;
+        let mut v = host("r740-07", ProvisioningState::Available);
+        v.host.spec.image = None;
+        let h = Hardware {
+            system_vendor: SystemVendor {
+                manufacturer: "Dell Inc.".into(),
+                product_name: "PowerEdge R740xd".into(),
+                serial_number: "7XK2M93".into(),
+                ..Default::default()
+            },
+            firmware: Firmware {
+                bios: slipway_reconcile::host::Bios {
+                    date: "06/12/2023".into(),
+                    vendor: "Dell Inc.".into(),
+                    version: "2.19.1".into(),
+                },
+                boot_mode: "UEFI".into(),
+                secure_boot: Some(true),
+            },
+            cpu: Cpu {
+                arch: "x86_64".into(),
+                model: "Intel(R) Xeon(R) Gold 6130 CPU @ 2.10GHz".into(),
+                clock_megahertz: 2100.0,
+                count: 8,
+                cores: Some(4),
+                sockets: Some(2),
+                max_clock_megahertz: Some(3700),
+                ..Default::default()
+            },
+            memory: Memory {
+                total_bytes: 62 << 30,
+                physical_mebibytes: 65536,
+                dimms: vec![
+                    Dimm {
+                        locator: "A1".into(),
+                        size_mebibytes: 32768,
+                        kind: "DDR4".into(),
+                        speed_mts: 2666,
+                        ..Default::default()
+                    },
+                    Dimm {
+                        locator: "B1".into(),
+                        size_mebibytes: 32768,
+                        kind: "DDR4".into(),
+                        speed_mts: 2666,
+                        ..Default::default()
+                    },
+                ],
+            },
+            numa_nodes: vec![
+                NumaNode {
+                    id: 0,
+                    cpus: vec![0, 1, 4, 5],
+                    memory_bytes: 31 << 30,
+                },
+                NumaNode {
+                    id: 1,
+                    cpus: vec![2, 3, 6, 7],
+                    memory_bytes: 31 << 30,
+                },
+            ],
+            storage: vec![Storage {
+                name: "/dev/sda".into(),
+                kind: "HDD".into(),
+                size_bytes: 2 << 40,
+                model: "ST2000NM0045".into(),
+                serial_number: "ZC20A1B2".into(),
+                transport: "sas".into(),
+                by_path: "/dev/disk/by-path/pci-0000:18:00.0-sas-phy0-lun-0".into(),
+                ..Default::default()
+            }],
+            nics: vec![
+                Nic {
+                    name: "bond0".into(),
+                    mac: "3c:fd:fe:a1:b2:c0".into(),
+                    ip: "203.0.113.10".into(),
+                    bond: Some(Bond {
+                        mode: "802.3ad".into(),
+                        members: vec!["eno1".into(), "eno2".into()],
+                    }),
+                    ..Default::default()
+                },
+                Nic {
+                    name: "eno1".into(),
+                    mac: "3c:fd:fe:a1:b2:c0".into(),
+                    driver: "i40e".into(),
+                    speed_mbps: 10000,
+                    bond_master: "bond0".into(),
+                    pxe: true,
+                    lldp: Some(Lldp {
+                        system_name: "tor-a".into(),
+                        port_id: "Ethernet12".into(),
+                        port_vlan_id: Some(100),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ],
+            pci_devices: vec![
+                PciDevice {
+                    address: "0000:d8:00.0".into(),
+                    class: "030200".into(),
+                    vendor_id: "0x10de".into(),
+                    vendor_name: "NVIDIA".into(),
+                    device_id: "0x1eb8".into(),
+                    gpu: true,
+                    ..Default::default()
+                },
+                PciDevice {
+                    address: "0000:3b:00.0".into(),
+                    ..Default::default()
+                },
+            ],
+            bmc: Some(Bmc {
+                ipv4_address: "198.51.100.20".into(),
+                interface: "IPMI 2.0 KCS".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let doc = HardwareData::new(
+            "r740-07",
+            h,
+            now() - SignedDuration::from_secs(120),
+            "inspect",
+        );
+        expect![[r#"
+            Hardware:     (full inventory from inspect, 2m ago; `slipway get hardwaredata r740-07`)
+              System:      Dell Inc. PowerEdge R740xd (serial 7XK2M93), BIOS Dell Inc. 2.19.1 (06/12/2023), UEFI, Secure Boot on
+              CPU:         2 x Intel(R) Xeon(R) Gold 6130 CPU @ 2.10GHz (x86_64, 8 threads, 4 cores, 2100 MHz, max 3700 MHz)
+              Memory:      64.0 GiB installed, 62.0 GiB usable; 2 DIMMs: A1 32.0 GiB DDR4 2666 MT/s, B1 32.0 GiB DDR4 2666 MT/s
+              NUMA:        0 (cpus 0-1,4-5, 31.0 GiB); 1 (cpus 2-3,6-7, 31.0 GiB)
+              Disks:
+                /dev/sda   2.0 TiB   HDD   sas   ST2000NM0045   ZC20A1B2   /dev/disk/by-path/pci-0000:18:00.0-sas-phy0-lun-0
+              NICs:
+                bond0   3c:fd:fe:a1:b2:c0   203.0.113.10          bond 802.3ad (eno1, eno2)
+                eno1    3c:fd:fe:a1:b2:c0                  i40e   in bond0, 10 Gb/s, pxe, switch tor-a port Ethernet12 vlan 100
+              PCI:         2 devices, 1 GPU: NVIDIA 0x1eb8 at 0000:d8:00.0
+              BMC:         198.51.100.20 (IPMI 2.0 KCS)
+        "#]]
+        .assert_eq(&hardware_summary(&doc, now()));
+        let text = describe(&v, Some(&doc), now());
+        assert!(text.contains("  BMC:         198.51.100.20"), "{text}");
+        expect![[r#"
+            NAME      CPUS   MEMORY     DISKS   NICS   GPUS   AGE
+            r740-07   8      64.0 GiB   1       2      1      2m
+        "#]]
+        .assert_eq(&hardware_table(&[doc], now()));
     }
 
     #[test]

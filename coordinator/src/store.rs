@@ -1,7 +1,7 @@
 //! The embedded store of files mode: one redb file, `STATE/slipway.redb`.
 //!
 //! It holds what Slipway observed (each host's status, its current agent certificate, recent
-//! events) and the bootstrap tokens (by hash; the token itself is never stored). The spec is
+//! events), each host's full inventory (`HardwareData`) and the bootstrap tokens (by hash; the token itself is never stored). The spec is
 //! stored too, so a restarted coordinator can tell what changed in the hosts directory while
 //! it was down.
 //!
@@ -16,8 +16,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use slipway_reconcile::host::BareMetalHost;
 
+use crate::hardware::HardwareData;
+
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Each host's full inventory (a metal3 HardwareData document), apart from the host record so
+/// the frequent writes of a host's status do not rewrite it.
+const HARDWARE: TableDefinition<&str, &[u8]> = TableDefinition::new("hardware");
 
 /// How many events a host keeps for `describe`.
 pub const EVENTS_KEPT: usize = 50;
@@ -105,11 +110,12 @@ pub struct TokenRecord {
 pub struct Batch {
     pub hosts: Vec<(String, Option<HostRecord>)>,
     pub tokens: Vec<(String, Option<TokenRecord>)>,
+    pub hardware: Vec<(String, Option<HardwareData>)>,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty() && self.tokens.is_empty()
+        self.hosts.is_empty() && self.tokens.is_empty() && self.hardware.is_empty()
     }
 }
 
@@ -152,6 +158,10 @@ impl Store {
         self.load(TOKENS)
     }
 
+    pub fn load_hardware(&self) -> Result<Vec<(String, HardwareData)>, StoreError> {
+        self.load(HARDWARE)
+    }
+
     fn load<T: serde::de::DeserializeOwned>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -178,47 +188,40 @@ impl Store {
     pub fn write(&self, batch: Batch) -> Result<(), StoreError> {
         let err = self.db_err("write");
         let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
-        {
-            let mut hosts = txn.open_table(HOSTS).map_err(|e| err(e.into()))?;
-            for (key, record) in &batch.hosts {
-                match record {
-                    Some(r) => {
-                        let bytes =
-                            serde_json::to_vec(r).map_err(|source| StoreError::Corrupt {
-                                key: key.clone(),
-                                path: self.path.clone(),
-                                source,
-                            })?;
-                        hosts
-                            .insert(key.as_str(), bytes.as_slice())
-                            .map_err(|e| err(e.into()))?;
-                    }
-                    None => {
-                        hosts.remove(key.as_str()).map_err(|e| err(e.into()))?;
-                    }
+        self.put_all(&txn, HOSTS, &batch.hosts)?;
+        self.put_all(&txn, TOKENS, &batch.tokens)?;
+        self.put_all(&txn, HARDWARE, &batch.hardware)?;
+        txn.commit().map_err(|e| err(e.into()))
+    }
+}
+
+impl Store {
+    /// Writes (or with `None`, deletes) records of one table inside `txn`.
+    fn put_all<T: Serialize>(
+        &self,
+        txn: &redb::WriteTransaction,
+        table: TableDefinition<&str, &[u8]>,
+        records: &[(String, Option<T>)],
+    ) -> Result<(), StoreError> {
+        let err = self.db_err("write");
+        let mut t = txn.open_table(table).map_err(|e| err(e.into()))?;
+        for (key, record) in records {
+            match record {
+                Some(r) => {
+                    let bytes = serde_json::to_vec(r).map_err(|source| StoreError::Corrupt {
+                        key: key.clone(),
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                    t.insert(key.as_str(), bytes.as_slice())
+                        .map_err(|e| err(e.into()))?;
                 }
-            }
-            let mut tokens = txn.open_table(TOKENS).map_err(|e| err(e.into()))?;
-            for (key, record) in &batch.tokens {
-                match record {
-                    Some(r) => {
-                        let bytes =
-                            serde_json::to_vec(r).map_err(|source| StoreError::Corrupt {
-                                key: key.clone(),
-                                path: self.path.clone(),
-                                source,
-                            })?;
-                        tokens
-                            .insert(key.as_str(), bytes.as_slice())
-                            .map_err(|e| err(e.into()))?;
-                    }
-                    None => {
-                        tokens.remove(key.as_str()).map_err(|e| err(e.into()))?;
-                    }
+                None => {
+                    t.remove(key.as_str()).map_err(|e| err(e.into()))?;
                 }
             }
         }
-        txn.commit().map_err(|e| err(e.into()))
+        Ok(())
     }
 }
 
@@ -234,6 +237,14 @@ mod tests {
             ..Default::default()
         };
         rec.host.metadata.name = "a".into();
+        let mut hardware = crate::hardware::Hardware::default();
+        hardware.cpu.count = 8;
+        hardware.memory.dimms.push(crate::hardware::Dimm {
+            locator: "A1".into(),
+            size_mebibytes: 32768,
+            ..Default::default()
+        });
+        let hw = HardwareData::new("a", hardware, Timestamp::UNIX_EPOCH, "inspect");
         let tok = TokenRecord {
             host: "a".into(),
             created_at: Timestamp::UNIX_EPOCH,
@@ -250,18 +261,24 @@ mod tests {
                         ("b".into(), Some(rec.clone())),
                     ],
                     tokens: vec![("h1".into(), Some(tok.clone()))],
+                    hardware: vec![
+                        ("a".into(), Some(hw.clone())),
+                        ("b".into(), Some(hw.clone())),
+                    ],
                 })
                 .unwrap();
             store
                 .write(Batch {
                     hosts: vec![("b".into(), None)],
-                    tokens: vec![],
+                    hardware: vec![("b".into(), None)],
+                    ..Default::default()
                 })
                 .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.load_hosts().unwrap(), vec![("a".to_string(), rec)]);
         assert_eq!(store.load_tokens().unwrap(), vec![("h1".to_string(), tok)]);
+        assert_eq!(store.load_hardware().unwrap(), vec![("a".to_string(), hw)]);
     }
 
     #[test]

@@ -228,7 +228,8 @@ fn pxe_in_a_network_namespace_with_dnsmasq_e1000_and_ahci() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|n| n["mac"] == mac && n["model"] == "e1000"),
+            // metal3 reports the PCI vendor and device ids as the model: 8086:100e is QEMU's e1000 (82540EM).
+            .any(|n| n["mac"] == mac && n["model"] == "0x8086 0x100e"),
         "{hw}"
     );
     assert!(

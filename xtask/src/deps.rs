@@ -8,6 +8,8 @@ use crate::cmd;
 pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("losetup", "mount"),
     ("sha256sum", "coreutils"),
+    ("ip", "iproute2"),
+    ("lsblk", "util-linux"),
     // Cleaning and config-drive tests: real signatures, tables and readers.
     ("wipefs", "util-linux"),
     ("blkid", "util-linux"),

@@ -62,50 +62,75 @@ impl fmt::Display for Hints {
 }
 
 /// Why a disk does not match the hints; empty when it matches.
+///
+/// metal3 semantics: `deviceName` matches the kernel name or any stable name (by-path, by-id,
+/// wwn); `model` and `vendor` are case-insensitive substrings; the WWN fields, `serialNumber`
+/// and `hctl` are exact (WWNs case-insensitively); `minSizeGigabytes` is in GiB; an unknown
+/// value never matches a hint.
 pub fn mismatches(hints: &Hints, disk: &Disk) -> Vec<String> {
     let mut why = Vec::new();
     if let Some(name) = &hints.device_name
         && &disk.name != name
+        && disk.by_path.as_ref() != Some(name)
         && !disk.alternate_names.iter().any(|a| a == name)
     {
         why.push(format!("deviceName is not {name}"));
     }
-    let exact = |why: &mut Vec<String>, label: &str, want: &Option<String>, have: &str| {
-        if let Some(w) = want
-            && w != have
-        {
-            why.push(format!("{label} is {have:?}, not {w:?}"));
+    let shown = |have: Option<&str>| match have {
+        Some(h) => format!("{h:?}"),
+        None => "unknown".to_string(),
+    };
+    let exact = |why: &mut Vec<String>,
+                 label: &str,
+                 want: &Option<String>,
+                 have: Option<&str>,
+                 fold_case: bool| {
+        if let Some(w) = want {
+            let same = have.is_some_and(|h| {
+                if fold_case {
+                    h.eq_ignore_ascii_case(w)
+                } else {
+                    h == w
+                }
+            });
+            if !same {
+                why.push(format!("{label} is {}, not {w:?}", shown(have)));
+            }
         }
     };
-    exact(&mut why, "hctl", &hints.hctl, &disk.hctl);
+    exact(&mut why, "hctl", &hints.hctl, disk.hctl.as_deref(), false);
     exact(
         &mut why,
         "serialNumber",
         &hints.serial_number,
-        &disk.serial_number,
+        disk.serial_number.as_deref(),
+        false,
     );
-    exact(&mut why, "wwn", &hints.wwn, &disk.wwn);
+    exact(&mut why, "wwn", &hints.wwn, disk.wwn.as_deref(), true);
     exact(
         &mut why,
         "wwnWithExtension",
         &hints.wwn_with_extension,
-        &disk.wwn_with_extension,
+        disk.wwn_with_extension.as_deref(),
+        true,
     );
     exact(
         &mut why,
         "wwnVendorExtension",
         &hints.wwn_vendor_extension,
-        &disk.wwn_vendor_extension,
+        disk.wwn_vendor_extension.as_deref(),
+        true,
     );
-    let contains = |why: &mut Vec<String>, label: &str, want: &Option<String>, have: &str| {
-        if let Some(w) = want
-            && !have.to_lowercase().contains(&w.to_lowercase())
-        {
-            why.push(format!("{label} {have:?} does not contain {w:?}"));
-        }
-    };
-    contains(&mut why, "model", &hints.model, &disk.model);
-    contains(&mut why, "vendor", &hints.vendor, &disk.vendor);
+    let contains =
+        |why: &mut Vec<String>, label: &str, want: &Option<String>, have: Option<&str>| {
+            if let Some(w) = want
+                && !have.is_some_and(|h| h.to_lowercase().contains(&w.to_lowercase()))
+            {
+                why.push(format!("{label} {} does not contain {w:?}", shown(have)));
+            }
+        };
+    contains(&mut why, "model", &hints.model, disk.model.as_deref());
+    contains(&mut why, "vendor", &hints.vendor, disk.vendor.as_deref());
     if let Some(min) = hints.min_size_gigabytes
         && disk.size_bytes < min.saturating_mul(1 << 30)
     {
@@ -210,8 +235,8 @@ mod tests {
         Disk {
             name: name.into(),
             size_bytes: gib << 30,
-            model: "QEMU HARDDISK".into(),
-            vendor: "ATA".into(),
+            model: Some("QEMU HARDDISK".into()),
+            vendor: Some("ATA".into()),
             ..Default::default()
         }
     }
@@ -230,9 +255,12 @@ mod tests {
     #[test]
     fn hints_match_like_metal3() {
         let mut sda = disk("/dev/sda", 100);
+        sda.by_path = Some("/dev/disk/by-path/pci-0000:00:1f.2-ata-1.0".into());
         sda.alternate_names = vec!["/dev/disk/by-path/pci-0000:00:1f.2-ata-1".into()];
-        sda.serial_number = "S1".into();
-        sda.hctl = "0:0:0:0".into();
+        sda.serial_number = Some("S1".into());
+        sda.hctl = Some("0:0:0:0".into());
+        sda.wwn = Some("0x5000c500a1b2c3d4".into());
+        sda.wwn_with_extension = Some("0x5000c500a1b2c3d4".into());
         let disks = [sda, disk("/dev/sdb", 20)];
         let pick = |h: Hints| select_root_disk(&h, &disks, 0).map(|d| d.disk().name.clone());
         assert_eq!(
@@ -276,6 +304,50 @@ mod tests {
             })
             .unwrap(),
             "/dev/sdb"
+        );
+        for name in [
+            "/dev/disk/by-path/pci-0000:00:1f.2-ata-1.0",
+            "/dev/disk/by-path/pci-0000:00:1f.2-ata-1",
+        ] {
+            assert_eq!(
+                pick(Hints {
+                    device_name: Some(name.into()),
+                    ..Default::default()
+                })
+                .unwrap(),
+                "/dev/sda",
+                "{name}"
+            );
+        }
+        assert_eq!(
+            pick(Hints {
+                wwn: Some("0x5000C500A1B2C3D4".into()),
+                wwn_with_extension: Some("0x5000c500a1b2c3d4".into()),
+                ..Default::default()
+            })
+            .unwrap(),
+            "/dev/sda",
+            "WWNs compare without case"
+        );
+    }
+
+    #[test]
+    fn unknown_values_never_match_a_hint() {
+        let disks = [disk("/dev/sda", 100)];
+        let err = select_root_disk(
+            &Hints {
+                serial_number: Some("S1".into()),
+                wwn_vendor_extension: Some("0x1".into()),
+                ..Default::default()
+            },
+            &disks,
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.0,
+            "no disk matches the root device hints serialNumber=S1, wwnVendorExtension=0x1; \
+             /dev/sda (serialNumber is unknown, not \"S1\", wwnVendorExtension is unknown, not \"0x1\")"
         );
     }
 

@@ -1,99 +1,65 @@
 //! The machine's hardware, read from the kernel's own interfaces under a root path (`/` on a
-//! real machine, a captured tree in tests).
+//! real machine, a captured tree in tests). No external tools, no udev.
 //!
-//! Every field is best effort: a missing, empty or unreadable file gives an empty or `None`
-//! field, never a failed inventory.
+//! One module per part, each a function of a [`Root`]:
+//! - [`system`]: DMI ids and the SMBIOS table ([`smbios`]), boot mode, Secure Boot, hostname.
+//! - [`cpu`], [`memory`] (incl. SMBIOS type 17 modules and NUMA nodes), [`disks`] (with
+//!   udev-style by-path/by-id names computed from sysfs), [`nics`], [`pci`], [`bmc`].
+//! - [`lldp`]: the one live-only source, a bounded raw-socket listen that runs in parallel
+//!   with everything else.
+//!
+//! Every field is best effort: a missing, empty, non-UTF-8 or absurd value gives `None` (or an
+//! empty list), never a panic or a failed inventory. [`capture`] records exactly the files the
+//! collectors read into a directory, which then reads back as the same inventory: that is how
+//! the fixtures under `agent/tests/fixtures/` are made.
 
-use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+pub mod bmc;
+pub mod cpu;
+pub mod disks;
+pub mod lldp;
+pub mod memory;
+pub mod nics;
+pub mod pci;
+pub mod root;
+pub mod smbios;
+pub mod system;
+
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use bmc::Bmc;
+pub use cpu::Cpu;
+pub use disks::{Disk, Partition};
+pub use lldp::Neighbour;
+pub use memory::{Dimm, Memory, NumaNode};
+pub use nics::{Bond, Nic};
+pub use pci::PciDevice;
+pub use root::{CaptureError, Root};
+pub use system::SystemInfo;
+
+/// The SMBIOS table the kernel exposes.
+const DMI_TABLE: &str = "sys/firmware/dmi/tables/DMI";
 
 /// Everything the agent reports about the machine.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Inventory {
     pub system: SystemInfo,
-    pub cpu: Cpu,
-    pub memory: Memory,
-    pub disks: Vec<Disk>,
-    pub nics: Vec<Nic>,
     /// "UEFI" or "legacy".
     pub boot_mode: String,
-    pub hostname: String,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SystemInfo {
-    pub manufacturer: String,
-    pub product_name: String,
-    pub serial_number: String,
-    pub uuid: String,
-    pub bios_vendor: String,
-    pub bios_version: String,
-    pub bios_date: String,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Cpu {
-    pub model: String,
-    pub architecture: String,
-    pub count: u32,
-    pub frequency_mhz: u32,
-    pub flags: Vec<String>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Memory {
-    pub total_bytes: u64,
-    /// Installed memory from SMBIOS; 0 when unknown.
-    pub physical_mib: u64,
-}
-
-/// A disk that could hold the OS.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Disk {
-    /// `/dev/sda`, or the path the agent was given (a loop device, a plain file).
-    pub name: String,
-    /// Other names of the same disk (by-path, by-id).
-    pub alternate_names: Vec<String>,
-    pub size_bytes: u64,
-    pub rotational: bool,
-    /// "HDD", "SSD", "NVME" (metal3's types), or "FILE" for a plain file.
-    pub kind: String,
-    pub model: String,
-    pub vendor: String,
-    pub serial_number: String,
-    pub wwn: String,
-    pub wwn_with_extension: String,
-    pub wwn_vendor_extension: String,
-    pub hctl: String,
-    pub logical_block_size: u32,
-    pub physical_block_size: u32,
-    pub read_only: bool,
-    pub removable: bool,
-    /// The kernel's name (`sda`), to find partitions; empty for plain files.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub kernel_name: String,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Nic {
-    pub name: String,
-    pub mac: String,
-    pub mtu: u32,
-    pub driver: String,
-    pub speed_mbps: u32,
-    pub has_carrier: bool,
-    pub ip_addresses: Vec<String>,
-    /// The interface the host booted from.
-    pub pxe: bool,
+    /// `None` on BIOS machines or when the EFI variables are not readable.
+    pub secure_boot: Option<bool>,
+    pub hostname: Option<String>,
+    pub cpu: Cpu,
+    pub memory: Memory,
+    /// NUMA nodes with their CPUs and memory (one node on most small machines).
+    pub numa_nodes: Vec<NumaNode>,
+    pub disks: Vec<Disk>,
+    pub nics: Vec<Nic>,
+    pub pci_devices: Vec<PciDevice>,
+    pub bmc: Option<Bmc>,
 }
 
 /// What to collect beyond the root path itself.
@@ -104,310 +70,103 @@ pub struct Options {
     pub disks: Vec<PathBuf>,
     /// MAC of the interface the host booted from.
     pub boot_mac: Option<String>,
+    /// How long to listen for LLDP frames (on the running machine only); zero: not at all.
+    pub lldp: Duration,
 }
 
 impl Inventory {
-    /// Collects the inventory of the machine whose `/sys` and `/proc` are under `root`.
+    /// Collects the inventory of the machine whose `/sys`, `/proc` and `/dev` are under `root`.
     pub fn collect(root: &Path, opts: &Options) -> Inventory {
-        let live = root == Path::new("/");
-        Inventory {
-            system: system(root),
-            cpu: cpu(root, live),
-            memory: memory(root),
-            disks: if opts.disks.is_empty() {
-                disks(root)
-            } else {
-                opts.disks.iter().map(|p| explicit_disk(root, p)).collect()
-            },
-            nics: nics(root, live, opts.boot_mac.as_deref()),
-            boot_mode: if root.join("sys/firmware/efi").exists() {
-                "UEFI".into()
-            } else {
-                "legacy".into()
-            },
-            hostname: read(&root.join("proc/sys/kernel/hostname")).unwrap_or_default(),
-        }
+        collect_from(&Root::new(root), opts)
     }
 }
 
-/// Reads a small text file, trimmed; `None` when missing, unreadable or empty.
+/// Collects the inventory and copies every file it read into `dir`, so `dir` becomes a fixture
+/// that reads back as the same inventory. Returns the inventory and the number of files.
+pub fn capture(
+    root: &Path,
+    opts: &Options,
+    dir: &Path,
+) -> Result<(Inventory, usize), CaptureError> {
+    let r = Root::recording(root);
+    // Operator-named disks live outside the root and LLDP is not a file: neither is captured.
+    let opts = Options {
+        disks: Vec::new(),
+        lldp: Duration::ZERO,
+        ..opts.clone()
+    };
+    let inv = collect_from(&r, &opts);
+    let files = r.write_capture(dir)?;
+    Ok((inv, files))
+}
+
+/// Reads a small text file outside any root, trimmed; `None` when missing, unreadable, empty or
+/// not UTF-8.
 pub fn read(path: &Path) -> Option<String> {
-    let bytes = fs::read(path).ok()?;
-    let s = String::from_utf8_lossy(&bytes).trim().to_string();
-    (!s.is_empty()).then_some(s)
+    let bytes = std::fs::read(path).ok()?;
+    root::clean(std::str::from_utf8(&bytes).ok()?)
 }
 
-fn read_u64(path: &Path) -> Option<u64> {
-    read(path)?.parse().ok()
-}
-
-fn system(root: &Path) -> SystemInfo {
-    let d = root.join("sys/class/dmi/id");
-    let f = |n: &str| read(&d.join(n)).unwrap_or_default();
-    SystemInfo {
-        manufacturer: f("sys_vendor"),
-        product_name: f("product_name"),
-        serial_number: f("product_serial"),
-        uuid: f("product_uuid"),
-        bios_vendor: f("bios_vendor"),
-        bios_version: f("bios_version"),
-        bios_date: f("bios_date"),
-    }
-}
-
-fn cpu(root: &Path, live: bool) -> Cpu {
-    let text = read(&root.join("proc/cpuinfo")).unwrap_or_default();
-    let mut cpu = Cpu {
-        architecture: std::env::consts::ARCH.into(),
-        ..Default::default()
-    };
-    for line in text.lines() {
-        let Some((k, v)) = line.split_once(':') else {
-            continue;
-        };
-        let (k, v) = (k.trim(), v.trim());
-        match k {
-            "processor" => cpu.count += 1,
-            "model name" if cpu.model.is_empty() => cpu.model = v.into(),
-            "flags" | "Features" if cpu.flags.is_empty() => {
-                cpu.flags = v.split_whitespace().map(str::to_string).collect();
-            }
-            "cpu MHz" if cpu.frequency_mhz == 0 => {
-                cpu.frequency_mhz = v.parse::<f64>().map(|f| f.round() as u32).unwrap_or(0);
-            }
-            _ => {}
-        }
-    }
-    if live && (cpu.model.is_empty() || cpu.frequency_mhz == 0) {
-        // Architectures whose cpuinfo lacks these (e.g. arm64): ask sysinfo.
-        let Ok(mut sys) = sysinfo::System::new() else {
-            return cpu;
-        };
-        sys.refresh_cpu_all();
-        if let Some(c) = sys.cpus().first() {
-            if cpu.model.is_empty() {
-                cpu.model = c.brand().to_string();
-            }
-            if cpu.frequency_mhz == 0 {
-                cpu.frequency_mhz = u32::try_from(c.frequency()).unwrap_or(0);
-            }
-        }
-    }
-    cpu
-}
-
-fn memory(root: &Path) -> Memory {
-    let text = read(&root.join("proc/meminfo")).unwrap_or_default();
-    let total_kib = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    Memory {
-        total_bytes: total_kib.saturating_mul(1024),
-        physical_mib: 0,
-    }
-}
-
-/// Kernel block devices that cannot hold an OS install.
-fn skipped_block(name: &str) -> bool {
-    ["loop", "ram", "zram", "dm-", "md", "sr", "fd", "nbd"]
-        .iter()
-        .any(|p| name.starts_with(p))
-}
-
-fn disks(root: &Path) -> Vec<Disk> {
-    let Ok(entries) = fs::read_dir(root.join("sys/block")) else {
-        return Vec::new();
-    };
-    let mut out: Vec<Disk> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if skipped_block(&name) {
-                return None;
-            }
-            let disk = block_disk(
-                root,
-                &root.join("sys/block").join(&name),
-                &name,
-                format!("/dev/{name}"),
-            );
-            (disk.size_bytes > 0).then_some(disk)
-        })
-        .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
-}
-
-/// A disk the operator named: a block device (read from sysfs) or a plain file.
-fn explicit_disk(root: &Path, path: &Path) -> Disk {
-    let name = path.display().to_string();
-    match fs::metadata(path) {
-        Ok(meta) if meta.file_type().is_block_device() => {
-            let (major, minor) = (
-                nix::sys::stat::major(meta.rdev()),
-                nix::sys::stat::minor(meta.rdev()),
-            );
-            let sys = root.join(format!("sys/dev/block/{major}:{minor}"));
-            let kernel = fs::canonicalize(&sys)
-                .ok()
-                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_default();
-            block_disk(root, &sys, &kernel, name)
-        }
-        Ok(meta) => Disk {
-            name,
-            size_bytes: meta.len(),
-            kind: "FILE".into(),
-            model: "plain file".into(),
-            logical_block_size: 512,
-            physical_block_size: 512,
-            read_only: meta.permissions().readonly(),
-            ..Default::default()
-        },
-        Err(_) => Disk {
-            name,
-            kind: "FILE".into(),
-            ..Default::default()
-        },
-    }
-}
-
-fn block_disk(root: &Path, sys: &Path, kernel_name: &str, name: String) -> Disk {
-    let attr = |rel: &str| read(&sys.join(rel)).unwrap_or_default();
-    let rotational = read(&sys.join("queue/rotational")).as_deref() == Some("1");
-    let kind = if kernel_name.starts_with("nvme") {
-        "NVME"
-    } else if rotational {
-        "HDD"
-    } else {
-        "SSD"
-    };
-    let wwid = attr("device/wwid");
-    let wwn = read(&sys.join("device/wwn")).unwrap_or_else(|| {
-        wwid.strip_prefix("naa.")
-            .map(|w| format!("0x{w}"))
-            .unwrap_or_default()
-    });
-    let hctl = fs::read_link(sys.join("device"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .filter(|n| n.split(':').count() == 4 && n.split(':').all(|p| p.parse::<u32>().is_ok()))
-        .unwrap_or_default();
-    Disk {
-        alternate_names: alternate_names(root, kernel_name, &name),
-        name,
-        size_bytes: read_u64(&sys.join("size")).unwrap_or(0).saturating_mul(512),
-        rotational,
-        kind: kind.into(),
-        model: attr("device/model"),
-        vendor: attr("device/vendor"),
-        serial_number: read(&sys.join("device/serial")).unwrap_or_default(),
-        wwn: wwn.clone(),
-        wwn_with_extension: wwn,
-        wwn_vendor_extension: String::new(),
-        hctl,
-        logical_block_size: read_u64(&sys.join("queue/logical_block_size")).unwrap_or(512) as u32,
-        physical_block_size: read_u64(&sys.join("queue/physical_block_size")).unwrap_or(512) as u32,
-        read_only: read(&sys.join("ro")).as_deref() == Some("1"),
-        removable: read(&sys.join("removable")).as_deref() == Some("1"),
-        kernel_name: kernel_name.to_string(),
-    }
-}
-
-/// `/dev/disk/by-*` links that point at the device, where udev made them.
-fn alternate_names(root: &Path, kernel_name: &str, name: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    if kernel_name.is_empty() {
-        return out;
-    }
-    for dir in ["by-path", "by-id"] {
-        let Ok(entries) = fs::read_dir(root.join("dev/disk").join(dir)) else {
-            continue;
-        };
-        for e in entries.filter_map(Result::ok) {
-            let target = fs::read_link(e.path()).ok();
-            if target
-                .as_ref()
-                .and_then(|t| t.file_name())
-                .is_some_and(|t| t == kernel_name)
-            {
-                let alt = format!("/dev/disk/{dir}/{}", e.file_name().to_string_lossy());
-                if alt != name {
-                    out.push(alt);
-                }
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn nics(root: &Path, live: bool, boot_mac: Option<&str>) -> Vec<Nic> {
-    let Ok(entries) = fs::read_dir(root.join("sys/class/net")) else {
-        return Vec::new();
-    };
-    let addresses = if live { ip_addresses() } else { Vec::new() };
-    let mut out: Vec<Nic> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let dir = root.join("sys/class/net").join(&name);
-            // Physical interfaces only (as IPA does): they have a device.
-            if !dir.join("device").exists() {
-                return None;
-            }
-            let mac = read(&dir.join("address")).unwrap_or_default();
-            let driver = fs::read_link(dir.join("device/driver"))
-                .ok()
-                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_default();
-            let speed = read(&dir.join("speed"))
-                .and_then(|s| s.parse::<i64>().ok())
-                .filter(|s| *s > 0);
-            Some(Nic {
-                pxe: boot_mac.is_some_and(|b| b.eq_ignore_ascii_case(&mac)),
-                ip_addresses: addresses
-                    .iter()
-                    .filter(|(n, _)| n == &name)
-                    .map(|(_, a)| a.clone())
-                    .collect(),
-                name,
-                mac,
-                mtu: read_u64(&dir.join("mtu")).unwrap_or(0) as u32,
-                driver,
-                speed_mbps: speed.map_or(0, |s| s as u32),
-                has_carrier: read(&dir.join("carrier")).as_deref() == Some("1"),
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
-}
-
-/// (interface, address) pairs of the running machine.
-fn ip_addresses() -> Vec<(String, String)> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter_map(|a| {
-            let addr = a.address?;
-            let ip = if let Some(v4) = addr.as_sockaddr_in() {
-                std::net::IpAddr::V4(v4.ip())
-            } else {
-                std::net::IpAddr::V6(addr.as_sockaddr_in6()?.ip())
-            };
-            Some((a.interface_name, ip.to_string()))
+/// The interfaces worth listening on for LLDP: hardware whose link is not down.
+fn lldp_interfaces(root: &Root) -> Vec<(String, i32)> {
+    root.list("sys/class/net")
+        .into_iter()
+        .filter(|n| root.exists(format!("sys/class/net/{n}/device")))
+        .filter(|n| root.text(format!("sys/class/net/{n}/operstate")).as_deref() != Some("down"))
+        .filter_map(|n| {
+            let index = root
+                .u64(format!("sys/class/net/{n}/ifindex"))
+                .and_then(|i| i32::try_from(i).ok())?;
+            Some((n, index))
         })
         .collect()
+}
+
+pub fn collect_from(root: &Root, opts: &Options) -> Inventory {
+    let listen = root.is_live() && !opts.lldp.is_zero();
+    std::thread::scope(|s| {
+        let lldp = listen.then(|| {
+            let interfaces = lldp_interfaces(root);
+            let wait = opts.lldp;
+            s.spawn(move || lldp::listen(&interfaces, wait))
+        });
+        let table_bytes = root.bytes(DMI_TABLE).unwrap_or_default();
+        let table = smbios::parse(&table_bytes);
+        let mut inv = Inventory {
+            system: system::collect(root, &table),
+            boot_mode: system::boot_mode(root),
+            secure_boot: system::secure_boot(root),
+            hostname: system::hostname(root),
+            cpu: cpu::collect(root),
+            memory: memory::collect(root, &table),
+            numa_nodes: memory::numa_nodes(root),
+            disks: if opts.disks.is_empty() {
+                disks::collect(root)
+            } else {
+                opts.disks
+                    .iter()
+                    .map(|p| disks::explicit_disk(root, p))
+                    .collect()
+            },
+            nics: nics::collect(root, opts.boot_mac.as_deref()),
+            pci_devices: pci::collect(root),
+            bmc: bmc::collect(root, &table),
+        };
+        if let Some(handle) = lldp {
+            // A panic in the listener is a bug there; the inventory goes on without LLDP.
+            let heard = handle.join().unwrap_or_default();
+            for nic in &mut inv.nics {
+                nic.lldp = heard.get(&nic.name).cloned();
+            }
+        }
+        inv
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn put(root: &Path, rel: &str, text: &str) {
         let p = root.join(rel);
@@ -422,7 +181,7 @@ mod tests {
         put(
             r,
             "proc/cpuinfo",
-            "processor\t: 0\nmodel name\t: Test CPU\ncpu MHz\t\t: 2399.9\nflags\t\t: fpu sse2\n\nprocessor\t: 1\nmodel name\t: Test CPU\n",
+            "processor\t: 0\nmodel name\t: Test CPU\ncpu MHz\t\t: 2399.9\nflags\t\t: fpu sse2 lm\n\nprocessor\t: 1\nmodel name\t: Test CPU\n",
         );
         put(
             r,
@@ -433,7 +192,7 @@ mod tests {
         put(r, "sys/class/dmi/id/sys_vendor", "QEMU\n");
         put(r, "sys/block/vda/size", "41943040\n");
         put(r, "sys/block/vda/queue/rotational", "0\n");
-        put(r, "sys/block/vda/device/serial", "disk-1\n");
+        put(r, "sys/block/vda/serial", "disk-1\n");
         put(r, "sys/block/loop0/size", "100\n");
         put(r, "sys/block/sdb/size", "0\n");
         put(r, "sys/class/net/eth0/address", "52:54:00:12:34:56\n");
@@ -449,12 +208,13 @@ mod tests {
             },
         );
         assert_eq!(inv.cpu.count, 2);
-        assert_eq!(inv.cpu.model, "Test CPU");
-        assert_eq!(inv.cpu.frequency_mhz, 2400);
-        assert_eq!(inv.cpu.flags, ["fpu", "sse2"]);
+        assert_eq!(inv.cpu.model.as_deref(), Some("Test CPU"));
+        assert_eq!(inv.cpu.architecture.as_deref(), Some("x86_64"));
+        assert_eq!(inv.cpu.frequency_mhz, Some(2400));
+        assert_eq!(inv.cpu.flags, ["fpu", "sse2", "lm"]);
         assert_eq!(inv.memory.total_bytes, 2048000 * 1024);
-        assert_eq!(inv.hostname, "box");
-        assert_eq!(inv.system.manufacturer, "QEMU");
+        assert_eq!(inv.hostname.as_deref(), Some("box"));
+        assert_eq!(inv.system.manufacturer.as_deref(), Some("QEMU"));
         assert_eq!(inv.boot_mode, "legacy");
         assert_eq!(
             inv.disks.len(),
@@ -464,10 +224,11 @@ mod tests {
         assert_eq!(inv.disks[0].name, "/dev/vda");
         assert_eq!(inv.disks[0].size_bytes, 20 << 30);
         assert_eq!(inv.disks[0].kind, "SSD");
-        assert_eq!(inv.disks[0].serial_number, "disk-1");
+        assert_eq!(inv.disks[0].transport.as_deref(), Some("virtio"));
+        assert_eq!(inv.disks[0].serial_number.as_deref(), Some("disk-1"));
         assert_eq!(inv.nics.len(), 1);
         assert!(inv.nics[0].pxe);
-        assert_eq!(inv.nics[0].speed_mbps, 0);
+        assert_eq!(inv.nics[0].speed_mbps, None);
     }
 
     #[test]
@@ -475,7 +236,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let inv = Inventory::collect(t.path(), &Options::default());
         assert_eq!(inv.cpu.count, 0);
-        assert!(inv.disks.is_empty() && inv.nics.is_empty());
+        assert_eq!(inv.cpu.architecture, None);
+        assert!(inv.disks.is_empty() && inv.nics.is_empty() && inv.pci_devices.is_empty());
+        assert_eq!(inv.bmc, None);
     }
 
     #[test]

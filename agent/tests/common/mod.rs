@@ -167,7 +167,7 @@ pub fn select(device: &Path) -> SelectedDisk {
         Path::new("/"),
         &inventory::Options {
             disks: vec![device.to_path_buf()],
-            boot_mac: None,
+            ..Default::default()
         },
     );
     disk::select_for_cleaning(&inv.disks)

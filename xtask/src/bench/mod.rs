@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 mod boot;
+mod inventory;
 
 /// One measured comparison.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,7 +50,7 @@ impl Case {
 pub type Bench = (&'static str, fn(&Ctx) -> anyhow::Result<Vec<Case>>);
 
 /// The registry: every benchmark, in one place.
-pub const BENCHES: &[Bench] = &[("boot", boot::run)];
+pub const BENCHES: &[Bench] = &[("boot", boot::run), ("inventory", inventory::run)];
 
 /// What a benchmark gets.
 pub struct Ctx<'a> {
@@ -72,7 +73,6 @@ pub fn median(values: &mut [f64]) -> f64 {
 }
 
 /// Wall time and peak RSS of one child process.
-#[allow(dead_code)] // for the benchmarks that time a command (image, inventory)
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Measure {
     pub seconds: f64,
@@ -81,7 +81,6 @@ pub struct Measure {
 
 /// Runs `program args` to completion and measures it (wait4's ru_maxrss for memory).
 #[allow(clippy::disallowed_methods)] // measuring needs the child's pid; the error carries the command line
-#[allow(dead_code)] // for the benchmarks that time a command (image, inventory)
 pub fn measure(program: &Path, args: &[&OsStr], env: &[(&str, &OsStr)]) -> anyhow::Result<Measure> {
     let line = crate::cmd::line(&program.display().to_string(), args);
     // stderr to a file, not a pipe: a chatty child must not block on a full pipe while we wait.
@@ -119,7 +118,6 @@ pub fn measure(program: &Path, args: &[&OsStr], env: &[(&str, &OsStr)]) -> anyho
 }
 
 /// Runs `f` `runs` times; median seconds and the largest peak RSS.
-#[allow(dead_code)] // for the benchmarks that time a command (image, inventory)
 pub fn repeat(
     runs: usize,
     mut f: impl FnMut() -> anyhow::Result<Measure>,

@@ -360,7 +360,15 @@ impl Runner {
                 progress: p,
             })
         });
-        match image::write_image(&client, spec, writer, progress).await {
+        match image::write_image(
+            &client,
+            spec,
+            writer,
+            &image::WriteOptions::default(),
+            progress,
+        )
+        .await
+        {
             Ok(w) => Outcome::Success {
                 message: format!(
                     "wrote {} to {} in {:.1}s ({}/s), {} verified",
@@ -369,7 +377,11 @@ impl Runner {
                     w.seconds,
                     disk::human((w.bytes as f64 / w.seconds.max(1e-3)) as u64),
                     w.algo
-                ),
+                ) + &w
+                    .warnings
+                    .iter()
+                    .map(|x| format!("; warning: {x}"))
+                    .collect::<String>(),
                 detail: Detail::Written(w),
             },
             Err(e) => {
@@ -379,17 +391,8 @@ impl Runner {
                     "disk" => FailureKind::Disk,
                     _ => FailureKind::InvalidRequest,
                 };
-                let wiped = !matches!(
-                    e,
-                    image::ImageError::Invalid(_)
-                        | image::ImageError::Request { .. }
-                        | image::ImageError::Status { .. }
-                        | image::ImageError::TooLarge { .. }
-                );
-                let mut message = chain(&e);
-                if wiped {
-                    message.push_str(&format!("; the first and last MiB of {device} were zeroed, so it cannot boot a partial image"));
-                }
+                // The message says where it failed and that the disk was wiped.
+                let message = chain(&e);
                 Outcome::Failure { kind, message }
             }
         }

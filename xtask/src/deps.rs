@@ -5,7 +5,16 @@ use anyhow::bail;
 use crate::cmd;
 
 /// (program that must exist, Debian package that provides it)
-pub const TEST_TOOLS: &[(&str, &str)] = &[("losetup", "mount"), ("sha256sum", "coreutils")];
+pub const TEST_TOOLS: &[(&str, &str)] = &[
+    ("losetup", "mount"),
+    ("blkdiscard", "util-linux"),
+    ("sha256sum", "coreutils"),
+    ("qemu-img", "qemu-utils"),
+    ("gzip", "gzip"),
+    ("zstd", "zstd"),
+    ("xz", "xz-utils"),
+    ("curl", "curl"),
+];
 
 /// Installs the packages of any missing tool.
 pub fn ensure(tools: &[(&str, &str)]) -> anyhow::Result<()> {

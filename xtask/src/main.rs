@@ -29,6 +29,10 @@ enum Command {
         /// Repetitions per figure; medians are reported.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Data size where the benchmark has one (image: 4G by default; e.g. --size 1G for a
+        /// quick run).
+        #[arg(long)]
+        size: Option<String>,
     },
     /// Install the system packages the tests need (when missing, as root), then run every test.
     Test {
@@ -49,7 +53,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo => deps::ensure(deps::TEST_TOOLS).and_then(|()| demo::run(&root())),
-        Command::Bench { name, runs } => bench::run(&root(), &name, runs),
+        Command::Bench { name, runs, size } => bench::run(&root(), &name, runs, size),
         Command::Test { args } => deps::ensure(deps::TEST_TOOLS).and_then(|()| {
             let mut a = vec!["test", "--workspace"];
             a.extend(args.iter().map(String::as_str));

@@ -553,6 +553,7 @@ async fn run(
     let total = src.total;
     let (tx, rx) = mpsc::channel(DEPTH);
     let (stx, srx) = std::sync::mpsc::sync_channel(DEPTH);
+    let pool = pipeline::BufPool::default();
     let hasher = tokio::task::spawn_blocking(move || pipeline::hash_stage(rx, stx, algo));
     let job = pipeline::WriterJob {
         url: url.clone(),
@@ -560,9 +561,10 @@ async fn run(
         algo,
         total,
         progress,
+        pool: pool.clone(),
     };
     let writer_task = tokio::task::spawn_blocking(move || pipeline::writer_stage(srx, dec, job));
-    let downloaded = src.stream(tx).await;
+    let downloaded = src.stream(tx, &pool).await;
     let _ = hasher.await;
     let outcome = writer_task
         .await

@@ -306,10 +306,14 @@ impl Source {
     /// Returns the bytes sent, or an error naming the offset reached. A dropped connection is
     /// resumed from the next byte; a server that answers a resume with the whole file has the
     /// bytes already sent skipped.
-    pub async fn stream(&mut self, tx: mpsc::Sender<Chunk>) -> Result<u64, ImageError> {
+    pub async fn stream(
+        &mut self,
+        tx: mpsc::Sender<Chunk>,
+        pool: &super::pipeline::BufPool,
+    ) -> Result<u64, ImageError> {
         let chunk = self.opts.chunk.max(4096);
         let mut sent = 0u64; // bytes handed on (including `buf`)
-        let mut buf: Vec<u8> = Vec::with_capacity(chunk);
+        let mut buf: Vec<u8> = pool.get(chunk);
         let mut failures = 0u32;
         loop {
             let (resp, ranged) = self.get(sent, None, &mut failures).await?;
@@ -346,7 +350,7 @@ impl Source {
                     data = &data[n..];
                     sent += n as u64;
                     if buf.len() == chunk {
-                        let full = std::mem::replace(&mut buf, Vec::with_capacity(chunk));
+                        let full = std::mem::replace(&mut buf, pool.get(chunk));
                         if tx.send(Chunk::Data(full)).await.is_err() {
                             return Ok(sent); // the writer stopped; its error explains why
                         }

@@ -669,7 +669,9 @@ impl Decode for Qcow2Stream {
                     if to < end {
                         break;
                     }
-                    let input = &self.window[..len as usize];
+                    let Some(input) = self.window.get(..len as usize) else {
+                        return Err(self.lost(host));
+                    };
                     qcow2::decompress_cluster(self.map.compression, input, &mut self.scratch)
                         .map_err(|reason| ImageError::Decode {
                             url: self.url.clone(),

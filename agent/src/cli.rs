@@ -66,14 +66,32 @@ pub enum Cmd {
         disks: Vec<PathBuf>,
     },
     /// Stream an image onto DEVICE (a block device or a file), verifying its checksum.
+    /// Raw (also gzip, zstd or xz compressed) and qcow2 images, detected by their magic.
     WriteImage {
         url: String,
         device: PathBuf,
-        /// The image's hex digest.
+        /// The image's hex digest, or the http(s) URL of a checksum file (SHA256SUMS style).
         #[arg(long)]
         checksum: String,
+        /// Default: chosen by the digest's length.
         #[arg(long, value_enum)]
         checksum_type: Option<ChecksumArg>,
+        /// The declared format, checked against the file's magic (default: accept either).
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        /// PEM file of CA certificates to trust for https URLs besides the system roots.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// DEVICE is known to read as zeros (new sparse file, or just discarded with a
+        /// zeroing guarantee): zero runs are skipped rather than zeroed.
+        #[arg(long)]
+        target_zeroed: bool,
+        /// Retries in a row, without progress, after network errors.
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+        /// Seconds a stalled connection is waited for before it is resumed.
+        #[arg(long, default_value_t = 60)]
+        read_timeout: u64,
     },
     /// Wipe partition tables and filesystem, RAID, LVM and ZFS signatures from DEVICE and from
     /// each of its partitions (metal3's metadata cleaning); with --full, zero every byte.
@@ -117,7 +135,15 @@ pub enum Output {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FormatArg {
+    Raw,
+    Qcow2,
+    LiveIso,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ChecksumArg {
+    Auto,
     Md5,
     Sha256,
     Sha512,
@@ -301,16 +327,37 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             device,
             checksum,
             checksum_type,
+            format,
+            ca,
+            target_zeroed,
+            retries,
+            read_timeout,
         } => {
-            let algo = checksum_type.map(|c| match c {
-                ChecksumArg::Md5 => Algo::Md5,
-                ChecksumArg::Sha256 => Algo::Sha256,
-                ChecksumArg::Sha512 => Algo::Sha512,
+            let algo = checksum_type.and_then(|c| match c {
+                ChecksumArg::Auto => None,
+                ChecksumArg::Md5 => Some(Algo::Md5),
+                ChecksumArg::Sha256 => Some(Algo::Sha256),
+                ChecksumArg::Sha512 => Some(Algo::Sha512),
             });
-            let spec = ImageSpec::new(&url, &checksum, algo, Format::Raw)?;
+            let format = match format {
+                None => Format::Detect,
+                Some(FormatArg::Raw) => Format::Raw,
+                Some(FormatArg::Qcow2) => Format::Qcow2,
+                Some(FormatArg::LiveIso) => Format::LiveIso,
+            };
+            let spec = ImageSpec::new(&url, &checksum, algo, format)?;
+            let extra_ca = match &ca {
+                Some(path) => image::source::pem_certs(
+                    &std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                )
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?,
+                None => Vec::new(),
+            };
             let target = only_disk(&device)?;
             let writer = Box::new(FileDisk::open(&target)?);
-            let client = image::client(&[]).map_err(|e| anyhow!(e))?;
+            let client = image::client_with(&extra_ca, Duration::from_secs(read_timeout.max(1)))
+                .map_err(|e| anyhow!(e))?;
             let progress = Box::new(|p: image::Progress| {
                 info!(
                     "{}: {} of {} bytes ({}/s)",
@@ -320,10 +367,24 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                     disk::human(p.bytes_per_second)
                 );
             });
-            let w = image::write_image(&client, &spec, writer, progress).await?;
+            let opts = image::WriteOptions {
+                fetch: image::FetchOptions {
+                    retries,
+                    ..Default::default()
+                },
+                target_zeroed,
+            };
+            let w = image::write_image(&client, &spec, writer, &opts, progress).await?;
             print(&format!(
-                "wrote {} bytes to {} in {:.2}s, {} {} verified\n",
-                w.bytes, w.device, w.seconds, w.algo, w.digest
+                "wrote {} ({}, {} of disk, {} zeroed or skipped) to {} in {:.2}s, {} {} verified\n",
+                disk::human(w.bytes),
+                w.format,
+                disk::human(w.image_size),
+                disk::human(w.zeroed),
+                w.device,
+                w.seconds,
+                w.algo,
+                w.digest
             ))
         }
         Cmd::Wipe {

@@ -423,7 +423,14 @@ impl Runner {
                 progress: p,
             })
         });
-        let result = image::write_image(&client, spec, writer, progress).await;
+        let result = image::write_image(
+            &client,
+            spec,
+            writer,
+            &image::WriteOptions::default(),
+            progress,
+        )
+        .await;
         let mut placed_text = String::new();
         if let (Ok(w), Some(drive)) = (&result, config_drive) {
             // Image (verified, first MiB last) -> config drive -> sync; a failure wipes.
@@ -479,7 +486,11 @@ impl Runner {
                     disk::human((w.bytes as f64 / w.seconds.max(1e-3)) as u64),
                     w.algo,
                     placed_text
-                ),
+                ) + &w
+                    .warnings
+                    .iter()
+                    .map(|x| format!("; warning: {x}"))
+                    .collect::<String>(),
                 detail: Detail::Written(w),
             },
             Err(e) => {
@@ -489,17 +500,8 @@ impl Runner {
                     "disk" => FailureKind::Disk,
                     _ => FailureKind::InvalidRequest,
                 };
-                let wiped = !matches!(
-                    e,
-                    image::ImageError::Invalid(_)
-                        | image::ImageError::Request { .. }
-                        | image::ImageError::Status { .. }
-                        | image::ImageError::TooLarge { .. }
-                );
-                let mut message = chain(&e);
-                if wiped {
-                    message.push_str(&format!("; the first and last MiB of {device} were zeroed, so it cannot boot a partial image"));
-                }
+                // The message says where it failed and that the disk was wiped.
+                let message = chain(&e);
                 Outcome::Failure { kind, message }
             }
         }

@@ -24,6 +24,13 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("pvcreate", "lvm2"),
     ("mcopy", "mtools"),
     ("cloud-init", "cloud-init"),
+    // Image pipeline tests and bench: test images and their references.
+    ("blkdiscard", "util-linux"),
+    ("qemu-img", "qemu-utils"),
+    ("gzip", "gzip"),
+    ("zstd", "zstd"),
+    ("xz", "xz-utils"),
+    ("curl", "curl"),
 ];
 
 /// What the VM tests and the demo need: QEMU (its iPXE NIC ROMs come with ipxe-qemu), dnsmasq,

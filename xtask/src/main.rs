@@ -32,6 +32,10 @@ enum Command {
         /// Repetitions per figure; medians are reported.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Data size where the benchmark has one (image: 4G by default; e.g. --size 1G for a
+        /// quick run).
+        #[arg(long)]
+        size: Option<String>,
     },
     /// Build the ramdisk (static agent, Debian kernel, modules, initramfs, ISO template) from
     /// ramdisk/recipe.toml into target/ramdisk/out.
@@ -80,7 +84,7 @@ fn main() -> ExitCode {
         Command::TestImage => ramdisk_deps()
             .and_then(|()| testimage::build(&root()))
             .map(drop),
-        Command::Bench { name, runs } => bench::run(&root(), &name, runs),
+        Command::Bench { name, runs, size } => bench::run(&root(), &name, runs, size),
         Command::Test { args } => vm_deps().and_then(|()| {
             // The VM tests boot the real ramdisk and provision the test image.
             ramdisk::build(&root())?;

@@ -157,15 +157,11 @@ fn merge(mut areas: Vec<Area>, size: u64) -> Vec<Area> {
 
 /// Zeroes `[from, to)` (clipped to the device) by writing zeros.
 pub fn zero_range(writer: &mut dyn DiskWriter, from: u64, to: u64) -> Result<(), DiskError> {
-    static ZEROS: [u8; 256 << 10] = [0; 256 << 10];
     let to = to.min(writer.size());
-    let mut at = from;
-    while at < to {
-        let n = (to - at).min(ZEROS.len() as u64) as usize;
-        writer.write_all_at(at, &ZEROS[..n])?;
-        at += n as u64;
+    if from >= to {
+        return Ok(());
     }
-    Ok(())
+    super::writer::write_zero_bytes(writer, from, to - from)
 }
 
 /// Zeroes the first and last MiB of the device and syncs: no partition table (MBR, primary or
@@ -338,9 +334,9 @@ mod tests {
         fn size(&self) -> u64 {
             self.0.len() as u64
         }
-        fn write_all_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
+        fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<usize, DiskError> {
             self.0[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-            Ok(())
+            Ok(buf.len())
         }
         fn sync(&mut self) -> Result<(), DiskError> {
             Ok(())

@@ -1,127 +1,175 @@
-//! Streaming an image from HTTP(S) onto the chosen disk, verified.
+//! Streaming an image from HTTP(S) onto the chosen disk, verified, in one pass.
 //!
-//! One pass: the download (async) feeds a bounded channel; a writer thread hashes each buffer
-//! and writes it at its offset. The first MiB is held in memory and written only after the
-//! checksum matched, so nothing looks bootable before the whole image is verified. On any
-//! failure (download error, truncation, checksum mismatch, disk error) the first and last MiB
-//! of the disk are zeroed, so neither a partial image nor an old partition table remains, and
-//! the error names the URL, the byte offset and the device.
+//! - [`source`]: HTTP(S) reads: ranges, checksum files, the resumable stream.
+//! - [`checksum`]: algorithms, the hasher, checksum-file parsing.
+//! - [`qcow2`]: the qcow2 header and tables as pure functions, and the cluster map.
+//! - [`pipeline`]: hash thread, writer thread, decoders (raw, gzip/zstd/xz, qcow2), the sink
+//!   (zero runs, held-back head).
+//!
+//! The order of a write: the checksum (or checksum file), the first 64 KiB by a Range
+//! request (format by magic, cross-checked with the declared one; for qcow2 also the L1 and
+//! L2 tables), then the file once from its first byte to its last: hashed as downloaded,
+//! decoded, written. The first MiB of the disk is written only after the digest matched. On
+//! any failure once a disk was chosen (404, wrong format, checksum, truncation, disk error,
+//! cancellation) the first and last MiB of the disk are zeroed, so it cannot boot a partial
+//! image, and the error names the URL, the byte offset of the download and the device.
 
-use std::fmt;
+pub mod checksum;
+pub mod pipeline;
+pub mod qcow2;
+pub mod source;
+
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use sha2::Digest;
 use tokio::sync::mpsc;
 
+pub use checksum::{Algo, Expected, MD5_WARNING};
+pub use pipeline::ProgressFn;
+pub use source::FetchOptions;
+
 use crate::disk::{self, DiskError, DiskWriter};
+use pipeline::{Compressor, Decode, Decompress, Qcow2Stream, RawOut, Sink};
 
 /// Bytes held back and written last.
 pub const HEAD_BYTES: u64 = 1 << 20;
-/// Size of the buffers passed from the download to the writer.
-const CHUNK: usize = 4 << 20;
-/// Buffers in flight between download and writer.
+/// Buffers in flight between download, hashing and writing (each stage).
 const DEPTH: usize = 4;
+/// Largest checksum file read.
+const CHECKSUM_FILE_LIMIT: usize = 1 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Algo {
-    Md5,
-    Sha256,
-    Sha512,
-}
-
-impl Algo {
-    /// The algorithm a hex digest's length implies.
-    pub fn from_hex_len(len: usize) -> Option<Algo> {
-        match len {
-            32 => Some(Algo::Md5),
-            64 => Some(Algo::Sha256),
-            128 => Some(Algo::Sha512),
-            _ => None,
-        }
-    }
-
-    pub fn hex_len(self) -> usize {
-        match self {
-            Algo::Md5 => 32,
-            Algo::Sha256 => 64,
-            Algo::Sha512 => 128,
-        }
-    }
-}
-
-impl fmt::Display for Algo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Algo::Md5 => "md5",
-            Algo::Sha256 => "sha256",
-            Algo::Sha512 => "sha512",
-        })
-    }
-}
-
+/// The declared format of the image (metal3's `image.format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
+    /// Raw, possibly compressed with gzip, zstd or xz.
     Raw,
     Qcow2,
     LiveIso,
+    /// Whatever the magic says (the standalone `write-image` without `--format`).
+    Detect,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::LiveIso => "live-iso",
+            Format::Detect => "any",
+        }
+    }
+}
+
+/// What the first bytes say the file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detected {
+    Raw,
+    Compressed(Compressor),
+    Qcow2,
+}
+
+/// Recognises a file by its magic.
+pub fn detect(head: &[u8]) -> Detected {
+    let starts = |m: &[u8]| head.starts_with(m);
+    if qcow2::is_qcow2(head) {
+        Detected::Qcow2
+    } else if starts(&[0x1f, 0x8b]) {
+        Detected::Compressed(Compressor::Gzip)
+    } else if starts(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Detected::Compressed(Compressor::Zstd)
+    } else if starts(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Detected::Compressed(Compressor::Xz)
+    } else {
+        Detected::Raw
+    }
+}
+
+/// Checks the detected format against the declared one; the error names both.
+pub fn cross_check(url: &str, declared: Format, found: Detected) -> Result<(), ImageError> {
+    let wrong = |found: String, hint: &'static str| {
+        Err(ImageError::WrongFormat {
+            url: url.to_string(),
+            found,
+            declared: declared.name().to_string(),
+            hint,
+        })
+    };
+    match (declared, found) {
+        (Format::Detect, _)
+        | (Format::Raw, Detected::Raw | Detected::Compressed(_))
+        | (Format::Qcow2, Detected::Qcow2) => Ok(()),
+        (Format::Raw, Detected::Qcow2) => wrong(
+            "a qcow2 image".into(),
+            "set the image format to qcow2, or convert it with qemu-img convert -O raw",
+        ),
+        (Format::Qcow2, Detected::Raw) => wrong(
+            "not a qcow2 image (no QFI\\xfb magic: a raw image?)".into(),
+            "set the image format to raw, or point the URL at the qcow2 file",
+        ),
+        (Format::Qcow2, Detected::Compressed(c)) => wrong(
+            format!("a {}-compressed file", c.name()),
+            "serve the qcow2 file itself (qcow2 compresses its clusters internally), or a \
+             compressed raw image with format raw",
+        ),
+        (Format::LiveIso, _) => Err(live_iso_refused()),
+    }
+}
+
+fn live_iso_refused() -> ImageError {
+    ImageError::Invalid(
+        "live-iso images are not written by this agent version (booting an ISO needs \
+         virtual media, a later feature); use a raw or qcow2 disk image"
+            .into(),
+    )
 }
 
 /// What to write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageSpec {
     pub url: String,
-    /// Expected digest, lower-case hex.
-    pub checksum: String,
-    pub algo: Algo,
+    pub expected: Expected,
     pub format: Format,
 }
 
 impl ImageSpec {
-    /// Builds a spec, checking the digest against the algorithm (`None`: by length).
+    /// Builds a spec. `checksum` is a hex digest (checked against `algo`; `None`: by
+    /// length) or the http(s) URL of a checksum file.
     pub fn new(
         url: &str,
         checksum: &str,
         algo: Option<Algo>,
         format: Format,
     ) -> Result<ImageSpec, ImageError> {
-        let checksum = checksum.trim().to_ascii_lowercase();
-        if checksum.is_empty() {
-            return Err(ImageError::Invalid(
-                "a checksum is required: give the image's digest (e.g. sha256sum IMAGE)".into(),
-            ));
-        }
-        if !checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ImageError::Invalid(format!(
-                "checksum {checksum:?} is not a hex digest"
-            )));
-        }
-        let algo = match algo {
-            Some(a) if a.hex_len() == checksum.len() => a,
-            Some(a) => {
-                return Err(ImageError::Invalid(format!(
-                    "checksum type is {a} but the digest has {} hex digits, not {}",
-                    checksum.len(),
-                    a.hex_len()
-                )));
-            }
-            None => Algo::from_hex_len(checksum.len()).ok_or_else(|| {
-                ImageError::Invalid(format!("a digest of {} hex digits matches no algorithm (md5 32, sha256 64, sha512 128)", checksum.len()))
-            })?,
-        };
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ImageError::Invalid(format!(
                 "{url:?} is not an http(s) URL"
             )));
         }
+        let c = checksum.trim();
+        let expected = if c.starts_with("http://") || c.starts_with("https://") {
+            Expected::Url {
+                url: c.to_string(),
+                algo,
+            }
+        } else {
+            let (algo, hex) = checksum::check_digest(c, algo).map_err(ImageError::Invalid)?;
+            Expected::Digest { algo, hex }
+        };
         Ok(ImageSpec {
             url: url.to_string(),
-            checksum,
-            algo,
+            expected,
             format,
         })
     }
+}
+
+/// How to write, besides what.
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    pub fetch: FetchOptions,
+    /// The disk is known to read as zeros (freshly created, or just discarded with a zeroing
+    /// guarantee): zero runs are skipped instead of zeroed.
+    pub target_zeroed: bool,
 }
 
 /// A progress report.
@@ -137,10 +185,18 @@ pub struct Progress {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Written {
     pub device: String,
+    /// Bytes downloaded (and hashed).
     pub bytes: u64,
     pub digest: String,
     pub algo: Algo,
     pub seconds: f64,
+    /// What the file was, e.g. "qcow2 v3, 64 KiB clusters".
+    pub format: String,
+    /// Bytes of the disk the image covers.
+    pub image_size: u64,
+    /// Of those, bytes zeroed (or skipped) rather than written.
+    pub zeroed: u64,
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +219,18 @@ pub enum ImageError {
         got: u64,
         expected: u64,
     },
+    #[error("cannot decode {url} at byte {offset}: {reason}")]
+    Decode {
+        url: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("{url}")]
+    Qcow2 {
+        url: String,
+        #[source]
+        source: qcow2::Qcow2Error,
+    },
     #[error("the image {url} ({size} bytes) does not fit on {device} ({device_size} bytes)")]
     TooLarge {
         url: String,
@@ -182,172 +250,202 @@ pub enum ImageError {
     #[error("{url} is {found}, but the host's image format is {declared}; {hint}")]
     WrongFormat {
         url: String,
-        found: &'static str,
-        declared: &'static str,
+        found: String,
+        declared: String,
         hint: &'static str,
     },
+    #[error("the write was cancelled after {offset} bytes")]
+    Aborted { offset: u64 },
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// Any of the above, once a disk was chosen: where it happened and what was done about it.
+    #[error("writing {url} to {device} failed at byte {offset} of the download; {cleanup}")]
+    Failed {
+        url: String,
+        device: String,
+        offset: u64,
+        cleanup: String,
+        #[source]
+        source: Box<ImageError>,
+    },
 }
 
 impl ImageError {
-    /// Whether trying again later may help (network trouble) rather than needing a fix.
+    /// What kind of failure: "checksum", "download", "disk" or "invalid".
     pub fn kind(&self) -> &'static str {
         match self {
             ImageError::Mismatch { .. } => "checksum",
             ImageError::Request { .. }
             | ImageError::Stream { .. }
-            | ImageError::Truncated { .. } => "download",
+            | ImageError::Truncated { .. }
+            | ImageError::Aborted { .. } => "download",
             ImageError::Status { status, .. } if *status >= 500 => "download",
             ImageError::Disk(_) => "disk",
+            ImageError::Failed { source, .. } => source.kind(),
             _ => "invalid",
         }
     }
-}
 
-enum Hasher {
-    Md5(md5::Md5),
-    Sha256(sha2::Sha256),
-    Sha512(sha2::Sha512),
-}
-
-impl Hasher {
-    fn new(algo: Algo) -> Hasher {
-        match algo {
-            Algo::Md5 => Hasher::Md5(md5::Md5::new()),
-            Algo::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            Algo::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
-        }
-    }
-
-    fn update(&mut self, data: &[u8]) {
+    /// The error under the [`ImageError::Failed`] wrapper.
+    pub fn cause(&self) -> &ImageError {
         match self {
-            Hasher::Md5(h) => h.update(data),
-            Hasher::Sha256(h) => h.update(data),
-            Hasher::Sha512(h) => h.update(data),
-        }
-    }
-
-    fn hex(self) -> String {
-        match self {
-            Hasher::Md5(h) => hex::encode(h.finalize()),
-            Hasher::Sha256(h) => hex::encode(h.finalize()),
-            Hasher::Sha512(h) => hex::encode(h.finalize()),
+            ImageError::Failed { source, .. } => source,
+            e => e,
         }
     }
 }
 
-/// Recognises formats the raw writer must not write as they are.
-fn sniff(head: &[u8]) -> Option<(&'static str, &'static str)> {
-    let starts = |m: &[u8]| head.starts_with(m);
-    if starts(b"QFI\xfb") {
-        Some((
-            "a qcow2 image",
-            "set format: qcow2 (not supported by this agent yet), or convert it with qemu-img convert -O raw",
-        ))
-    } else if starts(&[0x1f, 0x8b])
-        || starts(&[0x28, 0xb5, 0x2f, 0xfd])
-        || starts(&[0xfd, b'7', b'z', b'X', b'Z', 0])
-    {
-        Some((
-            "a compressed file (gzip, zstd or xz)",
-            "decompressed images are needed by this agent version: serve the uncompressed raw image",
-        ))
-    } else {
-        None
+/// The expected digest: given, or read from the checksum file.
+async fn expected_digest(
+    client: &reqwest::Client,
+    spec: &ImageSpec,
+    opts: &WriteOptions,
+) -> Result<(Algo, String), ImageError> {
+    match &spec.expected {
+        Expected::Digest { algo, hex } => Ok((*algo, hex.clone())),
+        Expected::Url { url, algo } => {
+            let text = source::fetch_text(client, url, CHECKSUM_FILE_LIMIT, &opts.fetch).await?;
+            let name = checksum::file_name_of(&spec.url);
+            checksum::pick_from_checksum_file(&text, &name, *algo)
+                .map_err(|reason| ImageError::Invalid(format!("checksum file {url}: {reason}")))
+        }
     }
 }
 
-type ProgressFn = Box<dyn Fn(Progress) + Send>;
-
-/// What the writer thread hands back: the writer (to finish or wipe it), and how far it got.
-struct SinkResult {
-    writer: Box<dyn DiskWriter>,
-    outcome: Result<Sunk, ImageError>,
+fn sha256(data: &[u8]) -> [u8; 32] {
+    sha2::Sha256::digest(data).into()
 }
 
-struct Sunk {
-    head: Vec<u8>,
-    bytes: u64,
-    digest: String,
-}
-
-fn sink(
-    mut rx: mpsc::Receiver<Vec<u8>>,
-    mut writer: Box<dyn DiskWriter>,
-    spec: ImageSpec,
-    total: u64,
-    progress: ProgressFn,
-) -> SinkResult {
-    let mut hasher = Hasher::new(spec.algo);
-    let mut head: Vec<u8> = Vec::with_capacity(HEAD_BYTES as usize);
-    let mut offset = 0u64;
-    let start = Instant::now();
-    let mut last_report = Instant::now();
-    let mut last_bytes = 0u64;
-    let size = writer.size();
-    let outcome = (|| {
-        while let Some(buf) = rx.blocking_recv() {
-            if offset == 0
-                && head.is_empty()
-                && let Some((found, hint)) = sniff(&buf)
-                && spec.format == Format::Raw
-            {
-                return Err(ImageError::WrongFormat {
-                    url: spec.url.clone(),
-                    found,
-                    declared: "raw",
-                    hint,
-                });
-            }
-            let end = offset + buf.len() as u64;
-            if end > size {
-                return Err(ImageError::TooLarge {
-                    url: spec.url.clone(),
-                    size: end.max(total),
-                    device: writer.path().display().to_string(),
-                    device_size: size,
-                });
-            }
-            hasher.update(&buf);
-            let mut data = &buf[..];
-            if offset < HEAD_BYTES {
-                let take = ((HEAD_BYTES - offset) as usize).min(data.len());
-                head.extend_from_slice(&data[..take]);
-                data = &data[take..];
-            }
-            if !data.is_empty() {
-                writer.write_all_at(end - data.len() as u64, data)?;
-            }
-            offset = end;
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                let secs = last_report.elapsed().as_secs_f64();
-                progress(Progress {
-                    phase: "write",
-                    bytes_done: offset,
-                    bytes_total: total,
-                    bytes_per_second: ((offset - last_bytes) as f64 / secs) as u64,
-                });
-                last_report = Instant::now();
-                last_bytes = offset;
-            }
+/// Reads the qcow2 tables by Range requests and builds the stream decoder.
+async fn qcow2_decoder(
+    src: &mut source::Source,
+    head: &[u8],
+    sink: Sink,
+    progress: &ProgressFn,
+) -> Result<(Qcow2Stream, String, u64), (ImageError, Sink)> {
+    let url = src.url.clone();
+    let q = |e| ImageError::Qcow2 {
+        url: url.clone(),
+        source: e,
+    };
+    let header = match qcow2::Header::parse(head) {
+        Ok(h) => h,
+        Err(e) => return Err((q(e), sink)),
+    };
+    let device_size = sink.writer.size();
+    if header.size > device_size {
+        return Err((
+            ImageError::TooLarge {
+                url: url.clone(),
+                size: header.size,
+                device: sink.device.clone(),
+                device_size,
+            },
+            sink,
+        ));
+    }
+    let Some(total) = src.total else {
+        return Err((
+            ImageError::Invalid(format!(
+                "{url} did not say its length, which streaming a qcow2 image needs"
+            )),
+            sink,
+        ));
+    };
+    progress(Progress {
+        phase: "read-tables",
+        bytes_done: 0,
+        bytes_total: total,
+        bytes_per_second: 0,
+    });
+    let mut tables = vec![(0u64, head.len() as u64, sha256(head))];
+    let (l1_off, l1_len) = header.l1_range();
+    let l1 = match src.read_range(l1_off, l1_len).await {
+        Ok(b) => b,
+        Err(e) => return Err((e, sink)),
+    };
+    let l2_refs = match qcow2::parse_l1(&header, &l1) {
+        Ok(r) => r,
+        Err(e) => return Err((q(e), sink)),
+    };
+    if l1_len > 0 {
+        tables.push((l1_off, l1_len, sha256(&l1)));
+    }
+    let mut builder = qcow2::MapBuilder::new(&header);
+    // L2 tables in file order, neighbours fetched together (gaps up to 1 MiB, groups up to
+    // 16 MiB), so a large image with small clusters does not take a request per table.
+    let cs = header.cluster_size();
+    let mut by_off = l2_refs.clone();
+    by_off.sort_by_key(|r| r.1);
+    let mut i = 0;
+    while i < by_off.len() {
+        let start = by_off[i].1;
+        let mut j = i + 1;
+        while j < by_off.len()
+            && by_off[j].1 >= by_off[j - 1].1
+            && by_off[j].1 - (by_off[j - 1].1 + cs) <= (1 << 20)
+            && by_off[j].1 + cs - start <= (16 << 20)
+        {
+            j += 1;
         }
-        let secs = start.elapsed().as_secs_f64().max(1e-3);
-        progress(Progress {
-            phase: "verify",
-            bytes_done: offset,
-            bytes_total: total,
-            bytes_per_second: (offset as f64 / secs) as u64,
-        });
-        Ok(Sunk {
-            head: std::mem::take(&mut head),
-            bytes: offset,
-            digest: std::mem::replace(&mut hasher, Hasher::new(spec.algo)).hex(),
-        })
-    })();
-    // Drain so the producer is never stuck on a full channel after an error.
-    rx.close();
-    SinkResult { writer, outcome }
+        let end = by_off[j - 1].1 + cs;
+        if end > total {
+            return Err((
+                q(qcow2::Qcow2Error::Invalid(format!(
+                    "L2 table at {:#x} lies beyond the end of the file ({total} bytes)",
+                    by_off[j - 1].1
+                ))),
+                sink,
+            ));
+        }
+        let group = match src.read_range(start, end - start).await {
+            Ok(b) => b,
+            Err(e) => return Err((e, sink)),
+        };
+        for &(l1_index, off) in &by_off[i..j] {
+            let a = (off - start) as usize;
+            let Some(table) = group.get(a..a + cs as usize) else {
+                return Err((
+                    ImageError::Truncated {
+                        url: url.clone(),
+                        got: start + group.len() as u64,
+                        expected: off + cs,
+                    },
+                    sink,
+                ));
+            };
+            if let Err(e) = builder.add_l2(l1_index, table) {
+                return Err((q(e), sink));
+            }
+            tables.push((off, cs, sha256(table)));
+        }
+        i = j;
+    }
+    let map = match builder.finish(total) {
+        Ok(m) => m,
+        Err(e) => return Err((q(e), sink)),
+    };
+    let desc = format!(
+        "qcow2 v{}, {} clusters{}{}",
+        header.version,
+        disk::human(cs),
+        if header.extended_l2 {
+            ", extended L2"
+        } else {
+            ""
+        },
+        if map
+            .extents
+            .iter()
+            .any(|e| matches!(e, qcow2::Extent::Compressed { .. }))
+        {
+            format!(", {}-compressed clusters", header.compression)
+        } else {
+            String::new()
+        }
+    );
+    let size = map.size;
+    Ok((Qcow2Stream::new(sink, map, &url, total, tables), desc, size))
 }
 
 /// Streams `spec` onto `writer` (the disk chosen by the selection).
@@ -355,166 +453,168 @@ pub async fn write_image(
     client: &reqwest::Client,
     spec: &ImageSpec,
     writer: Box<dyn DiskWriter>,
+    opts: &WriteOptions,
     progress: ProgressFn,
 ) -> Result<Written, ImageError> {
-    if spec.format != Format::Raw {
-        return Err(ImageError::Invalid(format!(
-            "{} images are not written by this agent version yet; convert the image to raw",
-            if spec.format == Format::Qcow2 {
-                "qcow2"
-            } else {
-                "live-iso"
-            }
-        )));
+    let device = writer.path().display().to_string();
+    let mut slot = Some(writer);
+    let mut offset = 0u64;
+    let result = run(client, spec, &mut slot, opts, progress, &mut offset).await;
+    match result {
+        Ok(w) => Ok(w),
+        Err(e) => {
+            // Errors before the writer thread started: nothing written yet, but the disk was
+            // chosen for this image, and an old system on it must not boot either.
+            let cleanup = match slot.as_mut() {
+                Some(w) => match disk::zero_ends(&mut **w) {
+                    Ok(()) => None,
+                    Err(we) => Some(we.to_string()),
+                },
+                None => None, // the writer thread wiped it
+            };
+            let cleanup = match cleanup {
+                None => format!(
+                    "the first and last MiB of {device} were zeroed, so it cannot boot a \
+                     partial image"
+                ),
+                Some(we) => format!("WIPING {device} ALSO FAILED ({we}): do not boot it"),
+            };
+            Err(ImageError::Failed {
+                url: spec.url.clone(),
+                device,
+                offset,
+                cleanup,
+                source: Box::new(e),
+            })
+        }
     }
+}
+
+async fn run(
+    client: &reqwest::Client,
+    spec: &ImageSpec,
+    slot: &mut Option<Box<dyn DiskWriter>>,
+    opts: &WriteOptions,
+    progress: ProgressFn,
+    offset: &mut u64,
+) -> Result<Written, ImageError> {
     let start = Instant::now();
+    if spec.format == Format::LiveIso {
+        return Err(live_iso_refused());
+    }
+    let url = spec.url.clone();
+    let (algo, expected) = expected_digest(client, spec, opts).await?;
+    let mut warnings = Vec::new();
+    if algo == Algo::Md5 {
+        tracing::warn!("{url}: {MD5_WARNING}");
+        warnings.push(MD5_WARNING.to_string());
+    }
+
+    let mut src = source::Source::new(client.clone(), &url, opts.fetch.clone());
+    let head = src.read_range(0, qcow2::HEADER_FETCH).await?;
+    let found = detect(&head);
+    cross_check(&url, spec.format, found)?;
+    let Some(writer) = slot.take() else {
+        return Err(ImageError::Invalid("internal error: no disk writer".into()));
+    };
     let device = writer.path().display().to_string();
     let device_size = writer.size();
-    let url = spec.url.clone();
-
-    let response = match client.get(&url).send().await {
-        Ok(r) => r,
-        Err(e) => {
-            return Err(ImageError::Request {
-                url,
-                reason: error_text(&e),
-            });
-        }
-    };
-    if !response.status().is_success() {
-        return Err(ImageError::Status {
-            url,
-            status: response.status().as_u16(),
-        });
-    }
-    let total = response.content_length().unwrap_or(0);
-    if total > device_size {
-        return Err(ImageError::TooLarge {
-            url,
-            size: total,
-            device,
-            device_size,
-        });
-    }
-
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(DEPTH);
-    let sink_spec = spec.clone();
-    let sink_task =
-        tokio::task::spawn_blocking(move || sink(rx, writer, sink_spec, total, progress));
-
-    // Download, in CHUNK-sized buffers.
-    let mut stream = response.bytes_stream();
-    let mut buf = Vec::with_capacity(CHUNK);
-    let mut received = 0u64;
-    let mut download_error = None;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(bytes) => {
-                received += bytes.len() as u64;
-                buf.extend_from_slice(&bytes);
-                if buf.len() >= CHUNK
-                    && tx
-                        .send(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK)))
-                        .await
-                        .is_err()
-                {
-                    break; // the writer stopped; its error explains why
-                }
-            }
-            Err(e) => {
-                download_error = Some(ImageError::Stream {
-                    url: url.clone(),
-                    offset: received,
-                    reason: error_text(&e),
+    let sink = Sink::new(writer, &url, opts.target_zeroed);
+    let (dec, desc, image_size): (Box<dyn Decode>, String, u64) = match found {
+        Detected::Raw => {
+            let total = src.total.unwrap_or(0);
+            if total > device_size {
+                *slot = Some(sink.writer);
+                return Err(ImageError::TooLarge {
+                    url,
+                    size: total,
+                    device,
+                    device_size,
                 });
-                break;
+            }
+            (Box::new(RawOut::new(sink, None)), "raw".into(), total)
+        }
+        Detected::Compressed(c) => {
+            match Decompress::new(c, RawOut::new(sink, Some(c.name())), &url) {
+                Ok(d) => (Box::new(d), format!("{}-compressed raw", c.name()), 0),
+                Err(e) => return Err(e), // the writer is inside the decoder; nothing was written
             }
         }
-    }
-    if download_error.is_none() && !buf.is_empty() {
-        let _ = tx.send(buf).await;
-    }
-    drop(tx);
+        Detected::Qcow2 => match qcow2_decoder(&mut src, &head, sink, &progress).await {
+            Ok((d, desc, size)) => (Box::new(d), desc, size),
+            Err((e, sink)) => {
+                *slot = Some(sink.writer);
+                return Err(e);
+            }
+        },
+    };
+    drop(head);
 
-    let SinkResult {
-        mut writer,
-        outcome,
-    } = sink_task
+    let total = src.total;
+    let (tx, rx) = mpsc::channel(DEPTH);
+    let (stx, srx) = std::sync::mpsc::sync_channel(DEPTH);
+    let pool = pipeline::BufPool::default();
+    let hasher = tokio::task::spawn_blocking(move || pipeline::hash_stage(rx, stx, algo));
+    let job = pipeline::WriterJob {
+        url: url.clone(),
+        expected: expected.clone(),
+        algo,
+        total,
+        progress,
+        pool: pool.clone(),
+    };
+    let writer_task = tokio::task::spawn_blocking(move || pipeline::writer_stage(srx, dec, job));
+    let downloaded = src.stream(tx, &pool).await;
+    let _ = hasher.await;
+    let outcome = writer_task
         .await
         .map_err(|e| ImageError::Invalid(format!("the writer thread failed: {e}")))?;
-    let result = match (download_error, outcome) {
-        (_, Err(e)) => Err(e),
-        (Some(e), Ok(_)) => Err(e),
-        (None, Ok(sunk)) => finish(&mut *writer, spec, sunk, total, &device, start),
-    };
-    if result.is_err() {
-        // Never leave half an image, or an old partition table over a new image, behind.
-        if let Err(e) = disk::zero_ends(&mut *writer) {
-            tracing::error!("could not wipe {device} after the failed write: {e}");
+    match (downloaded, outcome) {
+        (_, Ok(f)) => {
+            let compressed = matches!(found, Detected::Compressed(_));
+            Ok(Written {
+                device,
+                bytes: f.bytes,
+                digest: f.digest,
+                algo,
+                seconds: start.elapsed().as_secs_f64(),
+                format: desc,
+                image_size: if compressed { f.written } else { image_size },
+                zeroed: f.zeroed,
+                warnings,
+            })
+        }
+        (Err(e), Err((ImageError::Aborted { .. }, off))) => {
+            *offset = match &e {
+                ImageError::Stream { offset, .. } => *offset,
+                _ => off,
+            };
+            Err(e)
+        }
+        (_, Err((e, off))) => {
+            *offset = off;
+            Err(e)
         }
     }
-    result
-}
-
-fn finish(
-    writer: &mut dyn DiskWriter,
-    spec: &ImageSpec,
-    sunk: Sunk,
-    total: u64,
-    device: &str,
-    start: Instant,
-) -> Result<Written, ImageError> {
-    if total > 0 && sunk.bytes != total {
-        return Err(ImageError::Truncated {
-            url: spec.url.clone(),
-            got: sunk.bytes,
-            expected: total,
-        });
-    }
-    if sunk.digest != spec.checksum {
-        return Err(ImageError::Mismatch {
-            url: spec.url.clone(),
-            algo: spec.algo,
-            expected: spec.checksum.clone(),
-            actual: sunk.digest,
-        });
-    }
-    // Everything but the head is written; flush it before the head makes the disk bootable.
-    writer.sync()?;
-    writer.write_all_at(0, &sunk.head)?;
-    writer.sync()?;
-    Ok(Written {
-        device: device.to_string(),
-        bytes: sunk.bytes,
-        digest: sunk.digest,
-        algo: spec.algo,
-        seconds: start.elapsed().as_secs_f64(),
-    })
-}
-
-/// reqwest's error with its causes.
-fn error_text(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// An HTTP client for images: public roots plus the given CAs, redirects followed, bounded
 /// connect and read timeouts.
 pub fn client(extra_ca_der: &[Vec<u8>]) -> Result<reqwest::Client, String> {
+    client_with(extra_ca_der, Duration::from_secs(60))
+}
+
+/// [`client`] with a chosen read timeout (how long a stalled connection is waited for before
+/// it counts as dropped and is resumed).
+pub fn client_with(
+    extra_ca_der: &[Vec<u8>],
+    read_timeout: Duration,
+) -> Result<reqwest::Client, String> {
     let tls = crate::tls::download_config(extra_ca_der).map_err(|e| e.to_string())?;
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .connect_timeout(Duration::from_secs(30))
-        .read_timeout(Duration::from_secs(120))
+        .read_timeout(read_timeout)
         .redirect(reqwest::redirect::Policy::limited(10))
         .user_agent(concat!("slipway-agent/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -522,38 +622,4 @@ pub fn client(extra_ca_der: &[Vec<u8>]) -> Result<reqwest::Client, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spec_checks_digest_length_and_url() {
-        let ok = ImageSpec::new("http://h/i", &"AB".repeat(32), None, Format::Raw).unwrap();
-        assert_eq!(ok.algo, Algo::Sha256);
-        assert_eq!(ok.checksum, "ab".repeat(32));
-        assert!(
-            ImageSpec::new("http://h/i", "", None, Format::Raw)
-                .unwrap_err()
-                .to_string()
-                .contains("checksum is required")
-        );
-        assert!(
-            ImageSpec::new(
-                "http://h/i",
-                &"a".repeat(64),
-                Some(Algo::Sha512),
-                Format::Raw
-            )
-            .unwrap_err()
-            .to_string()
-            .contains("not 128")
-        );
-        assert!(ImageSpec::new("ftp://h/i", &"a".repeat(64), None, Format::Raw).is_err());
-    }
-
-    #[test]
-    fn sniffs_formats_that_must_not_be_written_raw() {
-        assert!(sniff(b"QFI\xfb\0\0\0\x03").is_some());
-        assert!(sniff(&[0x1f, 0x8b, 8, 0]).is_some());
-        assert!(sniff(&[0; 16]).is_none());
-    }
-}
+mod tests;

@@ -191,17 +191,13 @@ fn check_image(image: &Image, out: &mut Vec<Problem>) {
         });
     }
     match image.format {
-        None | Some(ImageFormat::Raw) => {}
-        Some(other @ (ImageFormat::Qcow2 | ImageFormat::LiveIso)) => out.push(Problem {
+        // Raw images may also be gzip, zstd or xz compressed: the agent detects that.
+        None | Some(ImageFormat::Raw) | Some(ImageFormat::Qcow2) => {}
+        Some(ImageFormat::LiveIso) => out.push(Problem {
             field: "spec.image.format",
-            message: format!(
-                "{} images are not written by this version of Slipway yet; convert the image \
-                 to raw (qemu-img convert -O raw) and set format: raw",
-                match other {
-                    ImageFormat::Qcow2 => "qcow2",
-                    _ => "live-iso",
-                }
-            ),
+            message: "live-iso images are not written by this version of Slipway yet (they \
+                      need virtual-media boot); use a raw or qcow2 disk image"
+                .into(),
         }),
     }
     let checksum = image.checksum.trim();
@@ -215,12 +211,13 @@ fn check_image(image: &Image, out: &mut Vec<Problem>) {
         return;
     }
     if checksum.starts_with("http://") || checksum.starts_with("https://") {
-        out.push(Problem {
-            field: "spec.image.checksum",
-            message: "checksum-file URLs are not supported by this version of Slipway yet; give \
-                      the hex digest itself"
-                .into(),
-        });
+        // A checksum file (SHA256SUMS style); the agent picks the image's line.
+        if checksum.len() < 10 || checksum.contains(char::is_whitespace) {
+            out.push(Problem {
+                field: "spec.image.checksum",
+                message: format!("{checksum:?} is not a usable checksum-file URL"),
+            });
+        }
         return;
     }
     if let Err(message) = checksum_kind(checksum, image.checksum_type) {
@@ -389,11 +386,18 @@ mod tests {
         assert_eq!(fields, ["spec.image.url", "spec.image.checksum"]);
         spec.image = Some(Image {
             format: Some(ImageFormat::Qcow2),
-            ..image("http://a/b.img", &"0".repeat(64), None)
+            ..image("http://a/b.qcow2", &"0".repeat(64), None)
+        });
+        assert_eq!(provisioning_problems(&spec), vec![]);
+        spec.image = Some(image("http://a/b.img", "https://a/SHA256SUMS", None));
+        assert_eq!(provisioning_problems(&spec), vec![]);
+        spec.image = Some(Image {
+            format: Some(ImageFormat::LiveIso),
+            ..image("http://a/b.iso", &"0".repeat(64), None)
         });
         let problems = provisioning_problems(&spec);
         assert_eq!(problems[0].field, "spec.image.format");
-        assert!(problems[0].message.contains("qemu-img convert"));
+        assert!(problems[0].message.contains("live-iso"));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 mod boot;
+mod image;
 mod inventory;
 
 /// One measured comparison.
@@ -50,13 +51,19 @@ impl Case {
 pub type Bench = (&'static str, fn(&Ctx) -> anyhow::Result<Vec<Case>>);
 
 /// The registry: every benchmark, in one place.
-pub const BENCHES: &[Bench] = &[("boot", boot::run), ("inventory", inventory::run)];
+pub const BENCHES: &[Bench] = &[
+    ("boot", boot::run),
+    ("image", image::bench),
+    ("inventory", inventory::run),
+];
 
 /// What a benchmark gets.
 pub struct Ctx<'a> {
     pub root: &'a Path,
     /// Repetitions per measurement (medians are reported).
     pub runs: usize,
+    /// `--size`: the data size for benchmarks that have one (e.g. image: 4G by default).
+    pub size: Option<String>,
 }
 
 pub fn median(values: &mut [f64]) -> f64 {
@@ -184,7 +191,7 @@ pub fn to_json(cases: &[Case]) -> Value {
 }
 
 /// `cargo xtask bench NAME`.
-pub fn run(root: &Path, name: &str, runs: usize) -> anyhow::Result<()> {
+pub fn run(root: &Path, name: &str, runs: usize, size: Option<String>) -> anyhow::Result<()> {
     let Some((_, f)) = BENCHES.iter().find(|(n, _)| *n == name) else {
         let known: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
         bail!(
@@ -196,7 +203,7 @@ pub fn run(root: &Path, name: &str, runs: usize) -> anyhow::Result<()> {
             }
         );
     };
-    let cases = f(&Ctx { root, runs })?;
+    let cases = f(&Ctx { root, runs, size })?;
     print!("{}", table(&cases));
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -73,13 +73,13 @@ pub fn bins() -> &'static Bins {
             status.success(),
             "building slipway and slipway-agent failed"
         );
-        // The test executable lives in target/<profile>/deps/.
+        // A test executable lives in target/<profile>/deps/, xtask (the benchmarks) in
+        // target/<profile>/; the binaries are in target/<profile>/.
         let exe = std::env::current_exe().expect("current exe");
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .to_path_buf();
+        let mut dir = exe.parent().expect("target dir").to_path_buf();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
         let bins = Bins {
             slipway: dir.join("slipway"),
             agent: dir.join("slipway-agent"),

@@ -150,9 +150,15 @@ pub fn listen(interfaces: &[(String, i32)], duration: Duration) -> BTreeMap<Stri
     for (name, index) in interfaces {
         match open(*index) {
             Ok(fd) => socks.push((name.clone(), fd)),
-            Err(e) => debug!(interface = %name, "cannot listen for LLDP: {e}"),
+            Err(e) => tracing::info!(interface = %name, "cannot listen for LLDP: {e}"),
         }
     }
+    let names: Vec<&str> = socks.iter().map(|(n, _)| n.as_str()).collect();
+    tracing::info!(
+        "listening for LLDP on {} for up to {:.1}s",
+        names.join(", "),
+        duration.as_secs_f64()
+    );
     let deadline = Instant::now() + duration;
     let mut buf = vec![0u8; 9216];
     while !socks.is_empty() {
@@ -194,6 +200,11 @@ pub fn listen(interfaces: &[(String, i32)], duration: Duration) -> BTreeMap<Stri
                 )
             };
             if p.revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 && n <= 0 {
+                tracing::info!(
+                    interface = %socks[i].0,
+                    "LLDP socket error ({}); no longer listening there",
+                    io::Error::last_os_error()
+                );
                 done.push(i);
                 continue;
             }

@@ -112,7 +112,12 @@ fn lldp_interfaces(root: &Root) -> Vec<(String, i32)> {
     root.list("sys/class/net")
         .into_iter()
         .filter(|n| root.exists(format!("sys/class/net/{n}/device")))
-        .filter(|n| root.text(format!("sys/class/net/{n}/operstate")).as_deref() != Some("down"))
+        // `carrier` first: `operstate` lags the link by up to a second (the kernel's linkwatch
+        // defers it), so an interface brought up just before the inventory still says "down".
+        .filter(|n| {
+            root.text(format!("sys/class/net/{n}/carrier")).as_deref() == Some("1")
+                || root.text(format!("sys/class/net/{n}/operstate")).as_deref() != Some("down")
+        })
         .filter_map(|n| {
             let index = root
                 .u64(format!("sys/class/net/{n}/ifindex"))
@@ -127,6 +132,27 @@ pub fn collect_from(root: &Root, opts: &Options) -> Inventory {
     std::thread::scope(|s| {
         let lldp = listen.then(|| {
             let interfaces = lldp_interfaces(root);
+            if interfaces.is_empty() {
+                let seen: Vec<String> = root
+                    .list("sys/class/net")
+                    .into_iter()
+                    .map(|n| {
+                        let state = root.text(format!("sys/class/net/{n}/operstate"));
+                        let carrier = root.text(format!("sys/class/net/{n}/carrier"));
+                        let hw = root.exists(format!("sys/class/net/{n}/device"));
+                        format!(
+                            "{n} (operstate {}, carrier {}, {})",
+                            state.as_deref().unwrap_or("?"),
+                            carrier.as_deref().unwrap_or("?"),
+                            if hw { "hardware" } else { "virtual" }
+                        )
+                    })
+                    .collect();
+                tracing::info!(
+                    "no hardware interface with a link to listen for LLDP on: {}",
+                    seen.join(", ")
+                );
+            }
             let wait = opts.lldp;
             s.spawn(move || lldp::listen(&interfaces, wait))
         });
@@ -172,6 +198,27 @@ mod tests {
         let p = root.join(rel);
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(p, text).unwrap();
+    }
+
+    #[test]
+    fn lldp_listens_on_hardware_with_carrier_even_while_operstate_lags() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        // Just brought up: carrier 1, operstate still "down" (linkwatch runs later).
+        put(r, "sys/class/net/eth0/device/vendor", "0x1af4");
+        put(r, "sys/class/net/eth0/operstate", "down");
+        put(r, "sys/class/net/eth0/carrier", "1");
+        put(r, "sys/class/net/eth0/ifindex", "2");
+        // No cable.
+        put(r, "sys/class/net/eth1/device/vendor", "0x8086");
+        put(r, "sys/class/net/eth1/operstate", "down");
+        put(r, "sys/class/net/eth1/carrier", "0");
+        put(r, "sys/class/net/eth1/ifindex", "3");
+        // Virtual (no device): a bridge that is up.
+        put(r, "sys/class/net/br0/operstate", "up");
+        put(r, "sys/class/net/br0/carrier", "1");
+        put(r, "sys/class/net/br0/ifindex", "4");
+        assert_eq!(lldp_interfaces(&Root::new(r)), [("eth0".to_string(), 2)]);
     }
 
     #[test]

@@ -133,8 +133,22 @@ fn one_boot(run: usize) -> anyhow::Result<(f64, f64)> {
     let registered = vm
         .wait_serial("SLIPWAY-EVENT registered", Duration::from_secs(240))
         .as_secs_f64();
-    let inspected = vm
-        .wait_serial("SLIPWAY-EVENT inspected", Duration::from_secs(120))
-        .as_secs_f64();
+    vm.wait_serial("SLIPWAY-EVENT inspected", Duration::from_secs(120));
+    // The console is polled every 200 ms, so both lines may be seen in one poll: the time
+    // between them comes from the agent's own uptime stamps (`t=`) on the two lines.
+    let text = vm.serial_text();
+    if run == 0 {
+        for l in text.lines().filter(|l| l.starts_with("SLIPWAY-EVENT")) {
+            eprintln!("  {l}");
+        }
+    }
+    let stamp = |event: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("SLIPWAY-EVENT {event} ")))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("t=")))
+            .and_then(|t| t.parse::<f64>().ok())
+            .with_context(|| format!("no t= on the {event} line of the console"))
+    };
+    let inspected = registered + (stamp("inspected")? - stamp("registered")?).max(0.0);
     Ok((registered, inspected))
 }

@@ -28,3 +28,18 @@ pub mod inventory;
 pub mod session;
 pub mod sys;
 pub mod tls;
+
+/// An error with its causes, on one line (a cause already quoted by its parent is skipped).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -45,17 +45,7 @@ impl Default for FetchOptions {
 
 /// reqwest's error with its causes.
 pub fn error_text(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
+    crate::error_chain(e)
 }
 
 /// `bytes START-END/TOTAL` -> (start, total).

@@ -363,11 +363,16 @@ fn inventory_of_this_machine_agrees_with_lsblk_ip_and_cpuinfo() {
         };
         assert_eq!(n.mac.as_deref(), l["address"].as_str(), "{name} mac");
         assert_eq!(n.mtu.map(u64::from), l["mtu"].as_u64(), "{name} mtu");
-        if let Some(p) = l["permaddr"].as_str() {
-            assert_ne!(
-                n.permanent_mac.as_deref(),
-                n.mac.as_deref().filter(|m| *m != p)
-            );
+        // `ip` prints the kernel's permanent address (IFLA_PERM_ADDRESS) only where it
+        // differs from the current one; where it does not, a permanent MAC we report must be
+        // the current one.
+        match l["permaddr"].as_str() {
+            Some(p) => assert_eq!(n.permanent_mac.as_deref(), Some(p), "{name} permanent mac"),
+            None => {
+                if let Some(p) = n.permanent_mac.as_deref() {
+                    assert_eq!(Some(p), n.mac.as_deref(), "{name} permanent mac");
+                }
+            }
         }
         let up = l["operstate"].as_str().map(str::to_ascii_lowercase);
         assert_eq!(n.operstate, up, "{name} operstate");

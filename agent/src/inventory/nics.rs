@@ -75,12 +75,21 @@ pub fn collect(root: &Root, boot_mac: Option<&str>) -> Vec<Nic> {
             let mac = root
                 .text(dir.join("address"))
                 .map(|m| m.to_ascii_lowercase());
-            let permanent_mac = permanent.get(&name).cloned().or_else(|| {
-                // 0 = NET_ADDR_PERM: the current address is the permanent one.
-                (root.u64(dir.join("addr_assign_type")) == Some(0) && !is_bond)
-                    .then(|| mac.clone())
-                    .flatten()
-            });
+            // The driver's own record first (ETHTOOL_GPERMADDR, live machines only): it
+            // survives a bond or an operator changing the address.
+            let from_driver = if root.is_live() && !is_bond {
+                ethtool_permanent_mac(&name)
+            } else {
+                None
+            };
+            let permanent_mac = from_driver
+                .or_else(|| permanent.get(&name).cloned())
+                .or_else(|| {
+                    // 0 = NET_ADDR_PERM: the current address is the permanent one.
+                    (root.u64(dir.join("addr_assign_type")) == Some(0) && !is_bond)
+                        .then(|| mac.clone())
+                        .flatten()
+                });
             let pxe = boot_mac.is_some_and(|b| {
                 [&mac, &permanent_mac]
                     .iter()
@@ -230,9 +239,87 @@ pub fn ipv6_addresses(text: &str) -> Vec<(String, Ipv6Addr)> {
         .collect()
 }
 
+/// The permanent (burned-in) MAC the driver reports through the SIOCETHTOOL ioctl
+/// (`ethtool -P`); `None` where the driver has none (all zeros), or the call fails.
+pub fn ethtool_permanent_mac(ifname: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GPERMADDR: u32 = 0x20;
+    /// `struct ethtool_perm_addr` with room for a 32-byte address.
+    #[repr(C)]
+    struct PermAddr {
+        cmd: u32,
+        size: u32,
+        data: [u8; 32],
+    }
+    let name = ifname.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut req = PermAddr {
+        cmd: ETHTOOL_GPERMADDR,
+        size: 32,
+        data: [0; 32],
+    };
+    // SAFETY: an all-zero ifreq is valid; the name and the data pointer are set below.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut req).cast::<libc::c_char>();
+    // SAFETY: plain socket(2); the result is checked and closed by OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifr is a valid ifreq whose data points at `req`, which lives across the call
+    // and has room for the `size` bytes the kernel may write.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            SIOCETHTOOL as _,
+            &raw mut ifr,
+        )
+    };
+    if rc < 0 {
+        return None;
+    }
+    let len = (req.size as usize).min(req.data.len());
+    format_mac(&req.data[..len])
+}
+
+/// `aa:bb:...` for a 6-byte (or longer) hardware address; `None` for an empty or all-zero one.
+fn format_mac(bytes: &[u8]) -> Option<String> {
+    if bytes.len() < 6 || bytes.iter().all(|b| *b == 0) {
+        return None;
+    }
+    Some(
+        bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn permanent_macs_from_the_driver() {
+        assert_eq!(
+            format_mac(&[0x52, 0x54, 0, 0xab, 0, 1]).as_deref(),
+            Some("52:54:00:ab:00:01")
+        );
+        // Drivers without a burned-in address report zeros: unknown, not a MAC.
+        assert_eq!(format_mac(&[0; 6]), None);
+        assert_eq!(format_mac(&[1, 2]), None);
+        assert_eq!(ethtool_permanent_mac(""), None);
+        assert_eq!(ethtool_permanent_mac("a-name-far-too-long-for-linux"), None);
+        assert_eq!(ethtool_permanent_mac("no-such-nic0"), None);
+    }
 
     #[test]
     fn ipv4_from_the_fib_trie() {

@@ -105,6 +105,15 @@ pub enum Cmd {
         #[arg(long, conflicts_with = "full")]
         dry_run: bool,
     },
+    /// Boot the OS on DEVICE without the firmware: find its default syslinux/extlinux entry on
+    /// a FAT partition, load the kernel and initrd with kexec_file_load and reboot into them.
+    /// Reboots this machine: use --dry-run to only show what would be booted.
+    Kexec {
+        device: PathBuf,
+        /// Only print the entry found (kernel, initrd, command line); load and boot nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Add a config-2 partition with first-boot data at the end of DEVICE (after the image
     /// already on it), as provisioning does after writing the image.
     ConfigDrive {
@@ -387,6 +396,29 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 w.digest
             ))
         }
+        Cmd::Kexec { device, dry_run } => {
+            let found = crate::kexec::find(&device).map_err(|e| anyhow!(e))?;
+            let summary = format!(
+                "{}: kernel /{} ({} bytes), initrd {} ({} bytes), command line \"{}\"\n",
+                found.source,
+                found.entry.kernel,
+                found.kernel.len(),
+                if found.entry.initrds.is_empty() {
+                    "none".to_string()
+                } else {
+                    found.entry.initrds.join(" + ")
+                },
+                found.initrd.len(),
+                found.entry.append
+            );
+            if dry_run {
+                return print(&summary);
+            }
+            sys::kexec_load(&found.kernel, &found.initrd, &found.entry.append)
+                .with_context(|| format!("the kernel refused /{}", found.entry.kernel))?;
+            eprint!("{summary}");
+            Err(anyhow!(sys::kexec_reboot()).context("cannot reboot into the loaded kernel"))
+        }
         Cmd::Wipe {
             device,
             full,
@@ -599,14 +631,22 @@ pub async fn run_agent(args: RunArgs, ramdisk: bool) -> anyhow::Result<()> {
             }
             End::Power(action) => {
                 crate::init::milestone(
-                    if action == PowerAction::Reboot {
-                        "rebooting"
-                    } else {
-                        "powering-off"
+                    match action {
+                        PowerAction::Reboot => "rebooting",
+                        PowerAction::Kexec => "kexec",
+                        _ => "powering-off",
                     },
                     "",
                 );
-                let e = sys::power(action == PowerAction::Reboot);
+                let e = if action == PowerAction::Kexec {
+                    // Where the kernel refuses at the last moment, the firmware still boots
+                    // the disk.
+                    let e = sys::kexec_reboot();
+                    error!("{e}; rebooting through the firmware");
+                    sys::power(true)
+                } else {
+                    sys::power(action == PowerAction::Reboot)
+                };
                 error!("{e}; staying up");
                 std::future::pending::<()>().await;
             }

@@ -31,6 +31,8 @@ pub enum Kind {
         full: bool,
     },
     Reboot,
+    /// Boot the OS just written by kexec (a firmware reboot where that cannot be done).
+    Kexec,
     PowerOff,
 }
 
@@ -42,6 +44,7 @@ impl Kind {
             Kind::EraseMetadata { full: false } => "erase-metadata",
             Kind::EraseMetadata { full: true } => "erase-full",
             Kind::Reboot => "reboot",
+            Kind::Kexec => "kexec",
             Kind::PowerOff => "power-off",
         }
     }
@@ -62,6 +65,8 @@ pub enum Detail {
     None,
     Inventory(Box<Inventory>),
     Written(Written),
+    /// A kexec command loaded the new OS: the power step boots it.
+    KexecLoaded,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +113,8 @@ pub enum Update {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PowerAction {
     Reboot,
+    /// Boot what a kexec command loaded.
+    Kexec,
     PowerOff,
     /// Not allowed to touch power (not the ramdisk's init): stop the agent instead.
     Exit,
@@ -138,6 +145,8 @@ struct Inner {
     busy: Mutex<Option<String>>,
     updates: mpsc::UnboundedSender<Update>,
     power: watch::Sender<Option<PowerAction>>,
+    /// The disk of the last image written, which a kexec command boots.
+    last_written: Mutex<Option<PathBuf>>,
 }
 
 impl Runner {
@@ -152,6 +161,7 @@ impl Runner {
             busy: Mutex::new(None),
             updates,
             power,
+            last_written: Mutex::new(None),
         };
         (
             Runner {
@@ -214,12 +224,19 @@ impl Runner {
                 warning: false,
                 message: format!("running {name} ({id})"),
             });
+            let outcome = runner.execute(&cmd).await;
             let power = match &cmd.kind {
                 Kind::Reboot => Some(PowerAction::Reboot),
+                Kind::Kexec => Some(match &outcome {
+                    Outcome::Success {
+                        detail: Detail::KexecLoaded,
+                        ..
+                    } => PowerAction::Kexec,
+                    _ => PowerAction::Reboot,
+                }),
                 Kind::PowerOff => Some(PowerAction::PowerOff),
                 _ => None,
             };
-            let outcome = runner.execute(&cmd).await;
             match &outcome {
                 Outcome::Success { message, .. } => {
                     info!(command = %id, "{name} done: {message}");
@@ -227,7 +244,7 @@ impl Runner {
                         Kind::Inspect => "inspected",
                         Kind::WriteImage { .. } => "image-written",
                         Kind::EraseMetadata { .. } => "cleaned",
-                        Kind::Reboot | Kind::PowerOff => "power-command",
+                        Kind::Reboot | Kind::Kexec | Kind::PowerOff => "power-command",
                     };
                     crate::init::milestone(event, &format!("command={id}"));
                 }
@@ -348,6 +365,7 @@ impl Runner {
                     },
                 }
             }
+            Kind::Kexec => self.kexec().await,
             Kind::Reboot | Kind::PowerOff => {
                 let what = if matches!(cmd.kind, Kind::Reboot) {
                     "rebooting"
@@ -363,6 +381,54 @@ impl Runner {
                 };
                 Outcome::Success {
                     message,
+                    detail: Detail::None,
+                }
+            }
+        }
+    }
+
+    /// Loads the OS last written for kexec. Never fails the command: where the OS cannot be
+    /// loaded the machine reboots through the firmware, and the message says why.
+    async fn kexec(&self) -> Outcome {
+        if !self.inner.ctx.allow_power {
+            return Outcome::Success {
+                message: "not rebooting: this agent is not the ramdisk's init (pass --allow-reboot to let it act on this machine); the agent exits instead".into(),
+                detail: Detail::None,
+            };
+        }
+        let device = lock(&self.inner.last_written).clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let device = device
+                .ok_or_else(|| "this agent has written no image since it started".to_string())?;
+            let found = crate::kexec::find(&device)?;
+            crate::sys::kexec_load(&found.kernel, &found.initrd, &found.entry.append).map_err(
+                |e| {
+                    format!(
+                        "the kernel refused {} from {}: {e}",
+                        found.entry.kernel, found.source
+                    )
+                },
+            )?;
+            Ok::<_, String>(format!(
+                "kexec into /{} ({} bytes, initrd {} bytes, \"{}\") from {}",
+                found.entry.kernel,
+                found.kernel.len(),
+                found.initrd.len(),
+                found.entry.append,
+                found.source
+            ))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the kexec task failed: {e}")));
+        match loaded {
+            Ok(message) => Outcome::Success {
+                message,
+                detail: Detail::KexecLoaded,
+            },
+            Err(why) => {
+                warn!("cannot kexec ({why}); rebooting through the firmware");
+                Outcome::Success {
+                    message: format!("cannot kexec: {why}; rebooting through the firmware instead"),
                     detail: Detail::None,
                 }
             }
@@ -475,6 +541,9 @@ impl Runner {
                     };
                 }
             }
+        }
+        if result.is_ok() {
+            *lock(&self.inner.last_written) = Some(target.path().to_path_buf());
         }
         match result {
             Ok(w) => Outcome::Success {

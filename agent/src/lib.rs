@@ -13,6 +13,7 @@
 //! - [`init`]: the ramdisk's PID 1: mounts, module coldplug, DHCP, then `run`.
 //! - [`dhcp`]: DHCPv4 messages, pure.
 //! - [`configdrive`]: the `config-2` partition with the host's first-boot data.
+//! - [`kexec`]: the installed OS's boot entry (syslinux/extlinux on FAT), for kexec.
 //! - [`tls`]: the pinned-CA verifier and client configurations. [`config`]: the kernel
 //!   command line. [`sys`]: the kernel edge: mounts, modules, netlink, reboot.
 
@@ -25,6 +26,7 @@ pub mod disk;
 pub mod image;
 pub mod init;
 pub mod inventory;
+pub mod kexec;
 pub mod session;
 pub mod sys;
 pub mod tls;

@@ -368,6 +368,7 @@ fn command_from_proto(c: pb::Command) -> Result<Command, (String, String)> {
     let kind = match c.kind {
         Some(K::Inspect(_)) => Kind::Inspect,
         Some(K::Reboot(_)) => Kind::Reboot,
+        Some(K::Kexec(_)) => Kind::Kexec,
         Some(K::PowerOff(_)) => Kind::PowerOff,
         Some(K::EraseMetadata(e)) => Kind::EraseMetadata {
             full: e.mode() == pb::erase_metadata::Mode::Full,
@@ -438,7 +439,7 @@ fn result_to_proto(id: String, o: Outcome) -> pb::CommandResult {
         Outcome::Success { message, detail } => O::Success(pb::Success {
             message,
             detail: match detail {
-                Detail::None => None,
+                Detail::None | Detail::KexecLoaded => None,
                 Detail::Inventory(inv) => {
                     Some(pb::success::Detail::Inventory(inventory_to_proto(&inv)))
                 }

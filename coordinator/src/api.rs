@@ -611,6 +611,7 @@ pub fn command_to_proto(out: &Outgoing) -> pb::Command {
             } as i32,
         }),
         CommandKind::Reboot => Kind::Reboot(pb::Reboot {}),
+        CommandKind::Kexec => Kind::Kexec(pb::Kexec {}),
         CommandKind::PowerOff => Kind::PowerOff(pb::PowerOff {}),
     };
     pb::Command {

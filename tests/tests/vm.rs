@@ -192,7 +192,11 @@ fn pxe_in_a_network_namespace_with_dnsmasq_e1000_and_ahci() {
     declare(
         &c,
         "vm-2",
-        &host_yaml("vm-2", mac, &url, &sha256_hex(&image), "/dev/sda"),
+        // This one boots its new OS by kexec, straight from the ramdisk.
+        &host_yaml("vm-2", mac, &url, &sha256_hex(&image), "/dev/sda").replace(
+            "  name: vm-2\n",
+            "  name: vm-2\n  annotations:\n    slipway.io/reboot: kexec\n",
+        ),
     );
     c.wait_state("vm-2", "inspecting", Duration::from_secs(10));
 
@@ -244,6 +248,24 @@ fn pxe_in_a_network_namespace_with_dnsmasq_e1000_and_ahci() {
     vm.wait_serial(MARKER, Duration::from_secs(180));
     assert!(vm.wait_exit(Duration::from_secs(60)).success());
     assert!(fs::read(&disk).unwrap()[..image.len()] == image[..]);
+    // Booted by kexec: the agent said so, the firmware did not PXE-boot again, and
+    // the OS got the command line of its syslinux.cfg without what syslinux itself adds
+    // (BOOT_IMAGE=, initrd=).
+    let serial = vm.serial_text();
+    assert!(serial.contains("SLIPWAY-EVENT kexec"), "no kexec milestone");
+    assert!(
+        !c.log_text().contains("boot: local disk"),
+        "the machine went through the firmware and PXE again"
+    );
+    let marker = serial.lines().find(|l| l.contains(MARKER)).unwrap();
+    assert!(
+        marker.contains("panic=5") && !marker.contains("BOOT_IMAGE"),
+        "{marker}"
+    );
+    assert!(
+        serial.contains("kexec done: kexec into /vmlinuz"),
+        "the agent did not report what it loaded"
+    );
 }
 
 #[test]

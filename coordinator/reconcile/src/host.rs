@@ -216,6 +216,16 @@ pub const USER_DATA_KEYS: [&str; 2] = ["userData", "value"];
 pub const NETWORK_DATA_KEYS: [&str; 2] = ["networkData", "value"];
 pub const META_DATA_KEYS: [&str; 2] = ["metaData", "value"];
 
+/// The annotation that makes the reboot after provisioning a kexec into the new OS
+/// (`slipway.io/reboot: kexec`), skipping the firmware's POST and PXE; `firmware` (the
+/// default) reboots through the firmware.
+pub const REBOOT_ANNOTATION: &str = "slipway.io/reboot";
+
+/// Whether the host's annotations ask to kexec into the installed OS.
+pub fn kexec_reboot(annotations: &BTreeMap<String, String>) -> bool {
+    annotations.get(REBOOT_ANNOTATION).map(String::as_str) == Some("kexec")
+}
+
 /// Whether the host's annotations ask for a full erase (an unknown value is a registration
 /// problem, see [`crate::validate`]).
 pub fn full_erase(annotations: &BTreeMap<String, String>) -> bool {
@@ -579,6 +589,9 @@ pub enum CommandKind {
         full: bool,
     },
     Reboot,
+    /// Boot the installed OS by kexec (the `slipway.io/reboot: kexec` annotation); the agent
+    /// falls back to a firmware reboot where it cannot.
+    Kexec,
     PowerOff,
 }
 
@@ -591,6 +604,7 @@ impl CommandKind {
             CommandKind::EraseMetadata { full: false } => "erase-metadata",
             CommandKind::EraseMetadata { full: true } => "erase-full",
             CommandKind::Reboot => "reboot",
+            CommandKind::Kexec => "kexec",
             CommandKind::PowerOff => "power-off",
         }
     }

@@ -467,7 +467,11 @@ impl Planner<'_> {
             self.go(ProvisioningState::Provisioned);
             // Boot the new OS (or stay off), without waiting for an answer: the agent goes away.
             let kind = if self.d.spec.online {
-                CommandKind::Reboot
+                if host::kexec_reboot(self.d.annotations) {
+                    CommandKind::Kexec
+                } else {
+                    CommandKind::Reboot
+                }
             } else {
                 CommandKind::PowerOff
             };

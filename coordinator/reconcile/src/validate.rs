@@ -9,7 +9,7 @@ use std::fmt;
 
 use crate::host::{
     ChecksumType, ERASE_ANNOTATION, HostSpec, Image, ImageFormat, META_DATA_KEYS,
-    NETWORK_DATA_KEYS, SecretRef, USER_DATA_KEYS,
+    NETWORK_DATA_KEYS, REBOOT_ANNOTATION, SecretRef, USER_DATA_KEYS,
 };
 
 /// The Secrets the host's source knows: name -> the keys each holds. Names of keys only:
@@ -126,16 +126,28 @@ pub fn provisioning_problems(spec: &HostSpec) -> Vec<Problem> {
 
 /// Problems with the annotations Slipway reads.
 pub fn annotation_problems(annotations: &BTreeMap<String, String>) -> Vec<Problem> {
+    let mut out = Vec::new();
     match annotations.get(ERASE_ANNOTATION).map(String::as_str) {
-        None | Some("full" | "metadata") => Vec::new(),
-        Some(other) => vec![Problem {
+        None | Some("full" | "metadata") => {}
+        Some(other) => out.push(Problem {
             field: "metadata.annotations[slipway.io/erase]",
             message: format!(
                 "{other:?} is not an erase mode; write full (zero every byte when cleaning) or \
                  metadata (the default), or remove the annotation"
             ),
-        }],
+        }),
     }
+    match annotations.get(REBOOT_ANNOTATION).map(String::as_str) {
+        None | Some("kexec" | "firmware") => {}
+        Some(other) => out.push(Problem {
+            field: "metadata.annotations[slipway.io/reboot]",
+            message: format!(
+                "{other:?} is not a reboot mode; write kexec (boot the new OS without the \
+                 firmware) or firmware (the default), or remove the annotation"
+            ),
+        }),
+    }
+    out
 }
 
 /// The Secrets of the config drive that are missing, or lack their key. Each problem names the
@@ -490,6 +502,22 @@ mod tests {
         let p = annotation_problems(&a);
         assert_eq!(p[0].field, "metadata.annotations[slipway.io/erase]");
         assert!(!crate::host::full_erase(&a));
+    }
+
+    #[test]
+    fn reboot_annotation_values() {
+        let mut a = BTreeMap::new();
+        a.insert(REBOOT_ANNOTATION.to_string(), "kexec".to_string());
+        assert!(annotation_problems(&a).is_empty());
+        assert!(crate::host::kexec_reboot(&a));
+        a.insert(REBOOT_ANNOTATION.to_string(), "firmware".to_string());
+        assert!(annotation_problems(&a).is_empty());
+        assert!(!crate::host::kexec_reboot(&a));
+        a.insert(REBOOT_ANNOTATION.to_string(), "kexce".to_string());
+        let p = annotation_problems(&a);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].field, "metadata.annotations[slipway.io/reboot]");
+        assert!(p[0].message.contains("kexce"), "{}", p[0].message);
     }
 
     #[test]

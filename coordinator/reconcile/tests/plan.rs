@@ -10,7 +10,7 @@ use jiff::{SignedDuration, Timestamp};
 use slipway_reconcile::host::{
     AgentStatus, ChecksumType, CleaningMode, CommandKind, CommandRecord, ERASE_ANNOTATION,
     ErrorType, HardwareDetails, HostSpec, HostStatus, Image, ImageFormat, Progress,
-    ProvisioningState as S, SecretRef,
+    ProvisioningState as S, REBOOT_ANNOTATION, SecretRef,
 };
 use slipway_reconcile::validate::SecretKeys;
 use slipway_reconcile::{
@@ -195,6 +195,10 @@ const EVENTS: &[Event] = &[
     }),
     ("full erase asked", |c| {
         c.annotations.insert(ERASE_ANNOTATION.into(), "full".into());
+    }),
+    ("kexec reboot asked", |c| {
+        c.annotations
+            .insert(REBOOT_ANNOTATION.into(), "kexec".into());
     }),
     ("deleted", |c| c.deleted = true),
     ("retry due", |c| {
@@ -663,4 +667,29 @@ fn config_drive_secrets_wait_for_their_secret_and_commands_carry_references_only
             .name,
         "worker-0-user-data"
     );
+}
+
+#[test]
+fn a_written_image_reboots_by_kexec_when_annotated() {
+    for (annotation, want) in [(None, "reboot"), (Some("kexec"), "kexec")] {
+        let mut c = baseline(S::Provisioning);
+        if let Some(a) = annotation {
+            c.annotations.insert(REBOOT_ANNOTATION.into(), a.into());
+        }
+        c.view = View::Succeeded(CommandSuccess {
+            message: "wrote 48 MiB".into(),
+            hardware: None,
+        });
+        let out = run(&c);
+        assert_eq!(out.status.provisioning.state, S::Provisioned);
+        let sent: Vec<&str> = out
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(cmd) => Some(cmd.kind.name()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, [want], "annotation {annotation:?}");
+    }
 }

@@ -76,7 +76,13 @@ pub struct Spec<'a> {
     pub boot_cdrom: bool,
     /// Run inside this network namespace.
     pub netns: Option<&'a str>,
+    /// UEFI firmware (OVMF, from Debian's `ovmf`) instead of SeaBIOS.
+    pub uefi: bool,
 }
+
+/// OVMF's code and variable-store templates (Debian's `ovmf`; 4 MiB flash layout).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 pub struct Vm {
     child: Option<Child>,
@@ -140,6 +146,18 @@ impl Vm {
                     format!("ide-hd,drive=d0,bus=ahci0.0,serial={serial_no},bootindex=1"),
                 ]),
             }
+        }
+        if spec.uefi {
+            // Each VM writes its own copy of the variable store.
+            let vars = dir.join(format!("{}-OVMF_VARS.fd", spec.name));
+            fs::copy(OVMF_VARS, &vars)
+                .unwrap_or_else(|e| panic!("cannot copy {OVMF_VARS} (package ovmf): {e}"));
+            args.extend([
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+            ]);
         }
         if let Some(iso) = spec.cdrom {
             args.extend([

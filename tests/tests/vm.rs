@@ -74,6 +74,7 @@ fn pxe_user_network_inspect_provision_and_boot_from_disk() {
             disk: Some((&disk, Bus::Virtio, "slipway-vm1-disk")),
             cdrom: None,
             boot_cdrom: false,
+            uefi: false,
             netns: None,
         },
         dir.path(),
@@ -214,6 +215,7 @@ fn pxe_in_a_network_namespace_with_dnsmasq_e1000_and_ahci() {
             disk: Some((&disk, Bus::Ahci, "slipway-vm2-disk")),
             cdrom: None,
             boot_cdrom: false,
+            uefi: false,
             netns: Some(&ns.name),
         },
         dir.path(),
@@ -361,6 +363,7 @@ fn proxy_dhcp_next_to_an_existing_dhcp_server() {
             disk: None,
             cdrom: None,
             boot_cdrom: false,
+            uefi: false,
             netns: Some(&ns.name),
         },
         dir.path(),
@@ -394,6 +397,16 @@ fn proxy_dhcp_next_to_an_existing_dhcp_server() {
 
 #[test]
 fn per_host_iso_boots_as_a_cd_and_enrols() {
+    iso_boot(false, "vm-4", "52:54:00:5a:00:04");
+}
+
+/// The same ISO through its UEFI El Torito image (GRUB EFI), under OVMF.
+#[test]
+fn per_host_iso_boots_under_uefi_and_enrols() {
+    iso_boot(true, "vm-5", "52:54:00:5a:00:05");
+}
+
+fn iso_boot(uefi: bool, name: &str, mac: &str) {
     let _one = vm::exclusive();
     let art = vm::artifacts();
     let dir = tempfile::tempdir().unwrap();
@@ -409,16 +422,15 @@ fn per_host_iso_boots_as_a_cd_and_enrols() {
             "refuse",
         ],
     );
-    let mac = "52:54:00:5a:00:04";
     declare(
         &c,
-        "vm-4",
+        name,
         &format!(
-            "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: vm-4\nspec:\n  online: true\n  bootMACAddress: \"{mac}\"\n"
+            "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: {name}\nspec:\n  online: true\n  bootMACAddress: \"{mac}\"\n"
         ),
     );
-    c.wait_state("vm-4", "inspecting", Duration::from_secs(10));
-    let iso = vm::http_get(&format!("{}/boot/iso/vm-4.iso", c.http_url()));
+    c.wait_state(name, "inspecting", Duration::from_secs(10));
+    let iso = vm::http_get(&format!("{}/boot/iso/{name}.iso", c.http_url()));
     let template = fs::metadata(art.dir.join("slipway.iso")).unwrap().len();
     assert_eq!(
         iso.len() as u64,
@@ -433,12 +445,12 @@ fn per_host_iso_boots_as_a_cd_and_enrols() {
                 c.grpc_port
             ))
     );
-    let iso_path = dir.path().join("vm-4.iso");
+    let iso_path = dir.path().join(format!("{name}.iso"));
     fs::write(&iso_path, &iso).unwrap();
 
     let mut vm = Vm::start(
         Spec {
-            name: "vm-4",
+            name,
             cpus: 1,
             mem_mib: 1024,
             nic: "virtio-net-pci",
@@ -447,20 +459,29 @@ fn per_host_iso_boots_as_a_cd_and_enrols() {
             disk: None,
             cdrom: Some(&iso_path),
             boot_cdrom: true,
+            uefi,
             netns: None,
         },
         dir.path(),
     );
     let registered = vm.wait_serial("SLIPWAY-EVENT registered", Duration::from_secs(180));
     assert!(
-        vm.serial_text().contains("host=vm-4 coordinator="),
-        "enrolled as vm-4"
+        vm.serial_text()
+            .contains(&format!("host={name} coordinator=")),
+        "enrolled as {name}"
+    );
+    // The kernel names the firmware it was started by.
+    assert_eq!(
+        vm.serial_text().contains("efi: EFI v"),
+        uefi,
+        "booted by the wrong firmware"
     );
     eprintln!(
-        "vm-4 registered {:.1}s after start (BIOS, CD)",
-        registered.as_secs_f64()
+        "{name} registered {:.1}s after start ({}, CD)",
+        registered.as_secs_f64(),
+        if uefi { "UEFI" } else { "BIOS" }
     );
-    c.wait_host("vm-4", Duration::from_secs(60), "connected", |h| {
+    c.wait_host(name, Duration::from_secs(60), "connected", |h| {
         h["status"]["agent"]["connected"] == true
     });
 }

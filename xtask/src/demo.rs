@@ -150,6 +150,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
                 disk: Some((&disk, Bus::Virtio, &format!("demo-{name}"))),
                 cdrom: None,
                 boot_cdrom: false,
+                uefi: false,
                 netns: None,
             },
             &work,

@@ -40,8 +40,9 @@ pub const VM_TOOLS: &[(&str, &str)] = &[
     ("dnsmasq", "dnsmasq-base"),
     ("ip", "iproute2"),
 ];
-/// QEMU's NIC boot ROMs (iPXE), and iPXE for real PXE ROMs (undionly.kpxe, ipxe.efi).
-pub const VM_PACKAGES: &[&str] = &["ipxe-qemu", "ipxe"];
+/// QEMU's NIC boot ROMs (iPXE), iPXE for real PXE ROMs (undionly.kpxe, ipxe.efi), and OVMF
+/// (UEFI firmware) for the UEFI ISO test.
+pub const VM_PACKAGES: &[&str] = &["ipxe-qemu", "ipxe", "ovmf"];
 
 /// Installs the packages of any missing tool.
 pub fn ensure(tools: &[(&str, &str)]) -> anyhow::Result<()> {

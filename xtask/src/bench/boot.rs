@@ -126,6 +126,7 @@ fn one_boot(run: usize) -> anyhow::Result<(f64, f64)> {
             disk: None,
             cdrom: None,
             boot_cdrom: false,
+            uefi: false,
             netns: None,
         },
         dir.path(),

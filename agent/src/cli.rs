@@ -241,8 +241,13 @@ pub fn main() -> ExitCode {
     } else {
         Cli::parse()
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            // fatfs warns about FAT layouts other implementations might dislike (kexec reads
+            // the images' boot partitions): not the operator's concern.
+            "info,fatfs=error",
+        )
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -51,20 +51,7 @@ pub fn ensure(tools: &[(&str, &str)]) -> anyhow::Result<()> {
         .filter(|(prog, _)| !cmd::have(prog) && !in_sbin(prog))
         .map(|(_, pkg)| *pkg)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!(
-            "missing tools; install them with: sudo apt-get install -y {}",
-            missing.join(" ")
-        );
-    }
-    eprintln!("xtask: installing {}", missing.join(" "));
-    cmd::run("apt-get", &["update", "-q"], None)?;
-    let mut args = vec!["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q"];
-    args.extend(missing);
-    cmd::run("apt-get", &args, None)
+    install(&missing)
 }
 
 fn in_sbin(prog: &str) -> bool {
@@ -89,6 +76,12 @@ pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
         })
         .copied()
         .collect();
+    install(&missing)
+}
+
+/// `apt-get install` of `missing` (nothing when empty); as root only, else an error that
+/// gives the command.
+fn install(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }

@@ -57,6 +57,10 @@ pub enum Cmd {
         /// MAC of the interface the machine booted from (marks it `pxe`).
         #[arg(long)]
         boot_mac: Option<String>,
+        /// Also print on stderr how long the collection itself took (without process start
+        /// and output), as `collected in SECONDS s` (for benchmarks).
+        #[arg(long)]
+        time: bool,
     },
     /// List the disks and show which one the root device hints choose, and why not the others.
     Disks {
@@ -269,9 +273,11 @@ pub fn main() -> ExitCode {
         lldp_seconds,
         disks,
         boot_mac,
+        time,
     } = command
     {
-        return match inventory_cmd(output, root, capture, lldp_seconds, disks, boot_mac) {
+        let run = inventory_cmd(output, root, capture, lldp_seconds, disks, boot_mac, time);
+        return match run {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -308,9 +314,10 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             lldp_seconds,
             disks,
             boot_mac,
+            time,
         } => {
             tokio::task::spawn_blocking(move || {
-                inventory_cmd(output, root, capture, lldp_seconds, disks, boot_mac)
+                inventory_cmd(output, root, capture, lldp_seconds, disks, boot_mac, time)
             })
             .await?
         }
@@ -676,6 +683,7 @@ fn inventory_cmd(
     lldp_seconds: f64,
     disks: Vec<PathBuf>,
     boot_mac: Option<String>,
+    time: bool,
 ) -> anyhow::Result<()> {
     let opts = inventory::Options {
         disks,
@@ -694,7 +702,14 @@ fn inventory_cmd(
             info!("captured {files} files into {}", dir.display());
             inv
         }
-        None => Inventory::collect(&root, &opts),
+        None => {
+            let start = std::time::Instant::now();
+            let inv = Inventory::collect(&root, &opts);
+            if time {
+                eprintln!("collected in {:.6} s", start.elapsed().as_secs_f64());
+            }
+            inv
+        }
     };
     print(&match output {
         Output::Json => serde_json::to_string_pretty(&inv)? + "\n",

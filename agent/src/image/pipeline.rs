@@ -31,6 +31,9 @@ pub const BLOCK: u64 = 4096;
 pub const MIN_ZERO_RUN: u64 = 64 << 10;
 /// The writer's aligned buffer.
 const WRITE_BUF: usize = 4 << 20;
+/// Aligned input at least this long is written from where it is, not copied first. Smaller
+/// pieces (qcow2 clusters) are gathered in the buffer so each write stays large.
+const MIN_DIRECT: usize = 1 << 20;
 
 /// A piece of a buffer: data to write or zeros to skip, as offsets into the buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,8 +108,10 @@ pub fn zero_runs(base: u64, buf: &[u8], block: u64, min_run: u64) -> Vec<Segment
 }
 
 /// A buffer whose start is aligned for O_DIRECT, without unsafe code: a Vec with room to
-/// spare, used from its first aligned byte.
-struct AlignedBuf {
+/// spare, used from its first aligned byte. Download buffers are of this kind too, so the
+/// sink can write whole aligned blocks straight from them without copying.
+#[derive(Debug)]
+pub struct AlignedBuf {
     storage: Vec<u8>,
     start: usize,
     len: usize,
@@ -114,7 +119,17 @@ struct AlignedBuf {
 }
 
 impl AlignedBuf {
-    fn new(cap: usize, align: usize) -> AlignedBuf {
+    /// No storage (a placeholder while the real buffer is borrowed out).
+    fn empty() -> AlignedBuf {
+        AlignedBuf {
+            storage: Vec::new(),
+            start: 0,
+            len: 0,
+            cap: 0,
+        }
+    }
+
+    pub fn new(cap: usize, align: usize) -> AlignedBuf {
         let storage = vec![0u8; cap + align];
         let start = storage.as_ptr().align_offset(align).min(align);
         AlignedBuf {
@@ -125,19 +140,52 @@ impl AlignedBuf {
         }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub fn as_slice(&self) -> &[u8] {
         &self.storage[self.start..self.start + self.len]
     }
 
-    fn room(&self) -> usize {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    pub fn room(&self) -> usize {
         self.cap - self.len
     }
 
-    fn push(&mut self, data: &[u8]) {
+    /// Appends `data`, which must fit in [`AlignedBuf::room`].
+    pub fn push(&mut self, data: &[u8]) {
         let at = self.start + self.len;
         self.storage[at..at + data.len()].copy_from_slice(data);
         self.len += data.len();
     }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+/// How much of `data`, bound for disk offset `off`, can be written straight from its own
+/// memory with O_DIRECT: whole blocks, when both the offset and the memory are aligned.
+pub fn direct_len(off: u64, data: &[u8]) -> usize {
+    if !off.is_multiple_of(BLOCK) || !(data.as_ptr() as usize).is_multiple_of(BLOCK as usize) {
+        return 0;
+    }
+    data.len() - data.len() % BLOCK as usize
 }
 
 /// Where decoded bytes go, by disk offset. Holds the first [`HEAD_BYTES`] back; writes data
@@ -212,6 +260,14 @@ impl Sink {
                 self.flush_buf()?;
             }
             if self.buf.len == 0 {
+                // Aligned input (download buffers are): write it from where it is.
+                let direct = direct_len(off, data);
+                if direct >= MIN_DIRECT {
+                    self.put_blocks(off, &data[..direct])?;
+                    data = &data[direct..];
+                    off += direct as u64;
+                    continue;
+                }
                 self.buf_off = off;
             }
             let n = self.buf.room().min(data.len());
@@ -270,19 +326,25 @@ impl Sink {
         if self.buf.len == 0 {
             return Ok(());
         }
-        let base = self.buf_off;
-        let segments = zero_runs(base, self.buf.as_slice(), BLOCK, MIN_ZERO_RUN);
-        for s in segments {
+        // Taken out for the call (a Vec move, no copy), so `put_blocks` can borrow self.
+        let buf = std::mem::replace(&mut self.buf, AlignedBuf::empty());
+        let r = self.put_blocks(self.buf_off, buf.as_slice());
+        self.buf = buf;
+        self.buf.len = 0;
+        r
+    }
+
+    /// Writes `data` at `base`: its zero runs as zeroing, the rest as data.
+    fn put_blocks(&mut self, base: u64, data: &[u8]) -> Result<(), ImageError> {
+        for s in zero_runs(base, data, BLOCK, MIN_ZERO_RUN) {
             match s {
                 Segment::Data(a, b) => {
                     self.flush_zero()?;
-                    let data = &self.buf.as_slice()[a..b];
-                    self.writer.write_all_at(base + a as u64, data)?;
+                    self.writer.write_all_at(base + a as u64, &data[a..b])?;
                 }
                 Segment::Zero(a, b) => self.add_zero(base + a as u64, (b - a) as u64)?,
             }
         }
-        self.buf.len = 0;
         Ok(())
     }
 
@@ -714,24 +776,25 @@ impl Decode for Qcow2Stream {
 
 /// Download buffers, handed back by the writer for the next chunk: the same few buffers go
 /// round, so a multi-GiB image costs no fresh pages (page faults were a tenth of the CPU).
+/// They are aligned, so the sink writes raw data straight from them.
 #[derive(Clone, Default)]
-pub struct BufPool(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+pub struct BufPool(std::sync::Arc<std::sync::Mutex<Vec<AlignedBuf>>>);
 
 impl BufPool {
-    /// An empty buffer with at least `cap` bytes of room.
-    pub fn get(&self, cap: usize) -> Vec<u8> {
+    /// An empty aligned buffer of exactly `cap` bytes.
+    pub fn get(&self, cap: usize) -> AlignedBuf {
         let reused = self.0.lock().ok().and_then(|mut p| p.pop());
         match reused {
-            Some(mut v) if v.capacity() >= cap => {
+            Some(mut v) if v.capacity() == cap => {
                 v.clear();
                 v
             }
-            _ => Vec::with_capacity(cap),
+            _ => AlignedBuf::new(cap, BLOCK as usize),
         }
     }
 
     /// Returns a buffer (at most 16 are kept).
-    pub fn put(&self, v: Vec<u8>) {
+    pub fn put(&self, v: AlignedBuf) {
         if let Ok(mut p) = self.0.lock()
             && p.len() < 16
         {
@@ -742,7 +805,7 @@ impl BufPool {
 
 /// What the hash thread hands the writer.
 pub enum Msg {
-    Data(Vec<u8>),
+    Data(AlignedBuf),
     End { digest: String },
 }
 

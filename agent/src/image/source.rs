@@ -17,7 +17,7 @@ use super::ImageError;
 /// What the download hands to the hashing stage.
 #[derive(Debug)]
 pub enum Chunk {
-    Data(Vec<u8>),
+    Data(super::pipeline::AlignedBuf),
     /// The whole file arrived. Without it (the sender dropped), the write is abandoned.
     End,
 }
@@ -303,7 +303,7 @@ impl Source {
     ) -> Result<u64, ImageError> {
         let chunk = self.opts.chunk.max(4096);
         let mut sent = 0u64; // bytes handed on (including `buf`)
-        let mut buf: Vec<u8> = pool.get(chunk);
+        let mut buf = pool.get(chunk);
         let mut failures = 0u32;
         loop {
             let (resp, ranged) = self.get(sent, None, &mut failures).await?;
@@ -335,11 +335,11 @@ impl Source {
                     });
                 }
                 while !data.is_empty() {
-                    let n = (chunk - buf.len()).min(data.len());
-                    buf.extend_from_slice(&data[..n]);
+                    let n = buf.room().min(data.len());
+                    buf.push(&data[..n]);
                     data = &data[n..];
                     sent += n as u64;
-                    if buf.len() == chunk {
+                    if buf.room() == 0 {
                         let full = std::mem::replace(&mut buf, pool.get(chunk));
                         if tx.send(Chunk::Data(full)).await.is_err() {
                             return Ok(sent); // the writer stopped; its error explains why

@@ -1377,3 +1377,96 @@ fn real_loop_device_is_unbootable_after_a_failed_write() {
     // The body was written (and stays, harmless without its head and partition tables).
     assert!(d[2 * MIB..3 * MIB] == img[2 * MIB..3 * MIB]);
 }
+
+// ----- the sink's direct path -----
+
+/// A disk that records where each write's bytes came from.
+#[derive(Clone)]
+struct RecDisk {
+    disk: MemDisk,
+    /// (disk offset, length, address of the source memory)
+    writes: Arc<Mutex<Vec<(u64, usize, usize)>>>,
+}
+
+impl DiskWriter for RecDisk {
+    fn path(&self) -> &Path {
+        self.disk.path()
+    }
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<usize, DiskError> {
+        self.writes
+            .lock()
+            .unwrap()
+            .push((offset, buf.len(), buf.as_ptr() as usize));
+        self.disk.write_at(offset, buf)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.disk.write_zeroes(offset, len)
+    }
+    fn sync(&mut self) -> Result<(), DiskError> {
+        self.disk.sync()
+    }
+}
+
+#[test]
+fn sink_writes_aligned_buffers_in_place_and_everything_else_through_its_buffer() {
+    use pipeline::{AlignedBuf, Sink};
+    let disk = RecDisk {
+        disk: MemDisk::new(32 * MIB, 7, MemFaults::default()),
+        writes: Arc::default(),
+    };
+    let mut expected = disk.disk.bytes();
+    let mut sink = Sink::new(Box::new(disk.clone()), "http://x/img", false);
+    let aligned = |data: &[u8]| {
+        let mut b = AlignedBuf::new(data.len(), 4096);
+        b.push(data);
+        b
+    };
+    let mut put = |sink: &mut Sink, off: usize, data: &[u8]| {
+        sink.write(off as u64, data).unwrap();
+        expected[off..off + data.len()].copy_from_slice(data);
+    };
+    // 1: aligned, from 0: the first MiB is held back, the second written in place.
+    let a = aligned(&pattern(2 * MIB, 1));
+    put(&mut sink, 0, &a);
+    // 2: a few bytes, then aligned memory at an unaligned disk offset: both buffered.
+    put(&mut sink, 2 * MIB, &pattern(100, 2));
+    let b = aligned(&pattern(2 * MIB, 3));
+    put(&mut sink, 2 * MIB + 100, &b);
+    // 3: aligned again, elsewhere, with a zero run inside and a ragged tail.
+    let mut c = pattern(3 * MIB + 123, 4);
+    c[MIB..2 * MIB].fill(0);
+    let c = aligned(&c);
+    put(&mut sink, 16 * MIB, &c);
+    sink.flush_body().unwrap();
+    sink.commit_head().unwrap();
+    assert!(disk.disk.bytes() == expected, "disk differs from the image");
+
+    let writes = disk.writes.lock().unwrap().clone();
+    let from = |buf: &AlignedBuf, skip: usize| buf.as_slice()[skip..].as_ptr() as usize;
+    // In place: the second MiB of `a`, and both data parts of `c` around its zero run.
+    assert!(
+        writes.contains(&(MIB as u64, MIB, from(&a, MIB))),
+        "{writes:?}"
+    );
+    assert!(
+        writes.contains(&(16 * MIB as u64, MIB, from(&c, 0))),
+        "{writes:?}"
+    );
+    assert!(
+        writes.contains(&((18 * MIB) as u64, MIB, from(&c, 2 * MIB))),
+        "{writes:?}"
+    );
+    // Never in place: `b` sits at an unaligned disk offset.
+    let b_range = from(&b, 0)..from(&b, 0) + b.len();
+    assert!(!writes.iter().any(|w| b_range.contains(&w.2)), "{writes:?}");
+    // The zero run was zeroed, not written; the head was written last.
+    assert!(
+        !writes
+            .iter()
+            .any(|w| w.0 < 18 * MIB as u64 && w.0 + w.1 as u64 > 17 * MIB as u64)
+    );
+    assert_eq!(writes.last().map(|w| w.0), Some(0));
+}

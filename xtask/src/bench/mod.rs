@@ -80,10 +80,12 @@ pub fn median(values: &mut [f64]) -> f64 {
 }
 
 /// Wall time and peak RSS of one child process.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Measure {
     pub seconds: f64,
     pub peak_rss_mib: f64,
+    /// What the program wrote on stderr.
+    pub stderr: String,
 }
 
 /// Runs `program args` to completion and measures it (wait4's ru_maxrss for memory).
@@ -111,16 +113,19 @@ pub fn measure(program: &Path, args: &[&OsStr], env: &[(&str, &OsStr)]) -> anyho
     if rc < 0 {
         bail!("waiting for {line}: {}", std::io::Error::last_os_error());
     }
-    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+    let mut err = String::new();
+    {
         use std::io::{Read, Seek};
-        let mut err = String::new();
         let _ = err_file.rewind();
         let _ = err_file.read_to_string(&mut err);
+    }
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         bail!("`{line}` failed (status {status}): {}", err.trim());
     }
     Ok(Measure {
         seconds,
         peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+        stderr: err,
     })
 }
 
@@ -139,6 +144,7 @@ pub fn repeat(
     Ok(Measure {
         seconds: median(&mut secs),
         peak_rss_mib: rss,
+        stderr: String::new(),
     })
 }
 
@@ -148,15 +154,21 @@ pub fn table(cases: &[Case]) -> String {
         "{:<32} {:>10} {:>12} {:>8} {:>6} {:>9}  {}\n",
         "CASE", "SLIPWAY", "REFERENCE", "RATIO", "GOAL", "RSS MiB", "REFERENCE IS"
     );
+    // Milliseconds where seconds would show 0.001s.
+    let secs = |v: f64| {
+        if v < 0.1 {
+            format!("{:.2}ms", v * 1e3)
+        } else {
+            format!("{v:.3}s")
+        }
+    };
     for c in cases {
-        let fmt =
-            |v: Option<f64>, suffix: &str| v.map_or("-".to_string(), |v| format!("{v:.3}{suffix}"));
         out.push_str(&format!(
             "{:<32} {:>10} {:>12} {:>8} {:>6} {:>9.1}  {}\n",
             c.name,
-            format!("{:.3}s", c.slipway_s),
-            fmt(c.reference_s, "s"),
-            fmt(c.ratio(), "x"),
+            secs(c.slipway_s),
+            c.reference_s.map_or("-".to_string(), secs),
+            c.ratio().map_or("-".to_string(), |r| format!("{r:.2}x")),
             c.goal_ratio.map_or("-".into(), |g| format!("{g}x")),
             c.peak_rss_mib,
             c.reference

@@ -240,12 +240,13 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
         http.clone(),
     ];
     let a: Vec<&OsStr> = serve_args.iter().map(OsStr::new).collect();
-    let _coordinator = Child(cmd::spawn(
+    let coordinator = Child(cmd::spawn(
         &slipway,
         &a,
         &[("RUST_LOG", OsStr::new("warn"))],
         &work.join("coordinator.log"),
     )?);
+    let coordinator_pid = coordinator.0.id();
     let start = Instant::now();
     while cmd::output("curl", &["-sf", &format!("http://{http}/healthz")], &[]).is_err() {
         if start.elapsed() > Duration::from_secs(30) {
@@ -340,6 +341,7 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
         ),
     ];
 
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut cases = Vec::new();
     for (name, args, (ref_prog, ref_args), goal, note) in specs {
         eprintln!("bench image: {name}");
@@ -348,10 +350,21 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
         time(&agent, &args)?;
         discard()?;
         time(&ref_prog, &ref_args)?;
+        // Where the CPU went in Slipway's runs: the agent, the coordinator serving the image,
+        // and the whole machine (the loop device's kernel workers included).
+        let (mut coord_cpu, mut busy) = (Vec::new(), Vec::new());
         let s = repeat(ctx.runs, || {
             discard()?;
-            time(&agent, &args)
+            let (c0, b0) = (
+                super::process_cpu_s(coordinator_pid),
+                super::machine_busy_s(),
+            );
+            let m = time(&agent, &args)?;
+            coord_cpu.push(super::process_cpu_s(coordinator_pid) - c0);
+            busy.push(super::machine_busy_s() - b0);
+            Ok(m)
         })?;
+        let (coord_cpu, busy) = (super::median(&mut coord_cpu), super::median(&mut busy));
         let r = repeat(ctx.runs, || {
             discard()?;
             time(&ref_prog, &ref_args)
@@ -366,10 +379,17 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
             goal_ratio: goal,
             runs: ctx.runs,
             note: format!(
-                "{note}; {:.0} MiB/s of image vs {:.0} MiB/s; reference peak RSS {:.1} MiB",
+                "{note}; {:.0} MiB/s of image vs {:.0} MiB/s; reference peak RSS {:.1} MiB; \
+                 CPU seconds per Slipway run: agent {:.2}, coordinator {:.2}, whole machine \
+                 {busy:.2} ({:.2} of {cores} cores busy on average); reference run: {:.2} \
+                 CPU-s in its own process",
                 size as f64 / MIB as f64 / s.seconds,
                 size as f64 / MIB as f64 / r.seconds,
-                r.peak_rss_mib
+                r.peak_rss_mib,
+                s.cpu_s,
+                coord_cpu,
+                busy / s.seconds,
+                r.cpu_s
             ),
         });
     }

@@ -84,8 +84,52 @@ pub fn median(values: &mut [f64]) -> f64 {
 pub struct Measure {
     pub seconds: f64,
     pub peak_rss_mib: f64,
+    /// CPU seconds of the program (user + system), from wait4.
+    pub cpu_s: f64,
     /// What the program wrote on stderr.
     pub stderr: String,
+}
+
+fn tv(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// CPU seconds used so far by process `pid` (user + system), from /proc; 0 if unreadable.
+pub fn process_cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / hz
+}
+
+/// CPU seconds the whole machine spent busy so far (every core), from /proc/stat.
+pub fn machine_busy_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+    let busy: f64 = f
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// Runs `program args` to completion and measures it (wait4's ru_maxrss for memory).
@@ -125,6 +169,7 @@ pub fn measure(program: &Path, args: &[&OsStr], env: &[(&str, &OsStr)]) -> anyho
     Ok(Measure {
         seconds,
         peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+        cpu_s: tv(usage.ru_utime) + tv(usage.ru_stime),
         stderr: err,
     })
 }
@@ -134,16 +179,18 @@ pub fn repeat(
     runs: usize,
     mut f: impl FnMut() -> anyhow::Result<Measure>,
 ) -> anyhow::Result<Measure> {
-    let mut secs = Vec::new();
+    let (mut secs, mut cpu) = (Vec::new(), Vec::new());
     let mut rss: f64 = 0.0;
     for _ in 0..runs.max(1) {
         let m = f()?;
         secs.push(m.seconds);
+        cpu.push(m.cpu_s);
         rss = rss.max(m.peak_rss_mib);
     }
     Ok(Measure {
         seconds: median(&mut secs),
         peak_rss_mib: rss,
+        cpu_s: median(&mut cpu),
         stderr: String::new(),
     })
 }

@@ -439,7 +439,13 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let target = only_disk(&device)?;
             let mut writer = FileDisk::open(&target)?;
             if full {
-                let e = disk::erase_full(&target, &mut writer)?;
+                let mut last = std::time::Instant::now();
+                let e = disk::erase_full(&target, &mut writer, &mut |done, total| {
+                    if last.elapsed().as_secs() >= 1 || done == total {
+                        info!("erase: {done} of {total} bytes");
+                        last = std::time::Instant::now();
+                    }
+                })?;
                 return print(&format!(
                     "zeroed all {} bytes of {} ({}) in {:.2}s\n",
                     e.bytes, e.device, e.method, e.seconds

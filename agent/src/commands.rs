@@ -312,12 +312,30 @@ impl Runner {
                 let full = *full;
                 let inv = collect(ctx, false).await;
                 let targets = disk::select_for_cleaning(&inv.disks);
+                let runner = self.clone();
+                let cmd_id = cmd.id.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     let mut done = Vec::new();
+                    // A full erase reports its progress over all the disks it cleans.
+                    let total: u64 = targets.iter().map(|t| t.disk().size_bytes).sum();
+                    let start = std::time::Instant::now();
+                    let mut before = 0u64;
                     for target in &targets {
                         let mut w = FileDisk::open(target)?;
                         done.push(if full {
-                            let e = disk::erase_full(target, &mut w)?;
+                            let e = disk::erase_full(target, &mut w, &mut |d, _| {
+                                let secs = start.elapsed().as_secs_f64().max(1e-3);
+                                runner.send(Update::Progress {
+                                    id: cmd_id.clone(),
+                                    progress: Progress {
+                                        phase: "erase",
+                                        bytes_done: before + d,
+                                        bytes_total: total,
+                                        bytes_per_second: ((before + d) as f64 / secs) as u64,
+                                    },
+                                });
+                            })?;
+                            before += e.bytes;
                             format!(
                                 "{} ({} zeroed by {} in {:.1}s)",
                                 e.device,

@@ -363,7 +363,12 @@ fn full_erase_zeroes_every_byte_of_a_loop_device_and_a_file() {
     fs::write(&file, pattern(48 * MIB as usize, 5)).unwrap();
     let dev = LoopDevice::new(&file);
     let target = select(&dev.path);
-    let erased = disk::erase_full(&target, &mut FileDisk::open(&target).unwrap()).unwrap();
+    let erased = disk::erase_full(
+        &target,
+        &mut FileDisk::open(&target).unwrap(),
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(erased.bytes, 48 * MIB);
     assert!(
         ["discard", "zeroout"].contains(&erased.method),
@@ -380,7 +385,12 @@ fn full_erase_zeroes_every_byte_of_a_loop_device_and_a_file() {
     let plain = dir.path().join("plain.img");
     fs::write(&plain, pattern(8 * MIB as usize, 6)).unwrap();
     let target = select(&plain);
-    let erased = disk::erase_full(&target, &mut FileDisk::open(&target).unwrap()).unwrap();
+    let erased = disk::erase_full(
+        &target,
+        &mut FileDisk::open(&target).unwrap(),
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(erased.method, "punch-hole");
     let data = fs::read(&plain).unwrap();
     assert_eq!(data.len(), 8 * MIB as usize);

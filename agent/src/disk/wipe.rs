@@ -223,23 +223,63 @@ pub struct Erased {
     pub seconds: f64,
 }
 
-/// Makes every byte of the selected disk read back as zero, then syncs.
-pub fn erase_full(disk: &SelectedDisk, writer: &mut dyn DiskWriter) -> Result<Erased, DiskError> {
+/// Bytes zeroed between two progress reports of a full erase.
+pub const ERASE_STEP: u64 = 1 << 30;
+
+/// Makes every byte of the selected disk read back as zero, then syncs. Calls `progress` with
+/// the bytes done and the total after every [`ERASE_STEP`] (a full erase by writing zeros
+/// takes hours on a large disk; the operator sees it move).
+pub fn erase_full(
+    disk: &SelectedDisk,
+    writer: &mut dyn DiskWriter,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Erased, DiskError> {
+    erase_in_steps(disk, writer, ERASE_STEP, progress)
+}
+
+fn erase_in_steps(
+    disk: &SelectedDisk,
+    writer: &mut dyn DiskWriter,
+    step: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Erased, DiskError> {
     let start = Instant::now();
     let size = writer.size();
-    let method = match writer.zero_fast(0, size)? {
-        Some(m) => m,
-        None => {
-            zero_range(writer, 0, size)?;
-            "write"
+    // The first step decides the method: the device zeroes fast or it does not.
+    let mut method = None;
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(step.max(1));
+        match method {
+            Some("write") => zero_range(writer, at, at + n)?,
+            None => match writer.zero_fast(at, n)? {
+                Some(m) => method = Some(m),
+                None => {
+                    zero_range(writer, at, at + n)?;
+                    method = Some("write");
+                }
+            },
+            Some(_) => {
+                if writer.zero_fast(at, n)?.is_none() {
+                    // It zeroed fast before: a refusal now is a device error, not a method.
+                    return Err(DiskError::Zero {
+                        path: writer.path().to_path_buf(),
+                        offset: at,
+                        len: n,
+                        source: std::io::Error::other("the device stopped zeroing ranges"),
+                    });
+                }
+            }
         }
-    };
+        at += n;
+        progress(at, size);
+    }
     writer.sync()?;
     reread_partitions(disk.path());
     Ok(Erased {
         device: writer.path().display().to_string(),
         bytes: size,
-        method,
+        method: method.unwrap_or("write"),
         seconds: start.elapsed().as_secs_f64(),
     })
 }
@@ -357,10 +397,13 @@ mod tests {
         );
         let sel = select_for_cleaning(&inv.disks).remove(0);
         let mut mem = MemDisk(vec![0xee; 3 << 20], path);
-        let e = erase_full(&sel, &mut mem).unwrap();
+        let mut seen = Vec::new();
+        let e = erase_in_steps(&sel, &mut mem, 1 << 20, &mut |d, t| seen.push((d, t))).unwrap();
         assert_eq!(e.method, "write");
         assert_eq!(e.bytes, 3 << 20);
         assert!(mem.0.iter().all(|b| *b == 0));
+        let m = 1u64 << 20;
+        assert_eq!(seen, vec![(m, 3 * m), (2 * m, 3 * m), (3 * m, 3 * m)]);
         // And a reader that cannot read fails the metadata wipe with the device named.
         let err = wipe_metadata(&sel, &mut mem).unwrap_err().to_string();
         assert!(err.contains("d.img"), "{err}");

@@ -10,8 +10,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::ipmi::{self, LanInfo};
-use super::root::Root;
+use super::ipmi::LanInfo;
 use super::smbios::{self, Structure};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,9 +23,9 @@ pub struct Bmc {
     pub interface: Option<String>,
 }
 
-/// `lan` is what the BMC said over the IPMI device (see [`ipmi::query_device`]), when it was
-/// asked.
-pub fn collect(root: &Root, table: &[Structure<'_>], lan: Option<&LanInfo>) -> Option<Bmc> {
+/// `ipmi_device`: an IPMI device node exists ([`ipmi::device_path`]); `lan`: what the BMC
+/// said through it (see [`ipmi::query_device`]), when it was asked.
+pub fn collect(table: &[Structure<'_>], ipmi_device: bool, lan: Option<&LanInfo>) -> Option<Bmc> {
     let mut bmc = Bmc::default();
     // The BMC's own LAN settings first: that is where operators and Slipway reach it.
     if let Some(lan) = lan {
@@ -51,7 +50,7 @@ pub fn collect(root: &Root, table: &[Structure<'_>], lan: Option<&LanInfo>) -> O
     if bmc.interface.is_none() {
         if let Some(v) = lan.and_then(|l| l.ipmi_version.as_deref()) {
             bmc.interface = Some(format!("IPMI {v}"));
-        } else if lan.is_some() || ipmi::device_path(root).is_some() {
+        } else if lan.is_some() || ipmi_device {
             bmc.interface = Some("IPMI".into());
         }
     }
@@ -65,8 +64,6 @@ mod tests {
 
     #[test]
     fn the_bmc_s_own_lan_settings_come_first() {
-        let t = tempfile::tempdir().unwrap();
-        let root = Root::new(t.path());
         let lan = LanInfo {
             ipmi_version: Some("2.0".into()),
             channel: Some(1),
@@ -75,7 +72,7 @@ mod tests {
             mac: Some("52:54:00:b3:c0:01".into()),
         };
         assert_eq!(
-            collect(&root, &[], Some(&lan)),
+            collect(&[], true, Some(&lan)),
             Some(Bmc {
                 ipv4_address: Some("192.0.2.45".into()),
                 ipv6_address: None,
@@ -85,12 +82,20 @@ mod tests {
         );
         // A BMC that said nothing is still a BMC.
         assert_eq!(
-            collect(&root, &[], Some(&LanInfo::default())),
+            collect(&[], true, Some(&LanInfo::default())),
             Some(Bmc {
                 interface: Some("IPMI".into()),
                 ..Bmc::default()
             })
         );
-        assert_eq!(collect(&root, &[], None), None);
+        // A device node that could not be asked says there is an IPMI BMC.
+        assert_eq!(
+            collect(&[], true, None),
+            Some(Bmc {
+                interface: Some("IPMI".into()),
+                ..Bmc::default()
+            })
+        );
+        assert_eq!(collect(&[], false, None), None);
     }
 }

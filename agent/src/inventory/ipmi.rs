@@ -10,7 +10,8 @@
 //!
 //! Every request shares one deadline ([`BUDGET`]): a BMC that stops answering costs at most
 //! that, and any error (no device, permission, timeout, a completion code) leaves the fields
-//! unknown. Only the running machine is asked; with no device node this costs three `stat`s.
+//! unknown. Only the running machine is asked; with no device node this costs nothing beyond
+//! the three `stat`s that look for it.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};

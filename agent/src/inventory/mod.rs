@@ -160,10 +160,10 @@ pub fn collect_from(root: &Root, opts: &Options) -> Inventory {
         });
         // The BMC answers over its own slow interface (KCS: milliseconds per request): ask it
         // while the rest is read. Only on the running machine, and only if the device exists.
-        let ipmi = root
-            .is_live()
-            .then(|| ipmi::device_path(root))
-            .flatten()
+        let ipmi_device = ipmi::device_path(root);
+        let ipmi = ipmi_device
+            .clone()
+            .filter(|_| root.is_live())
             .map(|path| s.spawn(move || ipmi::query_device(&path, ipmi::BUDGET)));
         let table_bytes = root.bytes(DMI_TABLE).unwrap_or_default();
         let table = smbios::parse(&table_bytes);
@@ -189,7 +189,7 @@ pub fn collect_from(root: &Root, opts: &Options) -> Inventory {
         };
         // A panic in the IPMI client is a bug there; the inventory goes on without it.
         let lan = ipmi.and_then(|h| h.join().ok().flatten());
-        inv.bmc = bmc::collect(root, &table, lan.as_ref());
+        inv.bmc = bmc::collect(&table, ipmi_device.is_some(), lan.as_ref());
         if let Some(handle) = lldp {
             // A panic in the listener is a bug there; the inventory goes on without LLDP.
             let heard = handle.join().unwrap_or_default();

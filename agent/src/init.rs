@@ -27,6 +27,10 @@ const ALWAYS: &[&str] = &[
     "af_packet",
 ];
 
+/// Modules loaded once another has: `/dev/ipmi0` (`ipmi_devintf`, which no device's modalias
+/// names) when `ipmi_si` found a BMC through ACPI, SMBIOS or a platform device.
+const COMPANIONS: &[(&str, &str)] = &[("ipmi_si", "ipmi_devintf")];
+
 /// Prints a milestone line to the console.
 pub fn milestone(name: &str, fields: &str) {
     let uptime = std::fs::read_to_string("/proc/uptime")
@@ -56,7 +60,7 @@ pub fn main() -> ! {
         .unwrap_or_default();
     let modules_dir = Path::new("/lib/modules").join(&kernel);
     let always: Vec<String> = ALWAYS.iter().map(|s| s.to_string()).collect();
-    let loaded = modules::coldplug(&modules_dir, &always);
+    let loaded = modules::coldplug(&modules_dir, &always, COMPANIONS);
     milestone(
         "modules",
         &format!("loaded={} kernel={kernel}", loaded.len()),

@@ -608,11 +608,14 @@ pub fn hardware_summary(doc: &HardwareData, now: Timestamp) -> String {
     let bmc = match &h.bmc {
         Some(b) => {
             let addr = join_nonempty(&[&b.ipv4_address, &b.ipv6_address]);
-            let addr = if addr.is_empty() {
+            let mut addr = if addr.is_empty() {
                 "address unknown".to_string()
             } else {
                 addr
             };
+            if !b.mac.is_empty() {
+                let _ = write!(addr, ", MAC {}", b.mac);
+            }
             if b.interface.is_empty() {
                 addr
             } else {
@@ -907,6 +910,7 @@ mod tests {
             ],
             bmc: Some(Bmc {
                 ipv4_address: "198.51.100.20".into(),
+                mac: "3c:fd:fe:a1:b2:ff".into(),
                 interface: "IPMI 2.0 KCS".into(),
                 ..Default::default()
             }),
@@ -930,7 +934,7 @@ mod tests {
                 bond0   3c:fd:fe:a1:b2:c0   203.0.113.10          bond 802.3ad (eno1, eno2)
                 eno1    3c:fd:fe:a1:b2:c0                  i40e   in bond0, 10 Gb/s, pxe, switch tor-a port Ethernet12 vlan 100
               PCI:         2 devices, 1 GPU: NVIDIA 0x1eb8 at 0000:d8:00.0
-              BMC:         198.51.100.20 (IPMI 2.0 KCS)
+              BMC:         198.51.100.20, MAC 3c:fd:fe:a1:b2:ff (IPMI 2.0 KCS)
         "#]]
         .assert_eq(&hardware_summary(&doc, now()));
         let text = describe(&v, Some(&doc), now());

@@ -78,6 +78,8 @@ pub struct Spec<'a> {
     pub netns: Option<&'a str>,
     /// UEFI firmware (OVMF, from Debian's `ovmf`) instead of SeaBIOS.
     pub uefi: bool,
+    /// An external BMC ([`IpmiSim`]) on this port of 127.0.0.1, behind an ISA KCS interface.
+    pub bmc: Option<u16>,
 }
 
 /// OVMF's code and variable-store templates (Debian's `ovmf`; 4 MiB flash layout).
@@ -171,6 +173,17 @@ impl Vm {
                     "ide-cd,drive=cd0,bootindex={}",
                     if spec.boot_cdrom { 0 } else { 3 }
                 ),
+            ]);
+        }
+        if let Some(port) = spec.bmc {
+            // QEMU's own ipmi-bmc-sim answers no LAN commands: the BMC is ipmi_sim, outside.
+            args.extend([
+                "-chardev".into(),
+                format!("socket,id=ipmi0,host=127.0.0.1,port={port},reconnect=10"),
+                "-device".into(),
+                "ipmi-bmc-extern,id=bmc0,chardev=ipmi0".into(),
+                "-device".into(),
+                "isa-ipmi-kcs,bmc=bmc0".into(),
             ]);
         }
         let mut cmd = match spec.netns {
@@ -354,6 +367,131 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// An external IPMI BMC for a VM: OpenIPMI's `ipmi_sim` (Debian `openipmi`) with one LAN
+/// channel (1) whose IPv4 address and MAC are the given ones, and the system interface QEMU's
+/// `ipmi-bmc-extern` connects to, on `port` of 127.0.0.1. Killed on drop.
+pub struct IpmiSim {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl IpmiSim {
+    pub fn start(dir: &Path, ipv4: &str, mac: &str) -> IpmiSim {
+        use std::os::unix::fs::PermissionsExt;
+        let port = crate::free_port();
+        let lan_port = crate::free_port();
+        let state = dir.join("ipmi-state");
+        fs::create_dir_all(&state).expect("ipmi_sim state dir");
+        // ipmi_sim asks this program for the LAN parameters it does not keep itself:
+        // `PROG get NAME...` prints `NAME: VALUE` lines (lanserv/extcmd.c).
+        let program = dir.join("ipmi-lancontrol");
+        fs::write(
+            &program,
+            format!(
+                r#"#!/bin/sh
+[ "$1" = get ] || exit 0
+shift
+for n in "$@"; do
+  case "$n" in
+    ip_addr) echo "ip_addr: {ipv4}" ;;
+    ip_addr_src) echo "ip_addr_src: static" ;;
+    mac_addr) echo "mac_addr: {mac}" ;;
+    subnet_mask) echo "subnet_mask: 255.255.255.0" ;;
+    *_ip_addr) echo "$n: 0.0.0.0" ;;
+    *_mac_addr) echo "$n: 00:00:00:00:00:00" ;;
+  esac
+done
+"#
+            ),
+        )
+        .expect("write the LAN control program");
+        fs::set_permissions(&program, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let conf = dir.join("ipmi-lan.conf");
+        fs::write(
+            &conf,
+            format!(
+                r#"name "slipway-test-bmc"
+set_working_mc 0x20
+  startlan 1
+    addr 127.0.0.1 {lan_port}
+    priv_limit admin
+    allowed_auths_admin md5
+    guid a123456789abcdefa123456789abcdef
+    lan_config_program "{}"
+  endlan
+  serial 15 127.0.0.1 {port} codec VM
+  startnow false
+  user 2 true "admin" "password" admin 10 md5
+"#,
+                program.display()
+            ),
+        )
+        .expect("write lan.conf");
+        // ipmi_sim starts with no management controller: make the BMC (Get Device ID values).
+        let emu = dir.join("ipmi-bmc.emu");
+        fs::write(
+            &emu,
+            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02\nmc_enable 0x20\n",
+        )
+        .expect("write the emu file");
+        let log = dir.join("ipmi_sim.log");
+        let file = fs::File::create(&log).expect("ipmi_sim log");
+        let child = Command::new("ipmi_sim")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-f")
+            .arg(&emu)
+            .arg("-s")
+            .arg(&state)
+            .arg("-n")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start ipmi_sim ({e}); apt-get install -y openipmi"));
+        let mut sim = IpmiSim { child, port, log };
+        // QEMU must find it listening, or the guest's ipmi_si finds no BMC.
+        let start = Instant::now();
+        while !tcp_listening(port) {
+            if let Ok(Some(status)) = sim.child.try_wait() {
+                panic!(
+                    "ipmi_sim exited ({status}): {}",
+                    fs::read_to_string(&sim.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "ipmi_sim does not listen on 127.0.0.1:{port}: {}",
+                fs::read_to_string(&sim.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        sim
+    }
+}
+
+impl Drop for IpmiSim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether something listens on TCP `port` of 127.0.0.1 (/proc/net/tcp, state 0A), without
+/// connecting to it.
+fn tcp_listening(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == want && f[3] == "0A"
+        })
 }
 
 /// A sparse raw disk file.

@@ -3,17 +3,20 @@
 //! 2. PXE in a network namespace with a bridge, a tap and dnsmasq as the DHCP server; e1000
 //!    NIC and AHCI disk; provisioned and booted from its disk.
 //! 3. dnsmasq in proxy-DHCP mode next to a separate DHCP server; the machine registers.
-//! 4. The per-host ISO as a CD (BIOS); the machine registers.
+//! 4. The per-host ISO as a CD (BIOS); the machine registers. It has an IPMI BMC (OpenIPMI's
+//!    ipmi_sim, Debian `openipmi`, behind QEMU's KCS interface), whose LAN address and MAC
+//!    the agent reads through /dev/ipmi0 into the host's hardware data.
+//! 5. The same ISO under UEFI (OVMF).
 //!
 //! They need the ramdisk and the test image (`cargo xtask test` builds both first), QEMU and,
-//! for 2 and 3, root (network namespaces) and dnsmasq. Each VM run is bounded; the serial
-//! console is saved to target/vm-artifacts/ when a test fails.
+//! for 2 and 3, root (network namespaces) and dnsmasq; 4 needs ipmi_sim. Each VM run is
+//! bounded; the serial console is saved to target/vm-artifacts/ when a test fails.
 
 use std::fs;
 use std::time::Duration;
 
-use slipway_tests::vm::{self, Bus, Net, Netns, Spec, Vm};
-use slipway_tests::{Coordinator, sha256_hex};
+use slipway_tests::vm::{self, Bus, IpmiSim, Net, Netns, Spec, Vm};
+use slipway_tests::{Coordinator, sha256_hex, wait_until};
 
 const MARKER: &str = "SLIPWAY-TEST-OS booted";
 
@@ -75,6 +78,7 @@ fn pxe_user_network_inspect_provision_and_boot_from_disk() {
             cdrom: None,
             boot_cdrom: false,
             uefi: false,
+            bmc: None,
             netns: None,
         },
         dir.path(),
@@ -216,6 +220,7 @@ fn pxe_in_a_network_namespace_with_dnsmasq_e1000_and_ahci() {
             cdrom: None,
             boot_cdrom: false,
             uefi: false,
+            bmc: None,
             netns: Some(&ns.name),
         },
         dir.path(),
@@ -364,6 +369,7 @@ fn proxy_dhcp_next_to_an_existing_dhcp_server() {
             cdrom: None,
             boot_cdrom: false,
             uefi: false,
+            bmc: None,
             netns: Some(&ns.name),
         },
         dir.path(),
@@ -395,21 +401,28 @@ fn proxy_dhcp_next_to_an_existing_dhcp_server() {
     );
 }
 
+/// This machine also has an IPMI BMC (ipmi_sim behind a KCS interface): its LAN address and
+/// MAC reach the host's hardware data.
 #[test]
 fn per_host_iso_boots_as_a_cd_and_enrols() {
-    iso_boot(false, "vm-4", "52:54:00:5a:00:04");
+    iso_boot(false, "vm-4", "52:54:00:5a:00:04", true);
 }
 
 /// The same ISO through its UEFI El Torito image (GRUB EFI), under OVMF.
 #[test]
 fn per_host_iso_boots_under_uefi_and_enrols() {
-    iso_boot(true, "vm-5", "52:54:00:5a:00:05");
+    iso_boot(true, "vm-5", "52:54:00:5a:00:05", false);
 }
 
-fn iso_boot(uefi: bool, name: &str, mac: &str) {
+/// The BMC's LAN settings, as ipmi_sim is told to answer them.
+const BMC_IPV4: &str = "192.0.2.45";
+const BMC_MAC: &str = "52:54:00:b3:c0:01";
+
+fn iso_boot(uefi: bool, name: &str, mac: &str, with_bmc: bool) {
     let _one = vm::exclusive();
     let art = vm::artifacts();
     let dir = tempfile::tempdir().unwrap();
+    let bmc = with_bmc.then(|| IpmiSim::start(dir.path(), BMC_IPV4, BMC_MAC));
     let boot_dir = art.dir.display().to_string();
     let c = Coordinator::start(
         dir.path(),
@@ -461,6 +474,7 @@ fn iso_boot(uefi: bool, name: &str, mac: &str) {
             boot_cdrom: true,
             uefi,
             netns: None,
+            bmc: bmc.as_ref().map(|b| b.port),
         },
         dir.path(),
     );
@@ -484,4 +498,33 @@ fn iso_boot(uefi: bool, name: &str, mac: &str) {
     c.wait_host(name, Duration::from_secs(60), "connected", |h| {
         h["status"]["agent"]["connected"] == true
     });
+    if let Some(sim) = &bmc {
+        // The hello's inventory is stored as the host's hardware data.
+        let doc = wait_until(Duration::from_secs(30), "hardware data", || {
+            let out = c.cli(&["get", "hardwaredata", name, "-o", "json"]);
+            out.status
+                .success()
+                .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+                .flatten()
+        });
+        let bmc = &doc["spec"]["hardware"]["bmc"];
+        let serial = vm.serial_text();
+        let said: Vec<&str> = serial
+            .lines()
+            .filter(|l| l.contains("BMC through"))
+            .collect();
+        let said = if said.is_empty() {
+            "(the agent logged no IPMI line)".to_string()
+        } else {
+            said.join("\n")
+        };
+        assert!(
+            bmc["ipv4Address"] == BMC_IPV4 && bmc["mac"] == BMC_MAC,
+            "BMC in the hardware data: {bmc}\nagent: {said}\nipmi_sim: {}",
+            fs::read_to_string(&sim.log).unwrap_or_default()
+        );
+        // SMBIOS type 38 (QEMU makes one for its KCS interface) names the interface.
+        assert_eq!(bmc["interface"], "IPMI 2.0 KCS", "{bmc}");
+        eprintln!("{name}: {said}");
+    }
 }

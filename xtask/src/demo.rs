@@ -151,6 +151,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
                 cdrom: None,
                 boot_cdrom: false,
                 uefi: false,
+                bmc: None,
                 netns: None,
             },
             &work,

@@ -34,11 +34,12 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// What the VM tests and the demo need: QEMU (its iPXE NIC ROMs come with ipxe-qemu), dnsmasq,
-/// iproute2 for network namespaces.
+/// iproute2 for network namespaces, OpenIPMI's BMC simulator for a VM's IPMI BMC.
 pub const VM_TOOLS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("dnsmasq", "dnsmasq-base"),
     ("ip", "iproute2"),
+    ("ipmi_sim", "openipmi"),
 ];
 /// QEMU's NIC boot ROMs (iPXE), iPXE for real PXE ROMs (undionly.kpxe, ipxe.efi), and OVMF
 /// (UEFI firmware) for the UEFI ISO test.

@@ -5,8 +5,9 @@
 //! - [`system`]: DMI ids and the SMBIOS table ([`smbios`]), boot mode, Secure Boot, hostname.
 //! - [`cpu`], [`memory`] (incl. SMBIOS type 17 modules and NUMA nodes), [`disks`] (with
 //!   udev-style by-path/by-id names computed from sysfs), [`nics`], [`pci`], [`bmc`].
-//! - [`lldp`]: the one live-only source, a bounded raw-socket listen that runs in parallel
-//!   with everything else.
+//! - Live-only sources, each bounded and run in a thread beside everything else: [`lldp`] (a
+//!   raw-socket listen) and [`ipmi`] (the BMC's LAN settings through `/dev/ipmi0`, asked only
+//!   when that device exists).
 //!
 //! Every field is best effort: a missing, empty, non-UTF-8 or absurd value gives `None` (or an
 //! empty list), never a panic or a failed inventory. [`capture`] records exactly the files the
@@ -16,6 +17,7 @@
 pub mod bmc;
 pub mod cpu;
 pub mod disks;
+pub mod ipmi;
 pub mod lldp;
 pub mod memory;
 pub mod nics;
@@ -156,6 +158,13 @@ pub fn collect_from(root: &Root, opts: &Options) -> Inventory {
             let wait = opts.lldp;
             s.spawn(move || lldp::listen(&interfaces, wait))
         });
+        // The BMC answers over its own slow interface (KCS: milliseconds per request): ask it
+        // while the rest is read. Only on the running machine, and only if the device exists.
+        let ipmi_device = ipmi::device_path(root);
+        let ipmi = ipmi_device
+            .clone()
+            .filter(|_| root.is_live())
+            .map(|path| s.spawn(move || ipmi::query_device(&path, ipmi::BUDGET)));
         let table_bytes = root.bytes(DMI_TABLE).unwrap_or_default();
         let table = smbios::parse(&table_bytes);
         let mut inv = Inventory {
@@ -176,8 +185,11 @@ pub fn collect_from(root: &Root, opts: &Options) -> Inventory {
             },
             nics: nics::collect(root, opts.boot_mac.as_deref()),
             pci_devices: pci::collect(root),
-            bmc: bmc::collect(root, &table),
+            bmc: None,
         };
+        // A panic in the IPMI client is a bug there; the inventory goes on without it.
+        let lan = ipmi.and_then(|h| h.join().ok().flatten());
+        inv.bmc = bmc::collect(&table, ipmi_device.is_some(), lan.as_ref());
         if let Some(handle) = lldp {
             // A panic in the listener is a bug there; the inventory goes on without LLDP.
             let heard = handle.join().unwrap_or_default();

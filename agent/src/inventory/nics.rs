@@ -290,7 +290,7 @@ pub fn ethtool_permanent_mac(ifname: &str) -> Option<String> {
 }
 
 /// `aa:bb:...` for a 6-byte (or longer) hardware address; `None` for an empty or all-zero one.
-fn format_mac(bytes: &[u8]) -> Option<String> {
+pub(super) fn format_mac(bytes: &[u8]) -> Option<String> {
     if bytes.len() < 6 || bytes.iter().all(|b| *b == 0) {
         return None;
     }

@@ -244,8 +244,10 @@ pub fn modaliases(root: &Path) -> BTreeSet<String> {
     out
 }
 
-/// Loads the modules the present devices need. Returns the modules loaded, in order.
-pub fn coldplug(modules_dir: &Path, always: &[String]) -> Vec<String> {
+/// Loads the modules the present devices need, plus `always`, plus for each `(a, b)` in
+/// `companions` module `b` once `a` has loaded (a device interface no modalias asks for).
+/// Returns the modules loaded, in order.
+pub fn coldplug(modules_dir: &Path, always: &[String], companions: &[(&str, &str)]) -> Vec<String> {
     let index = match ModuleIndex::load(modules_dir) {
         Ok(i) => i,
         Err(e) => {
@@ -276,6 +278,12 @@ pub fn coldplug(modules_dir: &Path, always: &[String]) -> Vec<String> {
                 match insert(&modules_dir.join(rel)) {
                     Ok(()) => {
                         debug!("loaded {dep}");
+                        wanted.extend(
+                            companions
+                                .iter()
+                                .filter(|(a, _)| normalize(a) == dep)
+                                .map(|(_, b)| normalize(b)),
+                        );
                         loaded.insert(dep.clone());
                         order.push(dep);
                         new += 1;

@@ -127,6 +127,7 @@ fn one_boot(run: usize) -> anyhow::Result<(f64, f64)> {
             cdrom: None,
             boot_cdrom: false,
             uefi: false,
+            bmc: None,
             netns: None,
         },
         dir.path(),

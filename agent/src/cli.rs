@@ -58,7 +58,8 @@ pub enum Cmd {
         #[arg(long)]
         boot_mac: Option<String>,
         /// Also print on stderr how long the collection itself took (without process start
-        /// and output), as `collected in SECONDS s` (for benchmarks).
+        /// and output; with --capture, the copying too), as `collected in SECONDS s` (for
+        /// benchmarks).
         #[arg(long)]
         time: bool,
     },
@@ -696,6 +697,7 @@ fn inventory_cmd(
         boot_mac: boot_mac.map(|m| m.to_ascii_lowercase()),
         lldp: seconds(lldp_seconds)?,
     };
+    let start = std::time::Instant::now();
     let inv = match capture {
         Some(dir) => {
             if dir.exists() {
@@ -708,15 +710,11 @@ fn inventory_cmd(
             info!("captured {files} files into {}", dir.display());
             inv
         }
-        None => {
-            let start = std::time::Instant::now();
-            let inv = Inventory::collect(&root, &opts);
-            if time {
-                eprintln!("collected in {:.6} s", start.elapsed().as_secs_f64());
-            }
-            inv
-        }
+        None => Inventory::collect(&root, &opts),
     };
+    if time {
+        eprintln!("collected in {:.6} s", start.elapsed().as_secs_f64());
+    }
     print(&match output {
         Output::Json => serde_json::to_string_pretty(&inv)? + "\n",
         Output::Yaml => serde_yaml_ng::to_string(&inv)?,

@@ -34,13 +34,14 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// What the VM tests and the demo need: QEMU (its iPXE NIC ROMs come with ipxe-qemu), dnsmasq,
-/// iproute2 for network namespaces, OpenIPMI's BMC simulator for a VM's IPMI BMC.
+/// iproute2 for network namespaces.
 pub const VM_TOOLS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("dnsmasq", "dnsmasq-base"),
     ("ip", "iproute2"),
-    ("ipmi_sim", "openipmi"),
 ];
+/// What only the VM tests need: OpenIPMI's BMC simulator, one VM's IPMI BMC.
+pub const VM_TEST_TOOLS: &[(&str, &str)] = &[("ipmi_sim", "openipmi")];
 /// QEMU's NIC boot ROMs (iPXE), iPXE for real PXE ROMs (undionly.kpxe, ipxe.efi), and OVMF
 /// (UEFI firmware) for the UEFI ISO test.
 pub const VM_PACKAGES: &[&str] = &["ipxe-qemu", "ipxe", "ovmf"];

@@ -86,6 +86,7 @@ fn main() -> ExitCode {
             .map(drop),
         Command::Bench { name, runs, size } => bench::run(&root(), &name, runs, size),
         Command::Test { args } => vm_deps().and_then(|()| {
+            deps::ensure(deps::VM_TEST_TOOLS)?;
             // The VM tests boot the real ramdisk and provision the test image.
             ramdisk::build(&root())?;
             testimage::build(&root())?;

@@ -392,6 +392,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let opts = image::WriteOptions {
                 fetch: image::FetchOptions {
                     retries,
+                    read_timeout: Duration::from_secs(read_timeout.max(1)),
                     ..Default::default()
                 },
                 target_zeroed,

@@ -16,6 +16,7 @@
 
 pub mod checksum;
 pub mod pipeline;
+mod plain;
 pub mod qcow2;
 pub mod source;
 

@@ -164,6 +164,18 @@ impl AlignedBuf {
         self.cap - self.len
     }
 
+    /// The unused room after the content, for reading into; [`AlignedBuf::advance`] then
+    /// counts what was put there.
+    pub fn spare_mut(&mut self) -> &mut [u8] {
+        let at = self.start + self.len;
+        &mut self.storage[at..self.start + self.cap]
+    }
+
+    /// Counts `n` more bytes, put in [`AlignedBuf::spare_mut`], as content.
+    pub fn advance(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.cap);
+    }
+
     /// Appends `data`, which must fit in [`AlignedBuf::room`].
     pub fn push(&mut self, data: &[u8]) {
         let at = self.start + self.len;

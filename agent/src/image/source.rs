@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use tokio::sync::mpsc;
 
-use super::ImageError;
+use super::{ImageError, plain};
 
 /// What the download hands to the hashing stage.
 #[derive(Debug)]
@@ -31,6 +31,9 @@ pub struct FetchOptions {
     pub backoff: Duration,
     /// Bytes per buffer handed to the writer.
     pub chunk: usize,
+    /// How long a stalled plain-HTTP body is waited for (the reqwest client has its own,
+    /// set where it is built: give both the same).
+    pub read_timeout: Duration,
 }
 
 impl Default for FetchOptions {
@@ -39,6 +42,7 @@ impl Default for FetchOptions {
             retries: 5,
             backoff: Duration::from_millis(500),
             chunk: 2 << 20,
+            read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -76,7 +80,51 @@ pub struct Source {
     validator: Option<String>,
     /// Length of the file, once an answer said it.
     pub total: Option<u64>,
+    /// Where the streaming read may go without reqwest (see `plain.rs`); `None` once an
+    /// answer needed reqwest (a redirect, a chunked body).
+    plain: Option<plain::Target>,
 }
+
+/// An answer whose body is to be read.
+enum Answer {
+    /// reqwest's body arrives in its own buffers (`pending`: what is left of the last one).
+    Reqwest(reqwest::Response, bytes::Bytes),
+    /// Read from the socket into the caller's buffer.
+    Plain(plain::Body),
+}
+
+impl Answer {
+    /// Reads the next body bytes into `dst` (not empty); `Ok(0)` at the body's end. An
+    /// error says why the body broke off.
+    async fn read(&mut self, dst: &mut [u8]) -> Result<usize, String> {
+        match self {
+            Answer::Plain(body) => body.read(dst).await,
+            Answer::Reqwest(resp, pending) => {
+                while pending.is_empty() {
+                    match resp.chunk().await {
+                        Ok(Some(b)) => *pending = b,
+                        Ok(None) => return Ok(0),
+                        Err(e) => return Err(error_text(&e)),
+                    }
+                }
+                let n = dst.len().min(pending.len());
+                dst[..n].copy_from_slice(&pending.split_to(n));
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// What an answer's status and headers mean for a GET from `start`.
+enum Verdict {
+    /// The body is the file from `start` (true) or from 0 (false: the range was ignored).
+    Body(bool),
+    /// Worth another try, for this reason.
+    Retry(String),
+}
+
+/// Connecting is given this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Source {
     pub fn new(client: reqwest::Client, url: &str, opts: FetchOptions) -> Source {
@@ -86,12 +134,12 @@ impl Source {
             opts,
             validator: None,
             total: None,
+            plain: plain::target(url),
         }
     }
 
-    fn note_validator(&mut self, resp: &reqwest::Response) {
+    fn note_validator(&mut self, h: &HeaderMap) {
         if self.validator.is_none() {
-            let h = resp.headers();
             self.validator = h
                 .get(ETAG)
                 .filter(|v| !v.as_bytes().starts_with(b"W/"))
@@ -101,90 +149,159 @@ impl Source {
         }
     }
 
+    /// The request headers for a GET from `start` (to `end` exclusive if given).
+    fn range_headers(&self, start: u64, end: Option<u64>) -> Vec<(HeaderName, HeaderValue)> {
+        let mut h = Vec::new();
+        if start > 0 || end.is_some() {
+            let range = match end {
+                Some(e) => format!("bytes={start}-{}", e.saturating_sub(1)),
+                None => format!("bytes={start}-"),
+            };
+            if let Ok(v) = HeaderValue::from_str(&range) {
+                h.push((RANGE, v));
+            }
+            if let Some(v) = self
+                .validator
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok())
+            {
+                h.push((IF_RANGE, v));
+            }
+        }
+        h
+    }
+
+    /// Judges an answer to a GET from `start`: its body, a retry, or an error not worth
+    /// retrying (4xx, a changed file, a wrong Content-Range).
+    fn judge(
+        &mut self,
+        start: u64,
+        status: StatusCode,
+        headers: &HeaderMap,
+        content_length: Option<u64>,
+    ) -> Result<Verdict, ImageError> {
+        if status == StatusCode::PARTIAL_CONTENT {
+            let cr = headers
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range);
+            return match cr {
+                Some((s, total)) if s == start => {
+                    if let Some(t) = total {
+                        self.check_total(t)?;
+                    }
+                    self.note_validator(headers);
+                    Ok(Verdict::Body(true))
+                }
+                _ => Err(ImageError::Stream {
+                    url: self.url.clone(),
+                    offset: start,
+                    reason: "the server answered a Range request with a Content-Range that does \
+                             not start there"
+                        .into(),
+                }),
+            };
+        }
+        if status.is_success() {
+            if let Some(len) = content_length {
+                self.check_total(len)?;
+            }
+            let validator = headers
+                .get(ETAG)
+                .or_else(|| headers.get(LAST_MODIFIED))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if start > 0
+                && self.validator.is_some()
+                && validator.is_some()
+                && validator != self.validator
+            {
+                return Err(ImageError::Stream {
+                    url: self.url.clone(),
+                    offset: start,
+                    reason: "the image changed on the server during the download (its \
+                             ETag/Last-Modified differ)"
+                        .into(),
+                });
+            }
+            self.note_validator(headers);
+            return Ok(Verdict::Body(start == 0));
+        }
+        if status.is_client_error() {
+            return Err(ImageError::Status {
+                url: self.url.clone(),
+                status: status.as_u16(),
+            });
+        }
+        Ok(Verdict::Retry(format!("HTTP {}", status.as_u16())))
+    }
+
     /// Sends a GET (from `start`, to `end` exclusive if given), retrying network errors and
     /// 5xx answers. Returns the answer and whether it starts at `start` (false: the server
-    /// ignored the range and sends the whole file).
+    /// ignored the range and sends the whole file). With `direct`, a plain-HTTP URL is asked
+    /// without reqwest, so its body can be read straight into the aligned buffers.
     async fn get(
         &mut self,
         start: u64,
         end: Option<u64>,
         failures: &mut u32,
-    ) -> Result<(reqwest::Response, bool), ImageError> {
+        direct: bool,
+    ) -> Result<(Answer, bool), ImageError> {
         loop {
-            let mut req = self.client.get(&self.url);
-            if start > 0 || end.is_some() {
-                let range = match end {
-                    Some(e) => format!("bytes={start}-{}", e.saturating_sub(1)),
-                    None => format!("bytes={start}-"),
-                };
-                req = req.header(RANGE, range);
-                if let Some(v) = &self.validator {
-                    req = req.header(IF_RANGE, v.as_str());
-                }
-            }
-            let err = match req.send().await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    if status == StatusCode::PARTIAL_CONTENT {
-                        let cr = resp
-                            .headers()
-                            .get(CONTENT_RANGE)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(parse_content_range);
-                        match cr {
-                            Some((s, total)) if s == start => {
-                                if let Some(t) = total {
-                                    self.check_total(t)?;
+            let headers = self.range_headers(start, end);
+            let plain = if direct { self.plain.clone() } else { None };
+            let err = if let Some(target) = plain {
+                match plain::get(&target, &headers, CONNECT_TIMEOUT, self.opts.read_timeout).await {
+                    Ok(resp) => {
+                        let len = resp.content_length();
+                        let ours = (resp.status.is_success() && len.is_some())
+                            || resp.status.is_client_error()
+                            || resp.status.is_server_error();
+                        if !ours {
+                            // A redirect, a chunked or encoded body: reqwest's job, from now on.
+                            tracing::debug!(
+                                "{}: HTTP {} {}; asking through reqwest",
+                                self.url,
+                                resp.status.as_u16(),
+                                if len.is_none() {
+                                    "without a plain length"
+                                } else {
+                                    ""
                                 }
-                                self.note_validator(&resp);
-                                return Ok((resp, true));
-                            }
-                            _ => {
-                                return Err(ImageError::Stream {
-                                    url: self.url.clone(),
-                                    offset: start,
-                                    reason: "the server answered a Range request with a \
-                                             Content-Range that does not start there"
-                                        .into(),
-                                });
-                            }
+                            );
+                            self.plain = None;
+                            continue;
+                        }
+                        match self.judge(start, resp.status, &resp.headers, len)? {
+                            Verdict::Body(ranged) => match resp.into_body() {
+                                Some(body) => return Ok((Answer::Plain(body), ranged)),
+                                None => {
+                                    self.plain = None;
+                                    continue;
+                                }
+                            },
+                            Verdict::Retry(why) => why,
                         }
                     }
-                    if status.is_success() {
-                        if let Some(len) = resp.content_length() {
-                            self.check_total(len)?;
-                        }
-                        let validator = resp
-                            .headers()
-                            .get(ETAG)
-                            .or_else(|| resp.headers().get(LAST_MODIFIED))
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_string);
-                        if start > 0
-                            && self.validator.is_some()
-                            && validator.is_some()
-                            && validator != self.validator
-                        {
-                            return Err(ImageError::Stream {
-                                url: self.url.clone(),
-                                offset: start,
-                                reason: "the image changed on the server during the download \
-                                         (its ETag/Last-Modified differ)"
-                                    .into(),
-                            });
-                        }
-                        self.note_validator(&resp);
-                        return Ok((resp, start == 0));
-                    }
-                    if status.is_client_error() {
-                        return Err(ImageError::Status {
-                            url: self.url.clone(),
-                            status: status.as_u16(),
-                        });
-                    }
-                    format!("HTTP {}", status.as_u16())
+                    Err(e) => e,
                 }
-                Err(e) => error_text(&e),
+            } else {
+                let mut req = self.client.get(&self.url);
+                for (name, value) in headers {
+                    req = req.header(name, value);
+                }
+                match req.send().await {
+                    Ok(resp) => {
+                        let len = resp.content_length();
+                        match self.judge(start, resp.status(), resp.headers(), len)? {
+                            Verdict::Body(ranged) => {
+                                return Ok((Answer::Reqwest(resp, bytes::Bytes::new()), ranged));
+                            }
+                            Verdict::Retry(why) => why,
+                        }
+                    }
+                    Err(e) => error_text(&e),
+                }
             };
             *failures += 1;
             if *failures > self.opts.retries {
@@ -240,7 +357,7 @@ impl Source {
             if at >= end || self.total.is_some_and(|t| at >= t) {
                 return Ok(out);
             }
-            let (resp, ranged) = self.get(at, Some(end), &mut failures).await?;
+            let (mut resp, ranged) = self.get(at, Some(end), &mut failures, false).await?;
             if !ranged && at > 0 {
                 return Err(ImageError::Stream {
                     url: self.url.clone(),
@@ -251,20 +368,16 @@ impl Source {
                         .into(),
                 });
             }
-            let mut body = resp.bytes_stream();
             let before = out.len();
             let mut broke = None;
-            while let Some(item) = body.next().await {
-                match item {
-                    Ok(b) => {
-                        let want = (end - start) as usize - out.len();
-                        out.extend_from_slice(&b[..b.len().min(want)]);
-                        if out.len() as u64 >= end - start {
-                            break;
-                        }
-                    }
+            let mut piece = vec![0u8; 256 << 10];
+            while (out.len() as u64) < end - start {
+                let want = ((end - start) as usize - out.len()).min(piece.len());
+                match resp.read(&mut piece[..want]).await {
+                    Ok(0) => break,
+                    Ok(n) => out.extend_from_slice(&piece[..n]),
                     Err(e) => {
-                        broke = Some(error_text(&e));
+                        broke = Some(e);
                         break;
                     }
                 }
@@ -306,27 +419,31 @@ impl Source {
         let mut buf = pool.get(chunk);
         let mut failures = 0u32;
         loop {
-            let (resp, ranged) = self.get(sent, None, &mut failures).await?;
+            let (mut resp, ranged) = self.get(sent, None, &mut failures, true).await?;
             let mut skip = if ranged { 0 } else { sent };
-            let mut body = resp.bytes_stream();
             let mut broke = None;
             let start_of_attempt = sent;
-            while let Some(item) = body.next().await {
-                let bytes = match item {
-                    Ok(b) => b,
+            loop {
+                // Bytes the server resends from the start are read and dropped.
+                let room = buf.spare_mut();
+                let want = match skip {
+                    0 => room.len(),
+                    s => room.len().min(usize::try_from(s).unwrap_or(usize::MAX)),
+                };
+                let n = match resp.read(&mut room[..want]).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
                     Err(e) => {
-                        broke = Some(error_text(&e));
+                        broke = Some(e);
                         break;
                     }
                 };
-                let mut data = &bytes[..];
                 if skip > 0 {
-                    let n = (skip.min(data.len() as u64)) as usize;
-                    data = &data[n..];
                     skip -= n as u64;
+                    continue;
                 }
                 if let Some(t) = self.total
-                    && sent + data.len() as u64 > t
+                    && sent + n as u64 > t
                 {
                     return Err(ImageError::Stream {
                         url: self.url.clone(),
@@ -334,16 +451,12 @@ impl Source {
                         reason: format!("the server sent more than the {t} bytes it announced"),
                     });
                 }
-                while !data.is_empty() {
-                    let n = buf.room().min(data.len());
-                    buf.push(&data[..n]);
-                    data = &data[n..];
-                    sent += n as u64;
-                    if buf.room() == 0 {
-                        let full = std::mem::replace(&mut buf, pool.get(chunk));
-                        if tx.send(Chunk::Data(full)).await.is_err() {
-                            return Ok(sent); // the writer stopped; its error explains why
-                        }
+                buf.advance(n);
+                sent += n as u64;
+                if buf.room() == 0 {
+                    let full = std::mem::replace(&mut buf, pool.get(chunk));
+                    if tx.send(Chunk::Data(full)).await.is_err() {
+                        return Ok(sent); // the writer stopped; its error explains why
                     }
                 }
             }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -107,6 +107,10 @@ struct Faults {
     slow: Option<Duration>,
     /// After the first request, serve this content instead (the file "changed").
     replace_after_first: Option<Vec<u8>>,
+    /// (from, to): a request for path `from` is answered `302 Found` to path `to`.
+    redirect: Option<(String, String)>,
+    /// Bodies are sent with `Transfer-Encoding: chunked` (no Content-Length).
+    chunked: bool,
 }
 
 /// (path, Range header) of each request.
@@ -134,8 +138,50 @@ impl Server {
 }
 
 fn serve(files: Vec<(&str, Vec<u8>)>, faults: Faults) -> Server {
+    serve_on(files, faults, None)
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1 it signed.
+struct TestPki {
+    ca_der: Vec<u8>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn test_pki() -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca.pem(), ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().unwrap())];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    TestPki {
+        ca_der: ca.der().to_vec(),
+        server: Arc::new(server),
+    }
+}
+
+/// The test server, over TLS when `tls` is given.
+fn serve_on(
+    files: Vec<(&str, Vec<u8>)>,
+    faults: Faults,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base = format!("{scheme}://{}", listener.local_addr().unwrap());
     let files: Arc<BTreeMap<String, Arc<Vec<u8>>>> = Arc::new(
         files
             .into_iter()
@@ -155,8 +201,21 @@ fn serve(files: Vec<(&str, Vec<u8>)>, faults: Faults) -> Server {
                 faults.clone(),
                 count.clone(),
             );
+            let tls = tls.clone();
             std::thread::spawn(move || {
-                let _ = handle(stream, &files, &log, &drops, &faults, &count);
+                let _ = match tls {
+                    Some(cfg) => match rustls::ServerConnection::new(cfg) {
+                        Ok(conn) => {
+                            let mut tls = rustls::StreamOwned::new(conn, stream);
+                            let r = handle(&mut tls, &files, &log, &drops, &faults, &count);
+                            tls.conn.send_close_notify();
+                            let _ = tls.flush();
+                            r
+                        }
+                        Err(_) => Ok(()),
+                    },
+                    None => handle(stream, &files, &log, &drops, &faults, &count),
+                };
             });
         }
     });
@@ -164,7 +223,7 @@ fn serve(files: Vec<(&str, Vec<u8>)>, faults: Faults) -> Server {
 }
 
 fn handle(
-    mut stream: TcpStream,
+    mut stream: impl Read + Write,
     files: &BTreeMap<String, Arc<Vec<u8>>>,
     log: &RequestLog,
     drops: &Mutex<VecDeque<u64>>,
@@ -194,6 +253,15 @@ fn handle(
         )?;
         return Ok(());
     }
+    if let Some((from, to)) = &faults.redirect
+        && *from == path
+    {
+        write!(
+            stream,
+            "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        return Ok(());
+    }
     let Some(file) = files.get(&path) else {
         write!(
             stream,
@@ -217,12 +285,16 @@ fn handle(
         };
         Some((a, b + 1))
     });
+    let length = |n: u64| match faults.chunked {
+        true => "Transfer-Encoding: chunked".to_string(),
+        false => format!("Content-Length: {n}"),
+    };
     let (start, end) = match parsed {
         Some((a, e)) if !faults.no_range && a < total => {
             write!(
                 stream,
-                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{}/{total}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
-                e - a,
+                "HTTP/1.1 206 Partial Content\r\n{}\r\nContent-Range: bytes {a}-{}/{total}\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                length(e - a),
                 e - 1
             )?;
             (a, e)
@@ -230,7 +302,8 @@ fn handle(
         _ => {
             write!(
                 stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: {total}\r\nAccept-Ranges: bytes\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n"
+                "HTTP/1.1 200 OK\r\n{}\r\nAccept-Ranges: bytes\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n",
+                length(total)
             )?;
             (0, total)
         }
@@ -265,7 +338,14 @@ fn handle(
         if let Some(st) = faults.stall_at {
             stop = stop.min(st.max(at + 1));
         }
-        stream.write_all(&data[at as usize..stop as usize])?;
+        let piece = &data[at as usize..stop as usize];
+        if faults.chunked {
+            write!(stream, "{:x}\r\n", piece.len())?;
+            stream.write_all(piece)?;
+            stream.write_all(b"\r\n")?;
+        } else {
+            stream.write_all(piece)?;
+        }
         at = stop;
         if drop_here {
             // Make sure the bytes left before the close (so the client sees a short body).
@@ -276,7 +356,10 @@ fn handle(
             std::thread::sleep(d);
         }
     }
-    Ok(())
+    if faults.chunked {
+        stream.write_all(b"0\r\n\r\n")?;
+    }
+    stream.flush()
 }
 
 // ----- the in-memory disk with faults -----
@@ -379,6 +462,7 @@ fn fast_opts() -> WriteOptions {
             retries: 3,
             backoff: Duration::from_millis(20),
             chunk: 256 << 10,
+            read_timeout: Duration::from_secs(2),
         },
         target_zeroed: false,
     }
@@ -395,11 +479,22 @@ async fn write(
     disk: Box<dyn DiskWriter>,
     opts: &WriteOptions,
 ) -> Result<Written, ImageError> {
+    write_with(&client(), url, checksum, format, disk, opts).await
+}
+
+async fn write_with(
+    client: &reqwest::Client,
+    url: &str,
+    checksum: &str,
+    format: Format,
+    disk: Box<dyn DiskWriter>,
+    opts: &WriteOptions,
+) -> Result<Written, ImageError> {
     let spec = ImageSpec::new(url, checksum, None, format)?;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     let progress: ProgressFn = Box::new(move |p: Progress| s2.lock().unwrap().push(p));
-    write_image(&client(), &spec, disk, opts, progress).await
+    write_image(client, &spec, disk, opts, progress).await
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -802,16 +897,7 @@ fn a_server_ignoring_range_on_resume_has_the_sent_bytes_skipped() {
         ..Default::default()
     };
     let srv = serve(vec![("os.img", img.clone())], faults);
-    let disk = MemDisk::new(8 * MIB, 9, MemFaults::default());
-    rt().block_on(write(
-        &srv.url("os.img"),
-        &sha256_hex(&img),
-        Format::Raw,
-        Box::new(disk.clone()),
-        &fast_opts(),
-    ))
-    .unwrap_or_else(|e| panic!("{}", crate::commands::chain(&e)));
-    assert!(disk.bytes()[..img.len()] == img[..]);
+    write_ok(&client(), &srv.url("os.img"), &img);
 }
 
 #[test]
@@ -906,6 +992,93 @@ fn a_slow_server_still_completes() {
     ))
     .unwrap();
     assert!(disk.bytes()[..img.len()] == img[..]);
+}
+
+/// Writes the raw image `img` from `url` onto a fresh in-memory disk, which must then hold it.
+fn write_ok(client: &reqwest::Client, url: &str, img: &[u8]) {
+    let disk = MemDisk::new(8 * MIB, 9, MemFaults::default());
+    rt().block_on(write_with(
+        client,
+        url,
+        &sha256_hex(img),
+        Format::Raw,
+        Box::new(disk.clone()),
+        &fast_opts(),
+    ))
+    .unwrap_or_else(|e| panic!("{}", crate::commands::chain(&e)));
+    assert!(disk.bytes()[..img.len()] == img[..]);
+}
+
+/// Plain-HTTP answers the agent reads itself (see `plain.rs`) and the ones it leaves to
+/// reqwest: a redirect, and a chunked body, whose image must arrive all the same.
+#[test]
+fn redirects_and_chunked_answers_are_followed() {
+    let img = disk_image(5 * MIB + 3, false, 16);
+    let redirect = Faults {
+        redirect: Some(("/old.img".into(), "/os.img".into())),
+        ..Default::default()
+    };
+    let srv = serve(vec![("os.img", img.clone())], redirect);
+    write_ok(&client(), &srv.url("old.img"), &img);
+    let log = srv.log.lock().unwrap().clone();
+    assert!(
+        log.iter().any(|(p, _)| p == "/old.img") && log.iter().any(|(p, _)| p == "/os.img"),
+        "{log:?}"
+    );
+
+    // Chunked, with a dropped connection to resume from.
+    let chunked = Faults {
+        chunked: true,
+        drop_at: vec![3 * MIB as u64 + 11],
+        ..Default::default()
+    };
+    let srv = serve(vec![("os.img", img.clone())], chunked);
+    write_ok(&client(), &srv.url("os.img"), &img);
+}
+
+/// https: verified against the CA given to the agent (resuming a dropped connection on the
+/// way); without that CA the certificate is refused, the error names the URL and the
+/// disk is left unbootable.
+#[test]
+fn https_images_are_verified_against_the_given_ca() {
+    let pki = test_pki();
+    let img = disk_image(6 * MIB, false, 17);
+    let faults = Faults {
+        drop_at: vec![4 * MIB as u64 + 1],
+        ..Default::default()
+    };
+    let srv = serve_on(
+        vec![("os.img", img.clone())],
+        faults,
+        Some(pki.server.clone()),
+    );
+    let url = srv.url("os.img");
+    assert!(url.starts_with("https://"));
+    let trusting = client_with(std::slice::from_ref(&pki.ca_der), Duration::from_secs(2)).unwrap();
+    write_ok(&trusting, &url, &img);
+    assert!(
+        srv.ranges()
+            .iter()
+            .any(|r| r.as_deref() == Some("bytes=4194305-")),
+        "resumed: {:?}",
+        srv.ranges()
+    );
+
+    let disk = MemDisk::new(8 * MIB, 9, MemFaults::default());
+    let sum = sha256_hex(&img);
+    let e = rt()
+        .block_on(write(
+            &url,
+            &sum,
+            Format::Raw,
+            Box::new(disk.clone()),
+            &fast_opts(),
+        ))
+        .unwrap_err();
+    let msg = crate::commands::chain(&e);
+    assert!(msg.contains(&url), "{msg}");
+    assert!(msg.to_lowercase().contains("certificate"), "{msg}");
+    disk.assert_unbootable();
 }
 
 #[test]

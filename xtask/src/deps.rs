@@ -31,6 +31,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("zstd", "zstd"),
     ("xz", "xz-utils"),
     ("curl", "curl"),
+    // The image bench's hashing floor (sha256 with the CPU's SHA extensions).
+    ("openssl", "openssl"),
 ];
 
 /// What the VM tests and the demo need: QEMU (its iPXE NIC ROMs come with ipxe-qemu), dnsmasq,

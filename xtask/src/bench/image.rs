@@ -264,14 +264,29 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
         )
     };
 
-    // The loop device over a sparse file, a little larger than the images.
+    // The loop device over a sparse file, a little larger than the images. It passes writes
+    // to its backing file with direct I/O, as a disk takes them: a buffered loop device
+    // copies every byte into the page cache in a kernel worker, which on this 2-core machine
+    // competes with the pipeline for CPU (a dd from a local file hardly notices; see
+    // ARCHITECTURE.md). SLIPWAY_BENCH_LOOP=buffered measures that setup instead.
+    let buffered = std::env::var("SLIPWAY_BENCH_LOOP").is_ok_and(|v| v == "buffered");
     let backing = work.join("disk.img");
     std::fs::File::create(&backing)?.set_len(size + 64 * MIB)?;
+    let dio = if buffered {
+        "--direct-io=off"
+    } else {
+        "--direct-io=on"
+    };
     let dev = Loop(
-        cmd::output("losetup", &["--find", "--show", &p(&backing)], &[])?
+        cmd::output("losetup", &["--find", "--show", dio, &p(&backing)], &[])?
             .trim()
             .to_string(),
     );
+    let loop_kind = if buffered {
+        "buffered loop device"
+    } else {
+        "loop device with direct I/O to its backing file"
+    };
     let discard = || cmd::output("blkdiscard", &["-f", &dev.0], &[]).map(|_| ());
 
     let agent_cmd = |image: &Path, sum: &str, format: &str| -> Vec<String> {
@@ -379,7 +394,7 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
             goal_ratio: goal,
             runs: ctx.runs,
             note: format!(
-                "{note}; {:.0} MiB/s of image vs {:.0} MiB/s; reference peak RSS {:.1} MiB; \
+                "{note}; {loop_kind}; {:.0} MiB/s of image vs {:.0} MiB/s; reference peak RSS {:.1} MiB; \
                  CPU seconds per Slipway run: agent {:.2}, coordinator {:.2}, whole machine \
                  {busy:.2} ({:.2} of {cores} cores busy on average); reference run: {:.2} \
                  CPU-s in its own process",
@@ -392,6 +407,44 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
                 r.cpu_s
             ),
         });
+    }
+
+    // How close the dense write comes to hashing alone: sha256 of the local file (page
+    // cache) on one core, against the dense case's own runs above. `openssl dgst` uses the
+    // CPU's SHA extensions, as the agent does: the floor for any verified write of the
+    // file. coreutils' `sha256sum` is what a script would use.
+    let hashers = [
+        (
+            "raw_dense_sha256_vs_openssl_dgst",
+            format!("openssl dgst -sha256 {} >/dev/null", p(&dense)),
+            "the floor for any verified write of it",
+        ),
+        (
+            "raw_dense_sha256_vs_sha256sum",
+            format!("sha256sum {} >/dev/null", p(&dense)),
+            "coreutils, without the CPU's SHA extensions",
+        ),
+    ];
+    for (name, script, what) in hashers {
+        eprintln!("bench image: {name}");
+        let hash = sh(&script);
+        time(&hash.0, &hash.1)?;
+        let r = repeat(ctx.runs, || time(&hash.0, &hash.1))?;
+        if let Some(dense_case) = cases.first() {
+            let c = Case {
+                name: name.into(),
+                reference_s: Some(r.seconds),
+                reference: script.clone(),
+                goal_ratio: None,
+                note: format!(
+                    "Slipway's figure is raw_dense_sha256_vs_dd's (the same runs); the reference \
+                     only hashes the local {gib:.2} GiB file on one core, {what} ({:.0} MiB/s)",
+                    size as f64 / MIB as f64 / r.seconds
+                ),
+                ..dense_case.clone()
+            };
+            cases.push(c);
+        }
     }
     Ok(cases)
 }

@@ -368,22 +368,25 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
         // Where the CPU went in Slipway's runs: the agent, the coordinator serving the image,
         // and the whole machine (the loop device's kernel workers included).
         let (mut coord_cpu, mut busy) = (Vec::new(), Vec::new());
-        let s = repeat(ctx.runs, || {
-            discard()?;
-            let (c0, b0) = (
-                super::process_cpu_s(coordinator_pid),
-                super::machine_busy_s(),
-            );
-            let m = time(&agent, &args)?;
-            coord_cpu.push(super::process_cpu_s(coordinator_pid) - c0);
-            busy.push(super::machine_busy_s() - b0);
-            Ok(m)
-        })?;
+        let (s, r) = super::repeat_paired(
+            ctx.runs,
+            || {
+                discard()?;
+                let (c0, b0) = (
+                    super::process_cpu_s(coordinator_pid),
+                    super::machine_busy_s(),
+                );
+                let m = time(&agent, &args)?;
+                coord_cpu.push(super::process_cpu_s(coordinator_pid) - c0);
+                busy.push(super::machine_busy_s() - b0);
+                Ok(m)
+            },
+            || {
+                discard()?;
+                time(&ref_prog, &ref_args)
+            },
+        )?;
         let (coord_cpu, busy) = (super::median(&mut coord_cpu), super::median(&mut busy));
-        let r = repeat(ctx.runs, || {
-            discard()?;
-            time(&ref_prog, &ref_args)
-        })?;
         cases.push(Case {
             name: name.to_string(),
             slipway_s: s.seconds,

@@ -179,20 +179,37 @@ pub fn repeat(
     runs: usize,
     mut f: impl FnMut() -> anyhow::Result<Measure>,
 ) -> anyhow::Result<Measure> {
-    let (mut secs, mut cpu) = (Vec::new(), Vec::new());
-    let mut rss: f64 = 0.0;
+    let all = (0..runs.max(1))
+        .map(|_| f())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(summarize(&all))
+}
+
+/// Like [`repeat`] for a pair, alternating them (a, b, a, b, ...) so that the machine's
+/// slow and fast moments (a noisy VM's disk) fall on both alike.
+pub fn repeat_paired(
+    runs: usize,
+    mut a: impl FnMut() -> anyhow::Result<Measure>,
+    mut b: impl FnMut() -> anyhow::Result<Measure>,
+) -> anyhow::Result<(Measure, Measure)> {
+    let (mut ma, mut mb) = (Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
-        let m = f()?;
-        secs.push(m.seconds);
-        cpu.push(m.cpu_s);
-        rss = rss.max(m.peak_rss_mib);
+        ma.push(a()?);
+        mb.push(b()?);
     }
-    Ok(Measure {
+    Ok((summarize(&ma), summarize(&mb)))
+}
+
+/// Median seconds and CPU, highest peak RSS.
+fn summarize(all: &[Measure]) -> Measure {
+    let mut secs: Vec<f64> = all.iter().map(|m| m.seconds).collect();
+    let mut cpu: Vec<f64> = all.iter().map(|m| m.cpu_s).collect();
+    Measure {
         seconds: median(&mut secs),
-        peak_rss_mib: rss,
+        peak_rss_mib: all.iter().map(|m| m.peak_rss_mib).fold(0.0, f64::max),
         cpu_s: median(&mut cpu),
         stderr: String::new(),
-    })
+    }
 }
 
 /// The table printed for a benchmark.

@@ -113,12 +113,12 @@ struct Faults {
     chunked: bool,
 }
 
-/// (path, Range header) of each request.
-type RequestLog = Mutex<Vec<(String, Option<String>)>>;
+/// (path, Range header, whether the agent's own plain-HTTP client sent it) of each request.
+/// That client alone asks for `Accept-Encoding: identity`.
+type RequestLog = Mutex<Vec<(String, Option<String>, bool)>>;
 
 struct Server {
     base: String,
-    /// (path, Range header) of every request.
     log: Arc<RequestLog>,
 }
 
@@ -132,7 +132,18 @@ impl Server {
             .lock()
             .unwrap()
             .iter()
-            .map(|(_, r)| r.clone())
+            .map(|(_, r, _)| r.clone())
+            .collect()
+    }
+
+    /// The Range header of each request the agent's plain-HTTP client sent.
+    fn plain_requests(&self) -> Vec<Option<String>> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, plain)| *plain)
+            .map(|(_, r, _)| r.clone())
             .collect()
     }
 }
@@ -244,7 +255,12 @@ fn handle(
         .lines()
         .find(|l| l.to_ascii_lowercase().starts_with("range:"))
         .map(|l| l[6..].trim().to_string());
-    log.lock().unwrap().push((path.clone(), range.clone()));
+    let plain = text
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("accept-encoding: identity"));
+    log.lock()
+        .unwrap()
+        .push((path.clone(), range.clone(), plain));
     let n = count.fetch_add(1, Ordering::SeqCst);
     if let Some(code) = faults.status {
         write!(
@@ -886,6 +902,12 @@ fn dropped_connections_resume_and_the_hash_covers_every_byte_once() {
             .any(|r| r.as_deref() == Some("bytes=9437184-")),
         "resumed with a Range request: {ranges:?}"
     );
+    // The stream and its resumes were read by the agent's own plain-HTTP client.
+    let plain = srv.plain_requests();
+    assert!(
+        plain.contains(&None) && plain.contains(&Some("bytes=9437184-".into())),
+        "{plain:?}"
+    );
 }
 
 #[test]
@@ -1022,9 +1044,12 @@ fn redirects_and_chunked_answers_are_followed() {
     write_ok(&client(), &srv.url("old.img"), &img);
     let log = srv.log.lock().unwrap().clone();
     assert!(
-        log.iter().any(|(p, _)| p == "/old.img") && log.iter().any(|(p, _)| p == "/os.img"),
+        log.iter().any(|(p, _, _)| p == "/old.img") && log.iter().any(|(p, _, _)| p == "/os.img"),
         "{log:?}"
     );
+    // The plain client asked once, got the redirect and left the URL to reqwest.
+    let plain: Vec<&String> = log.iter().filter(|r| r.2).map(|r| &r.0).collect();
+    assert_eq!(plain, ["/old.img"], "{log:?}");
 
     // Chunked, with a dropped connection to resume from.
     let chunked = Faults {
@@ -1034,6 +1059,7 @@ fn redirects_and_chunked_answers_are_followed() {
     };
     let srv = serve(vec![("os.img", img.clone())], chunked);
     write_ok(&client(), &srv.url("os.img"), &img);
+    assert_eq!(srv.plain_requests(), [None], "one plain try, then reqwest");
 }
 
 /// https: verified against the CA given to the agent (resuming a dropped connection on the
@@ -1056,6 +1082,7 @@ fn https_images_are_verified_against_the_given_ca() {
     assert!(url.starts_with("https://"));
     let trusting = client_with(std::slice::from_ref(&pki.ca_der), Duration::from_secs(2)).unwrap();
     write_ok(&trusting, &url, &img);
+    assert!(srv.plain_requests().is_empty(), "https is reqwest's");
     assert!(
         srv.ranges()
             .iter()

@@ -84,7 +84,8 @@ pub enum Cmd {
         /// The declared format, checked against the file's magic (default: accept either).
         #[arg(long, value_enum)]
         format: Option<FormatArg>,
-        /// PEM file of CA certificates to trust for https URLs besides the system roots.
+        /// PEM file of CA certificates to trust for https URLs, besides the public roots built
+        /// in and the machine's own store (/etc/ssl/certs, or SSL_CERT_FILE / SSL_CERT_DIR).
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
         /// DEVICE is known to read as zeros (new sparse file, or just discarded with a

@@ -162,12 +162,24 @@ pub fn session_config(
     Ok(config)
 }
 
-/// TLS for downloading images: the public web roots plus the coordinator CA (if known) and
-/// any extra CAs the command carries.
+/// TLS for downloading images: the public web roots (compiled in: the ramdisk has no store),
+/// the machine's own store where it has one (`/etc/ssl/certs`, or `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR`: an operator's private CA, for the standalone `write-image`), plus the
+/// coordinator CA (if known) and any extra CAs the command carries.
 pub fn download_config(extra_ca_der: &[Vec<u8>]) -> Result<rustls::ClientConfig, rustls::Error> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::debug!("the machine's certificate store: {e}");
+    }
+    let (added, unusable) = roots.add_parsable_certificates(native.certs);
+    if added + unusable > 0 {
+        tracing::debug!(
+            "{added} CA certificates from the machine's store ({unusable} unusable ones skipped)"
+        );
+    }
     for der in extra_ca_der {
         roots.add(CertificateDer::from(der.clone()))?;
     }

@@ -1,7 +1,8 @@
 //! Images beyond raw through the real processes: a zstd-compressed-cluster qcow2 image
 //! verified by a checksum file, served by the coordinator's own HTTP server, written by the
 //! agent onto a loop device, and compared with `qemu-img convert -O raw` of the same image;
-//! and the standalone `slipway-agent write-image` with an xz-compressed raw image.
+//! the standalone `slipway-agent write-image` with an xz-compressed raw image; and https
+//! from a server whose CA the agent knows from the machine's certificate store or `--ca`.
 
 #![allow(clippy::disallowed_methods)] // qemu-img, xz and sha256sum make the test images
 
@@ -145,5 +146,146 @@ fn standalone_write_image_takes_an_xz_image_from_the_coordinator() {
         "{err}"
     );
     let got = fs::read(&target).unwrap();
+    assert!(got[..MIB].iter().all(|b| *b == 0) && got[got.len() - MIB..].iter().all(|b| *b == 0));
+}
+
+/// A CA, and a certificate for 127.0.0.1 it signed, made by the `openssl` tool as an
+/// operator would, as PEM files in `dir`: (ca, cert, key).
+fn test_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |name: &str| dir.join(name).display().to_string();
+    let ext = dir.join("leaf.ext");
+    fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-keyout", &p("ca.key"), "-out", &p("ca.pem"), "-days", "2"])
+        .args(["-subj", "/CN=Slipway test CA"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign"]));
+    run(Command::new("openssl").arg("req").args(ec).args([
+        "-keyout",
+        &p("key.pem"),
+        "-out",
+        &p("leaf.csr"),
+        "-subj",
+        "/CN=127.0.0.1",
+    ]));
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-in", &p("leaf.csr"), "-CA", &p("ca.pem")])
+        .args([
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &p("cert.pem"),
+        ])
+        .args(["-days", "2", "-extfile", &p("leaf.ext")]));
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+/// Python's http.server over TLS, serving `root`; killed on drop.
+struct HttpsServer(std::process::Child, u16);
+
+impl HttpsServer {
+    fn start(root: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let script = "import http.server, ssl, sys\n\
+            s = http.server.HTTPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)\n\
+            c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+            c.load_cert_chain(sys.argv[1], sys.argv[2])\n\
+            s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+            print(s.server_port, flush=True)\n\
+            s.serve_forever()\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .arg(cert)
+            .arg(key)
+            .current_dir(root)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs the test's https server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no port: {line:?}"));
+        HttpsServer(child, port)
+    }
+}
+
+impl Drop for HttpsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// https: the agent trusts a private CA from the machine's certificate store (here
+/// `SSL_CERT_FILE`, which the store loader reads like /etc/ssl/certs) or from `--ca`, and
+/// refuses the server without either, leaving the disk unbootable.
+#[test]
+fn standalone_write_image_over_https_trusts_the_machine_store_and_ca_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_ca(dir.path());
+    let www = dir.path().join("www");
+    fs::create_dir(&www).unwrap();
+    let image = sparse_image(6 * MIB + 5);
+    fs::write(www.join("os.img"), &image).unwrap();
+    let server = HttpsServer::start(&www, &cert, &key);
+    let url = format!("https://127.0.0.1:{}/os.img", server.1);
+    let target = dir.path().join("target.disk");
+    let write = |env_ca: Option<&std::path::Path>, flag_ca: Option<&std::path::Path>| {
+        fs::write(&target, pattern(8 * MIB, 4)).unwrap();
+        let mut cmd = Command::new(&bins().agent);
+        cmd.args(["write-image", &url])
+            .arg(&target)
+            .args(["--checksum", &sha256_hex(&image), "--retries", "0"])
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR");
+        if let Some(p) = env_ca {
+            cmd.env("SSL_CERT_FILE", p);
+        }
+        if let Some(p) = flag_ca {
+            cmd.arg("--ca").arg(p);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text, fs::read(&target).unwrap())
+    };
+    for (how, env_ca, flag_ca) in [("store", Some(&ca), None), ("--ca", None, Some(&ca))] {
+        let (ok, text, got) = write(env_ca.map(|p| p.as_path()), flag_ca.map(|p| p.as_path()));
+        assert!(ok && text.contains("verified"), "{how}: {text}");
+        assert!(got[..image.len()] == image[..], "{how}");
+    }
+    let (ok, text, got) = write(None, None);
+    assert!(!ok, "an unknown CA was trusted: {text}");
+    assert!(
+        text.contains(&url) && text.to_lowercase().contains("certificate"),
+        "{text}"
+    );
     assert!(got[..MIB].iter().all(|b| *b == 0) && got[got.len() - MIB..].iter().all(|b| *b == 0));
 }

@@ -25,6 +25,9 @@ pub enum Kind {
         hints: Hints,
         /// Written after the image, in a partition at the end of the same disk.
         config_drive: Option<ConfigDrive>,
+        /// DER certificates of CAs to trust for this image's https URLs, besides the public
+        /// roots and the coordinator's CA (`slipway serve --image-ca`).
+        extra_ca: Vec<Vec<u8>>,
     },
     /// Cleaning of every disk: metadata only, or (`full`) every byte zeroed.
     EraseMetadata {
@@ -304,8 +307,9 @@ impl Runner {
                 spec,
                 hints,
                 config_drive,
+                extra_ca,
             } => {
-                self.write_image(&cmd.id, spec, hints, config_drive.as_ref())
+                self.write_image(&cmd.id, spec, hints, config_drive.as_ref(), extra_ca)
                     .await
             }
             Kind::EraseMetadata { full } => {
@@ -459,6 +463,7 @@ impl Runner {
         spec: &ImageSpec,
         hints: &Hints,
         config_drive: Option<&ConfigDrive>,
+        extra_ca: &[Vec<u8>],
     ) -> Outcome {
         let ctx = &self.inner.ctx;
         let inv = collect(ctx, false).await;
@@ -489,7 +494,8 @@ impl Runner {
                 };
             }
         };
-        let client = match image::client(&ctx.extra_ca) {
+        let cas: Vec<Vec<u8>> = ctx.extra_ca.iter().chain(extra_ca).cloned().collect();
+        let client = match image::client(&cas) {
             Ok(c) => c,
             Err(e) => {
                 return Outcome::Failure {

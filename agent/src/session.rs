@@ -407,10 +407,20 @@ fn command_from_proto(c: pb::Command) -> Result<Command, (String, String)> {
                 network_data: c.network_data,
                 meta_data: c.meta_data,
             });
+            let extra_ca = match w.extra_ca_pem.trim() {
+                "" => Vec::new(),
+                pem => crate::image::source::pem_certs(pem).map_err(|e| {
+                    (
+                        id.clone(),
+                        format!("the command's extra CA certificates (extra_ca_pem): {e}"),
+                    )
+                })?,
+            };
             Kind::WriteImage {
                 spec,
                 hints,
                 config_drive,
+                extra_ca,
             }
         }
         None => {
@@ -714,6 +724,36 @@ mod tests {
         let (id, msg) = command_from_proto(c).unwrap_err();
         assert_eq!(id, "write-image-1");
         assert!(msg.contains("3 hex digits"), "{msg}");
+    }
+
+    #[test]
+    fn image_cas_arrive_as_der_and_bad_ones_are_refused_with_the_id() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let command = |pem: String| pb::Command {
+            id: "w".into(),
+            kind: Some(pb::command::Kind::WriteImage(pb::WriteImage {
+                url: "https://x/y".into(),
+                checksum: "a".repeat(64),
+                extra_ca_pem: pem,
+                ..Default::default()
+            })),
+        };
+        let Kind::WriteImage { extra_ca, .. } =
+            command_from_proto(command(cert.pem())).unwrap().kind
+        else {
+            panic!("not a write-image");
+        };
+        assert_eq!(extra_ca, vec![cert.der().to_vec()]);
+        let (id, msg) = command_from_proto(command("not a certificate".into())).unwrap_err();
+        assert_eq!(id, "w");
+        assert!(
+            msg.contains("extra_ca_pem") && msg.contains("no PEM certificate"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -43,11 +43,16 @@ const HELLO_LIMIT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Api {
     tx: mpsc::Sender<Msg>,
+    /// PEM CA certificates sent with every image command (`serve --image-ca`), or empty.
+    image_ca_pem: Arc<str>,
 }
 
 impl Api {
-    pub fn new(tx: mpsc::Sender<Msg>) -> Api {
-        Api { tx }
+    pub fn new(tx: mpsc::Sender<Msg>, image_ca_pem: &str) -> Api {
+        Api {
+            tx,
+            image_ca_pem: Arc::from(image_ca_pem),
+        }
     }
 
     pub fn into_service(self) -> pb::agent_service_server::AgentServiceServer<Api> {
@@ -269,7 +274,8 @@ impl pb::agent_service_server::AgentService for Api {
                 .await;
         });
 
-        let out = UnboundedReceiverStream::new(cmd_rx).map(|c| Ok(command_to_proto(&c)));
+        let ca = self.image_ca_pem.clone();
+        let out = UnboundedReceiverStream::new(cmd_rx).map(move |c| Ok(command_to_proto(&c, &ca)));
         Ok(Response::new(Box::pin(out)))
     }
 }
@@ -572,7 +578,8 @@ pub fn hardware_of(inv: &pb::Inventory) -> Hardware {
     }
 }
 
-pub fn command_to_proto(out: &Outgoing) -> pb::Command {
+/// The command as sent; image commands carry `image_ca_pem` for the agent to trust.
+pub fn command_to_proto(out: &Outgoing, image_ca_pem: &str) -> pb::Command {
     use pb::command::Kind;
     let c = &out.record;
     let kind = match &c.kind {
@@ -596,7 +603,7 @@ pub fn command_to_proto(out: &Outgoing) -> pb::Command {
                 Some(ImageFormat::LiveIso) => pb::ImageFormat::LiveIso,
             } as i32,
             root_device_hints: root_device_hints.as_ref().map(hints_to_proto),
-            extra_ca_pem: String::new(),
+            extra_ca_pem: image_ca_pem.to_string(),
             config_drive: out.config_drive.as_ref().map(|d| pb::ConfigDrive {
                 user_data: d.user_data.clone(),
                 network_data: d.network_data.clone(),

@@ -4,7 +4,7 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +37,11 @@ pub struct ServeArgs {
     /// Directory served at /images/ (default: STATE/images).
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
+    /// PEM file of CA certificates that agents trust for https image URLs, besides the
+    /// public roots and this coordinator's CA: for image servers with a private CA. Sent with
+    /// every image command.
+    #[arg(long, value_name = "FILE")]
+    pub image_ca: Option<PathBuf>,
     /// Host name or IP address that agents use to reach this coordinator (default: the listen
     /// address, or 127.0.0.1 when listening on all addresses). Also put in the server
     /// certificate.
@@ -68,6 +73,31 @@ pub struct ServeArgs {
     pub poll_interval: SignedDuration,
 }
 
+/// The `--image-ca` file: PEM text with at least one certificate, all of them parseable.
+pub fn load_image_ca(path: &Path) -> anyhow::Result<String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --image-ca {}", path.display()))?;
+    let count = CertificateDer::pem_slice_iter(text.as_bytes())
+        .try_fold(0usize, |n, c| c.map(|_| n + 1))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--image-ca {}: not PEM certificates ({e}); give the CA's certificate in PEM \
+                 (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            )
+        })?;
+    if count == 0 {
+        anyhow::bail!(
+            "--image-ca {}: no certificate found; give the CA's certificate in PEM \
+             (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        );
+    }
+    Ok(text)
+}
+
 /// Durations as `30s`, `5m`, `1h30m`, `2d`.
 pub fn parse_duration(s: &str) -> Result<SignedDuration, String> {
     let d: SignedDuration = s
@@ -87,6 +117,10 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
             args.hosts.display()
         );
     }
+    let image_ca_pem = match &args.image_ca {
+        Some(path) => load_image_ca(path)?,
+        None => String::new(),
+    };
     fs::create_dir_all(&state)
         .with_context(|| format!("cannot create the state directory {}", state.display()))?;
     fs::set_permissions(&state, fs::Permissions::from_mode(0o700))
@@ -170,7 +204,7 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
     let tls = ca
         .server_tls(std::slice::from_ref(&advertise))
         .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
-    let api = Api::new(tx.clone());
+    let api = Api::new(tx.clone(), &image_ca_pem);
     let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
@@ -270,5 +304,33 @@ fn host_port(host: &str, port: u16) -> String {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_ca_files_must_hold_pem_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = load_image_ca(&missing).unwrap_err();
+        assert!(format!("{e:#}").contains("missing.pem"), "{e:#}");
+        let junk = dir.path().join("junk.pem");
+        fs::write(&junk, "hello").unwrap();
+        let e = load_image_ca(&junk).unwrap_err().to_string();
+        assert!(
+            e.contains("junk.pem") && e.contains("no certificate"),
+            "{e}"
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let good = dir.path().join("ca.pem");
+        fs::write(&good, cert.pem()).unwrap();
+        assert_eq!(load_image_ca(&good).unwrap(), cert.pem());
     }
 }

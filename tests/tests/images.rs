@@ -2,7 +2,8 @@
 //! verified by a checksum file, served by the coordinator's own HTTP server, written by the
 //! agent onto a loop device, and compared with `qemu-img convert -O raw` of the same image;
 //! the standalone `slipway-agent write-image` with an xz-compressed raw image; and https
-//! from a server whose CA the agent knows from the machine's certificate store or `--ca`.
+//! from a server whose CA the agent knows from the machine's certificate store or `--ca`, or,
+//! provisioning a host, from the coordinator's `--image-ca`.
 
 #![allow(clippy::disallowed_methods)] // qemu-img, xz and sha256sum make the test images
 
@@ -203,6 +204,17 @@ fn test_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, st
 struct HttpsServer(std::process::Child, u16);
 
 impl HttpsServer {
+    /// A test CA in `dir`, and a server with its certificate serving an image as /os.img:
+    /// (the CA's PEM file, the server, the image).
+    fn with_image(dir: &std::path::Path) -> (std::path::PathBuf, HttpsServer, Vec<u8>) {
+        let (ca, cert, key) = test_ca(dir);
+        let www = dir.join("www");
+        fs::create_dir(&www).unwrap();
+        let image = sparse_image(6 * MIB + 5);
+        fs::write(www.join("os.img"), &image).unwrap();
+        (ca, HttpsServer::start(&www, &cert, &key), image)
+    }
+
     fn start(root: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Self {
         use std::io::BufRead;
         let script = "import http.server, ssl, sys\n\
@@ -246,12 +258,7 @@ impl Drop for HttpsServer {
 #[test]
 fn standalone_write_image_over_https_trusts_the_machine_store_and_ca_files() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = test_ca(dir.path());
-    let www = dir.path().join("www");
-    fs::create_dir(&www).unwrap();
-    let image = sparse_image(6 * MIB + 5);
-    fs::write(www.join("os.img"), &image).unwrap();
-    let server = HttpsServer::start(&www, &cert, &key);
+    let (ca, server, image) = HttpsServer::with_image(dir.path());
     let url = format!("https://127.0.0.1:{}/os.img", server.1);
     let target = dir.path().join("target.disk");
     let write = |env_ca: Option<&std::path::Path>, flag_ca: Option<&std::path::Path>| {
@@ -288,4 +295,28 @@ fn standalone_write_image_over_https_trusts_the_machine_store_and_ca_files() {
         "{text}"
     );
     assert!(got[..MIB].iter().all(|b| *b == 0) && got[got.len() - MIB..].iter().all(|b| *b == 0));
+}
+
+/// A host provisioned from an https image server with a private CA: the coordinator sends the
+/// CA given with `--image-ca` in the image command, and the agent (which has no store of its
+/// own to find it in) trusts it for that download.
+#[test]
+fn images_from_an_https_server_with_a_private_ca_are_provisioned_with_image_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, server, image) = HttpsServer::with_image(dir.path());
+    let c = Coordinator::start(dir.path(), &["--image-ca", &ca.display().to_string()]);
+    let disk = LoopDevice::new(&dir.path().join("disk.raw"), 16 * MIB as u64);
+    let doc = format!(
+        "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: worker-tls\nspec:\n  online: true\n  image:\n    url: https://127.0.0.1:{}/os.img\n    checksum: {}\n  rootDeviceHints:\n    deviceName: {}\n",
+        server.1,
+        sha256_hex(&image),
+        disk.path.display()
+    );
+    fs::write(c.hosts.join("worker-tls.yaml"), doc).unwrap();
+    c.wait_state("worker-tls", "inspecting", Duration::from_secs(10));
+    let token = c.token("worker-tls", "10m");
+    // No SSL_CERT_FILE: the CA can only come from the command.
+    let _agent = Agent::start(&c, &token, &disk.path, &dir.path().join("agent"), &[]);
+    c.wait_state("worker-tls", "provisioned", Duration::from_secs(60));
+    assert!(disk.read(image.len()) == image);
 }

@@ -31,8 +31,10 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("zstd", "zstd"),
     ("xz", "xz-utils"),
     ("curl", "curl"),
-    // The image bench's hashing floor (sha256 with the CPU's SHA extensions).
+    // The https image tests' CA and server (openssl makes the certificates, Python's
+    // http.server serves over TLS); the image bench's hashing floor.
     ("openssl", "openssl"),
+    ("python3", "python3"),
 ];
 
 /// What the VM tests and the demo need: QEMU (its iPXE NIC ROMs come with ipxe-qemu), dnsmasq,

@@ -490,6 +490,9 @@ mod tests {
         0, 0x20, 0x01, 0x09, 0x08, 0x02, 0x9f, 0x91, 0x12, 0x00, 0x02, 0x0f, 0, 0, 0, 0,
     ];
 
+    /// A Get LAN Configuration Parameters answer for the MAC (parameter 5): 52:54:00:b3:c0:01.
+    const MAC_ANSWER: [u8; 8] = [0, 0x11, 0x52, 0x54, 0, 0xb3, 0xc0, 1];
+
     fn lan(channel: u8, param: u8) -> Vec<u8> {
         vec![channel, param, 0, 0]
     }
@@ -556,12 +559,7 @@ mod tests {
             .on(0x0c, 0x02, &lan(1, 5), &[0, 0x11, 0, 0, 0, 0, 0, 0])
             .on(0x0c, 0x02, &lan(1, 3), &[0, 0x11, 0, 0, 0, 0])
             .on(0x0c, 0x02, &lan(2, 5), &[0xcc])
-            .on(
-                0x0c,
-                0x02,
-                &lan(3, 5),
-                &[0, 0x11, 0x52, 0x54, 0, 0xb3, 0xc0, 1],
-            )
+            .on(0x0c, 0x02, &lan(3, 5), &MAC_ANSWER)
             .on(0x0c, 0x02, &lan(3, 3), &[0, 0x11, 192, 0, 2, 45])
             .on(0x0c, 0x02, &lan(3, 56), &[0x80])
             .on(0x0c, 0x02, &lan(3, 59), &[0x80]);
@@ -591,12 +589,7 @@ mod tests {
         dynamic.extend([64, 0]);
         let mut bmc = FakeBmc::new()
             .on(0x06, 0x01, &[], &DEVICE_ID)
-            .on(
-                0x0c,
-                0x02,
-                &lan(1, 5),
-                &[0, 0x11, 0x52, 0x54, 0, 0xb3, 0xc0, 1],
-            )
+            .on(0x0c, 0x02, &lan(1, 5), &MAC_ANSWER)
             .on(0x0c, 0x02, &lan(1, 3), &[0, 0x11, 0, 0, 0, 0])
             .on(0x0c, 0x02, &lan(1, 56), &[0, 0x11, 0, 0, 0, 0, 0])
             .on(0x0c, 0x02, &lan(1, 59), &dynamic);

@@ -107,6 +107,12 @@ pub trait DiskWriter: Send {
         Ok(())
     }
 
+    /// Writes `parts` back to back from `offset`, all of them, as few writes as the target
+    /// allows. The default writes them one by one.
+    fn write_all_vectored_at(&mut self, offset: u64, parts: &[&[u8]]) -> Result<(), DiskError> {
+        sequential(self, offset, parts)
+    }
+
     /// Makes `[offset, offset + len)` read as zeros. The default writes zeros.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
         write_zero_bytes(self, offset, len)
@@ -116,6 +122,23 @@ pub trait DiskWriter: Send {
     fn reread_partitions(&mut self) -> Result<(), DiskError> {
         Ok(())
     }
+}
+
+/// Most parts one vectored write takes (Linux's IOV_MAX is 1024).
+const MAX_IOV: usize = 1024;
+
+/// `parts` one after another, each with `write_all_at`.
+fn sequential<W: DiskWriter + ?Sized>(
+    w: &mut W,
+    offset: u64,
+    parts: &[&[u8]],
+) -> Result<(), DiskError> {
+    let mut at = offset;
+    for p in parts {
+        w.write_all_at(at, p)?;
+        at += p.len() as u64;
+    }
+    Ok(())
 }
 
 /// Zeroes a range by writing zeros.
@@ -242,6 +265,54 @@ impl DiskWriter for FileDisk {
         }
     }
 
+    /// One `pwritev` per call where every part is aligned for O_DIRECT: a disk kept busy
+    /// with one 8 MiB write finishes sooner than with four of 2 MiB in turn (measured on a
+    /// loop device, see ARCHITECTURE.md). Anything else goes part by part through `write_at`.
+    fn write_all_vectored_at(&mut self, offset: u64, parts: &[&[u8]]) -> Result<(), DiskError> {
+        let aligned = |p: &&[u8]| {
+            (p.len() as u64).is_multiple_of(DIRECT_ALIGN)
+                && (p.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN as usize)
+        };
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if parts.len() < 2
+            || parts.len() > MAX_IOV
+            || !offset.is_multiple_of(DIRECT_ALIGN)
+            || !parts.iter().all(aligned)
+        {
+            return sequential(self, offset, parts);
+        }
+        let Some(direct) = &self.direct else {
+            return sequential(self, offset, parts);
+        };
+        let mut iov: Vec<io::IoSlice> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut slices: &mut [io::IoSlice] = &mut iov;
+        let mut done = 0usize;
+        while done < total {
+            let at = offset + done as u64;
+            match nix::sys::uio::pwritev(direct, slices, at as libc::off_t) {
+                Ok(0) => {
+                    return Err(self.wrap(
+                        at,
+                        total - done,
+                        io::Error::new(io::ErrorKind::WriteZero, "the device wrote nothing"),
+                    ));
+                }
+                Ok(n) => {
+                    done += n;
+                    io::IoSlice::advance_slices(&mut slices, n);
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                // Refused as a whole (alignment the device does not take): part by part,
+                // where `write_at` falls back to the page cache.
+                Err(nix::errno::Errno::EINVAL) if done == 0 => {
+                    return sequential(self, offset, parts);
+                }
+                Err(e) => return Err(self.wrap(at, total - done, io::Error::from(e))),
+            }
+        }
+        Ok(())
+    }
+
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
         // The fast paths need 512-byte alignment; the ragged edges are written.
         let start = offset.div_ceil(512) * 512;
@@ -355,5 +426,34 @@ mod tests {
         assert!(got[100_000..400_000].iter().all(|b| *b == 0));
         assert_eq!(got[99_999], 0xaa);
         assert_eq!(got[400_000], 0xaa);
+    }
+
+    #[test]
+    fn file_disk_writes_parts_back_to_back_aligned_or_not() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("d");
+        std::fs::write(&p, vec![0xaau8; 1 << 20]).unwrap();
+        let mut d = FileDisk::open_path(&p).unwrap();
+        let mut big = vec![0u8; 64 << 10];
+        let off = big.as_ptr().align_offset(4096);
+        let (a, rest) = big[off..off + (48 << 10)].split_at_mut(16 << 10);
+        let (b, c) = rest.split_at_mut(4096);
+        a.fill(1);
+        b.fill(2);
+        c.fill(3);
+        // Aligned parts, one pwritev where the filesystem takes O_DIRECT.
+        d.write_all_vectored_at(8192, &[a, b, c]).unwrap();
+        // Unaligned parts and offset: written one by one, through the page cache.
+        d.write_all_vectored_at(500_001, &[b"xy", b"", b"z"])
+            .unwrap();
+        d.sync().unwrap();
+        let got = std::fs::read(&p).unwrap();
+        assert_eq!(got[8191], 0xaa);
+        assert!(got[8192..8192 + (16 << 10)].iter().all(|x| *x == 1));
+        assert!(got[(24 << 10)..(28 << 10)].iter().all(|x| *x == 2));
+        assert!(got[(28 << 10)..(56 << 10)].iter().all(|x| *x == 3));
+        assert_eq!(got[56 << 10], 0xaa);
+        assert_eq!(&got[500_000..500_005], &[0xaa, b'x', b'y', b'z', 0xaa]);
+        assert_eq!(got.len(), 1 << 20);
     }
 }

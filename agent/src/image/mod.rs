@@ -34,8 +34,10 @@ use pipeline::{Compressor, Decode, Decompress, Qcow2Stream, RawOut, Sink};
 
 /// Bytes held back and written last.
 pub const HEAD_BYTES: u64 = 1 << 20;
-/// Buffers in flight between download, hashing and writing (each stage).
-const DEPTH: usize = 4;
+/// Download buffers queued between download and hashing, and again between hashing and
+/// writing. With [`FetchOptions`]' 4 MiB buffers and the writer's batches (see
+/// [`pipeline::WRITE_BATCH`]) this keeps the agent's peak RSS under 50 MiB.
+const DEPTH: usize = 2;
 /// Largest checksum file read.
 const CHECKSUM_FILE_LIMIT: usize = 1 << 20;
 

@@ -7,6 +7,9 @@
 //!                 mpsc       bytes as sent)    channel                   head held back
 //! ```
 //!
+//! The writer takes what is already queued behind the buffer it waited for (up to
+//! [`WRITE_BATCH`]) and writes data that runs on across those buffers as one vectored write.
+//!
 //! The writer thread owns the disk for the whole write. It writes the held-back first MiB only
 //! after the hash thread's digest matched; on any failure, including the channel closing
 //! without an end marker (download error, cancellation: the caller's future was dropped), it
@@ -34,6 +37,10 @@ const WRITE_BUF: usize = 4 << 20;
 /// Aligned input at least this long is written from where it is, not copied first. Smaller
 /// pieces (qcow2 clusters) are gathered in the buffer so each write stays large.
 const MIN_DIRECT: usize = 1 << 20;
+/// Download buffers already queued when the writer is free are written together, up to this
+/// many bytes in one vectored write: when the disk is the slow stage, the queue is full and
+/// each write is this large; when it is not, nothing waits to fill a batch.
+pub const WRITE_BATCH: usize = 8 << 20;
 
 /// A piece of a buffer: data to write or zeros to skip, as offsets into the buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,15 +256,21 @@ impl Sink {
         }
     }
 
-    /// Writes `data` at disk offset `off`.
-    pub fn write(&mut self, off: u64, mut data: &[u8]) -> Result<(), ImageError> {
+    /// Checks `[off, off + len)` fits the disk and records it as written.
+    fn claim(&mut self, off: u64, len: usize) -> Result<(), ImageError> {
         let end = off
-            .checked_add(data.len() as u64)
+            .checked_add(len as u64)
             .ok_or_else(|| self.too_large(u64::MAX))?;
         if end > self.size {
             return Err(self.too_large(end));
         }
         self.high_water = self.high_water.max(end);
+        Ok(())
+    }
+
+    /// Writes `data` at disk offset `off`.
+    pub fn write(&mut self, off: u64, mut data: &[u8]) -> Result<(), ImageError> {
+        self.claim(off, data.len())?;
         let mut off = off;
         if off < HEAD_BYTES {
             let take = ((HEAD_BYTES - off) as usize).min(data.len());
@@ -290,6 +303,61 @@ impl Sink {
                 self.flush_buf()?;
             }
         }
+        Ok(())
+    }
+
+    /// Writes `parts`, which follow each other on the disk, from offset `off`. Aligned parts
+    /// past the head have their data written from where it is, and data that runs on from
+    /// one part into the next goes to the disk as one vectored write; anything else takes
+    /// the path of [`Sink::write`].
+    pub fn write_parts(&mut self, mut off: u64, parts: &[&[u8]]) -> Result<(), ImageError> {
+        let mut run: Vec<&[u8]> = Vec::new();
+        let mut run_off = 0u64;
+        let mut run_end = 0u64;
+        for &part in parts {
+            let direct = self.buf.len == 0
+                && off >= HEAD_BYTES
+                && part.len() >= MIN_DIRECT
+                && direct_len(off, part) == part.len();
+            if !direct {
+                self.put_run(run_off, &mut run)?;
+                self.write(off, part)?;
+                off += part.len() as u64;
+                continue;
+            }
+            self.claim(off, part.len())?;
+            for seg in zero_runs(off, part, BLOCK, MIN_ZERO_RUN) {
+                match seg {
+                    Segment::Data(a, b) => {
+                        let at = off + a as u64;
+                        if !run.is_empty() && run_end != at {
+                            self.put_run(run_off, &mut run)?;
+                        }
+                        if run.is_empty() {
+                            run_off = at;
+                        }
+                        run.push(&part[a..b]);
+                        run_end = off + b as u64;
+                    }
+                    Segment::Zero(a, b) => {
+                        self.put_run(run_off, &mut run)?;
+                        self.add_zero(off + a as u64, (b - a) as u64)?;
+                    }
+                }
+            }
+            off += part.len() as u64;
+        }
+        self.put_run(run_off, &mut run)
+    }
+
+    /// Writes a run of data pieces that follow each other from `off`, and empties it.
+    fn put_run(&mut self, off: u64, run: &mut Vec<&[u8]>) -> Result<(), ImageError> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        self.flush_zero()?;
+        self.writer.write_all_vectored_at(off, run)?;
+        run.clear();
         Ok(())
     }
 
@@ -380,6 +448,13 @@ impl Sink {
 /// Turns downloaded bytes into disk writes.
 pub trait Decode: Send {
     fn feed(&mut self, data: &[u8]) -> Result<(), ImageError>;
+    /// Consecutive downloaded buffers at once (see [`WRITE_BATCH`]).
+    fn feed_parts(&mut self, parts: &[&[u8]]) -> Result<(), ImageError> {
+        for p in parts {
+            self.feed(p)?;
+        }
+        Ok(())
+    }
     /// The download ended: flush, and check the image was complete.
     fn finish(&mut self) -> Result<(), ImageError>;
     fn sink(&mut self) -> &mut Sink;
@@ -441,6 +516,19 @@ impl Write for RawOut {
 impl Decode for RawOut {
     fn feed(&mut self, data: &[u8]) -> Result<(), ImageError> {
         self.put(data)
+    }
+
+    fn feed_parts(&mut self, parts: &[&[u8]]) -> Result<(), ImageError> {
+        if self.inner_of.is_some() || self.off == 0 {
+            // Behind a decompressor, or the first bytes (checked for a qcow2 header).
+            for p in parts {
+                self.put(p)?;
+            }
+            return Ok(());
+        }
+        self.sink.write_parts(self.off, parts)?;
+        self.off += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        Ok(())
     }
 
     fn finish(&mut self) -> Result<(), ImageError> {
@@ -883,9 +971,15 @@ pub fn writer_stage(
             bytes_per_second: rate,
         })
     };
+    let mut batch: Vec<AlignedBuf> = Vec::new();
+    let mut next: Option<Msg> = None;
     let result = (|| -> Result<Finished, ImageError> {
         loop {
-            let msg = match rx.recv_timeout(Duration::from_secs(1)) {
+            let got = match next.take() {
+                Some(m) => Ok(m),
+                None => rx.recv_timeout(Duration::from_secs(1)),
+            };
+            let msg = match got {
                 Ok(m) => m,
                 Err(smpsc::RecvTimeoutError::Timeout) => {
                     report("write", consumed, 0);
@@ -899,9 +993,28 @@ pub fn writer_stage(
             };
             match msg {
                 Msg::Data(d) => {
-                    dec.feed(&d)?;
-                    consumed += d.len() as u64;
-                    job.pool.put(d);
+                    let mut bytes = d.len();
+                    batch.push(d);
+                    while bytes < WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(Msg::Data(d)) => {
+                                bytes += d.len();
+                                batch.push(d);
+                            }
+                            Ok(end) => {
+                                next = Some(end);
+                                break;
+                            }
+                            // Empty, or closed: the next receive says which.
+                            Err(_) => break,
+                        }
+                    }
+                    let parts: Vec<&[u8]> = batch.iter().map(|b| b.as_slice()).collect();
+                    dec.feed_parts(&parts)?;
+                    consumed += bytes as u64;
+                    for b in batch.drain(..) {
+                        job.pool.put(b);
+                    }
                     let el = last.elapsed();
                     if el >= Duration::from_secs(1) {
                         let rate = ((consumed - last_bytes) as f64 / el.as_secs_f64()) as u64;

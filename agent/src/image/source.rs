@@ -41,7 +41,7 @@ impl Default for FetchOptions {
         FetchOptions {
             retries: 5,
             backoff: Duration::from_millis(500),
-            chunk: 2 << 20,
+            chunk: 4 << 20,
             read_timeout: Duration::from_secs(60),
         }
     }

@@ -1586,6 +1586,10 @@ struct RecDisk {
     disk: MemDisk,
     /// (disk offset, length, address of the source memory)
     writes: Arc<Mutex<Vec<(u64, usize, usize)>>>,
+    /// Vectored writes: (disk offset, parts, bytes)
+    vectored: Arc<Mutex<Vec<(u64, usize, usize)>>>,
+    /// How long each vectored write takes (a slow disk, so buffers queue up).
+    delay: Duration,
 }
 
 impl DiskWriter for RecDisk {
@@ -1602,6 +1606,20 @@ impl DiskWriter for RecDisk {
             .push((offset, buf.len(), buf.as_ptr() as usize));
         self.disk.write_at(offset, buf)
     }
+    fn write_all_vectored_at(&mut self, offset: u64, parts: &[&[u8]]) -> Result<(), DiskError> {
+        let bytes = parts.iter().map(|p| p.len()).sum();
+        self.vectored
+            .lock()
+            .unwrap()
+            .push((offset, parts.len(), bytes));
+        std::thread::sleep(self.delay);
+        let mut at = offset;
+        for p in parts {
+            self.write_all_at(at, p)?;
+            at += p.len() as u64;
+        }
+        Ok(())
+    }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.disk.write_zeroes(offset, len)
     }
@@ -1616,6 +1634,8 @@ fn sink_writes_aligned_buffers_in_place_and_everything_else_through_its_buffer()
     let disk = RecDisk {
         disk: MemDisk::new(32 * MIB, 7, MemFaults::default()),
         writes: Arc::default(),
+        vectored: Arc::default(),
+        delay: Duration::ZERO,
     };
     let mut expected = disk.disk.bytes();
     let mut sink = Sink::new(Box::new(disk.clone()), "http://x/img", false);
@@ -1669,4 +1689,109 @@ fn sink_writes_aligned_buffers_in_place_and_everything_else_through_its_buffer()
             .any(|w| w.0 < 18 * MIB as u64 && w.0 + w.1 as u64 > 17 * MIB as u64)
     );
     assert_eq!(writes.last().map(|w| w.0), Some(0));
+}
+
+#[test]
+fn sink_writes_consecutive_parts_as_vectored_runs_between_zero_runs() {
+    use pipeline::{AlignedBuf, Sink};
+    let disk = RecDisk {
+        disk: MemDisk::new(32 * MIB, 7, MemFaults::default()),
+        writes: Arc::default(),
+        vectored: Arc::default(),
+        delay: Duration::ZERO,
+    };
+    let aligned = |data: &[u8]| {
+        let mut b = AlignedBuf::new(data.len(), 4096);
+        b.push(data);
+        b
+    };
+    // Four 2 MiB download buffers from 4 MiB: the second has a zero run inside, the last is
+    // all zeros; then a ragged tail that cannot go direct.
+    let p0 = aligned(&pattern(2 * MIB, 1));
+    let mut p1 = pattern(2 * MIB, 2);
+    p1[MIB / 2..3 * MIB / 2].fill(0);
+    let p1 = aligned(&p1);
+    let p2 = aligned(&pattern(2 * MIB, 3));
+    let p3 = aligned(&vec![0u8; 2 * MIB]);
+    let tail = pattern(1000, 4);
+    let mut expected = disk.disk.bytes();
+    let mut off = 4 * MIB;
+    for p in [&p0[..], &p1[..], &p2[..], &p3[..], &tail[..]] {
+        expected[off..off + p.len()].copy_from_slice(p);
+        off += p.len();
+    }
+    let mut sink = Sink::new(Box::new(disk.clone()), "http://x/img", false);
+    sink.write_parts(4 * MIB as u64, &[&p0, &p1, &p2, &p3, &tail])
+        .unwrap();
+    sink.flush_body().unwrap();
+    assert!(disk.disk.bytes() == expected, "disk differs from the image");
+    let v = disk.vectored.lock().unwrap().clone();
+    // Data runs across buffer ends in one write each; zero runs split them.
+    assert_eq!(
+        v,
+        vec![
+            ((4 * MIB) as u64, 2, 2 * MIB + MIB / 2),
+            ((6 * MIB + 3 * MIB / 2) as u64, 2, MIB / 2 + 2 * MIB),
+        ]
+    );
+    // Zero runs were zeroed, not written.
+    let writes = disk.writes.lock().unwrap().clone();
+    let in_zero = |w: &(u64, usize, usize)| {
+        let (s, e) = (w.0, w.0 + w.1 as u64);
+        let hits = |a: usize, b: usize| s < b as u64 && e > a as u64;
+        hits(6 * MIB + MIB / 2, 7 * MIB + MIB / 2) || hits(10 * MIB, 12 * MIB)
+    };
+    assert!(!writes.iter().any(in_zero), "{writes:?}");
+    assert!(disk.disk.zero_calls.load(Ordering::SeqCst) >= 2);
+    // The tail went through the sink's buffer: written, not in place.
+    assert!(
+        writes
+            .iter()
+            .any(|w| w.0 == (12 * MIB) as u64 && w.1 == 1000)
+    );
+}
+
+#[test]
+fn large_buffers_batched_by_the_writer_give_the_image_byte_for_byte() {
+    // Buffers of 1 MiB and more go to the disk in place, several per vectored write when
+    // they queue up behind a slow disk; the result and the failure offsets are those of the
+    // one-buffer path.
+    let mut img = pattern(24 * MIB + 4096 * 3 + 17, 31);
+    img[5 * MIB..7 * MIB + 12288].fill(0);
+    img[20 * MIB..22 * MIB].fill(0);
+    let srv = serve(vec![("os.img", img.clone())], Faults::default());
+    let mut opts = fast_opts();
+    opts.fetch.chunk = MIB;
+    let disk = RecDisk {
+        disk: MemDisk::new(32 * MIB, 9, MemFaults::default()),
+        writes: Arc::default(),
+        vectored: Arc::default(),
+        delay: Duration::from_millis(20),
+    };
+    rt().block_on(write(
+        &srv.url("os.img"),
+        &sha256_hex(&img),
+        Format::Raw,
+        Box::new(disk.clone()),
+        &opts,
+    ))
+    .unwrap();
+    assert!(disk.disk.bytes()[..img.len()] == img[..]);
+    let v = disk.vectored.lock().unwrap().clone();
+    assert!(v.iter().any(|w| w.1 >= 2), "no batch: {v:?}");
+
+    let img = &img[..12 * MIB];
+    let at = 9 * MIB as u64 + 777;
+    let (msg, _, _) = expect_failure(
+        img,
+        &sha256_hex(img),
+        Format::Raw,
+        Faults::default(),
+        MemFaults {
+            max_write: 0,
+            fail_at: Some(at),
+        },
+        opts,
+    );
+    assert!(msg.contains(&format!("at byte {at}")), "{msg}");
 }

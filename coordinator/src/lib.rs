@@ -8,7 +8,8 @@
 //! - [`pki`]: the CA, server and agent certificates. [`tokens`]: bootstrap tokens.
 //! - [`store`]: the embedded redb store. [`sources`]: where host declarations come from.
 //! - [`boot`]: iPXE scripts, kernel arguments, per-host ISOs, dnsmasq configuration; pure.
-//! - [`http`]: boot files, scripts and images over HTTP. [`admin`]: the CLI's API on a Unix socket.
+//! - [`http`]: boot files, scripts and images over HTTP, with [`sendfile`] in front answering
+//!   image downloads. [`admin`]: the CLI's API on a Unix socket.
 //! - [`hardware`]: the full inventory as a metal3 `HardwareData` document, and its summary.
 //! - [`output`]: tables and descriptions, pure.
 
@@ -22,6 +23,7 @@ pub mod hardware;
 pub mod http;
 pub mod output;
 pub mod pki;
+pub mod sendfile;
 pub mod serve;
 pub mod sources;
 pub mod store;

@@ -257,13 +257,16 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         ca_fingerprint: info.ca_fingerprint.clone(),
     };
     let router = crate::http::router(
-        images,
+        images.clone(),
         boot_dir,
         urls,
         console,
         tx.clone(),
         args.boot_token_ttl,
     );
+    // Image downloads are answered with sendfile in front of the router (`sendfile`).
+    let http = crate::sendfile::listen(http, images)
+        .with_context(|| format!("cannot serve HTTP on {http_addr}"))?;
     let http_task = tokio::spawn(async move { axum::serve(http, router).await });
     drop(tx);
 

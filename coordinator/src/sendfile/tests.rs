@@ -1,0 +1,258 @@
+use super::*;
+
+fn parse(raw: &str) -> Option<Ask> {
+    let mut headers = [httparse::EMPTY_HEADER; 16];
+    let mut req = httparse::Request::new(&mut headers);
+    assert!(req.parse(raw.as_bytes()).unwrap().is_complete());
+    ask(&req)
+}
+
+#[test]
+fn asks_for_images_are_read_and_everything_else_is_left_to_the_router() {
+    let a = parse(
+        "GET /images/os.img HTTP/1.1\r\nHost: x\r\nRange: bytes=10-\r\nIf-Range: \"e\"\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(a.rel, PathBuf::from("os.img"));
+    assert_eq!(a.range, Some(Range::From(10, None)));
+    assert_eq!(a.if_range.as_deref(), Some("\"e\""));
+    assert!(a.keep_alive && !a.head_only);
+    let a = parse("HEAD /images/a%20b/c.qcow2?x=1 HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!(a.rel, PathBuf::from("a b/c.qcow2"));
+    assert!(a.head_only && !a.keep_alive);
+    assert!(
+        !parse("GET /images/x HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .keep_alive
+    );
+    assert!(
+        parse("GET /images/x HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .keep_alive
+    );
+    for other in [
+        "POST /images/x HTTP/1.1\r\n\r\n",
+        "GET /boot/boot.ipxe HTTP/1.1\r\n\r\n",
+        "GET /images/ HTTP/1.1\r\n\r\n",
+        "GET /images/../state/ca.key HTTP/1.1\r\n\r\n",
+        "GET /images/%2e%2e/state/ca.key HTTP/1.1\r\n\r\n",
+        "GET /images/a/../../x HTTP/1.1\r\n\r\n",
+        "GET /images/a//b HTTP/1.1\r\n\r\n",
+        "GET /images/./x HTTP/1.1\r\n\r\n",
+        "GET /images/a%00b HTTP/1.1\r\n\r\n",
+        "GET /images/a%5c..%5cb HTTP/1.1\r\n\r\n",
+        "GET /images/x HTTP/1.1\r\nRange: bytes=0-1,5-6\r\n\r\n",
+        "GET /images/x HTTP/1.1\r\nRange: items=0-1\r\n\r\n",
+        "GET /images/x HTTP/1.1\r\nRange: bytes=5-1\r\n\r\n",
+        "GET /images/x HTTP/1.1\r\nIf-None-Match: \"e\"\r\n\r\n",
+        "GET /images/x HTTP/1.1\r\nIf-Modified-Since: Mon, 23 Nov 2026 10:00:00 GMT\r\n\r\n",
+        "GET /images/x HTTP/1.1\r\nContent-Length: 3\r\n\r\n",
+        "GET /images/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ] {
+        assert_eq!(parse(other), None, "{other:?}");
+    }
+}
+
+#[test]
+fn answers_whole_files_ranges_and_resumes_against_a_changed_file() {
+    let mtime = SystemTime::UNIX_EPOCH + Duration::new(0x6b05b456, 0x0ef07e8d);
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let mut a = parse("GET /images/os.img HTTP/1.1\r\n\r\n").unwrap();
+    let whole = answer(&a, 1000, mtime, "application/octet-stream", now).unwrap();
+    assert_eq!((whole.status, whole.start, whole.len), (200, 0, 1000));
+    expect_test::expect![[r#"
+        HTTP/1.1 200 OK
+        content-type: application/octet-stream
+        accept-ranges: bytes
+        last-modified: Tue, 24 Nov 2026 15:59:18 GMT
+        etag: "6b05b456.0ef07e8d-3e8"
+        content-length: 1000
+        date: Fri, 15 Jan 2027 08:00:00 GMT
+
+    "#]]
+    .assert_eq(&whole.head.replace("\r\n", "\n"));
+    let at = |r, if_range: Option<&str>, a: &mut Ask| {
+        a.range = Some(r);
+        a.if_range = if_range.map(str::to_string);
+        answer(a, 1000, mtime, "x", now).map(|x| (x.status, x.start, x.len))
+    };
+    assert_eq!(
+        at(Range::From(10, None), None, &mut a),
+        Some((206, 10, 990))
+    );
+    assert_eq!(
+        at(Range::From(10, Some(19)), None, &mut a),
+        Some((206, 10, 10))
+    );
+    assert_eq!(
+        at(Range::From(10, Some(5000)), None, &mut a),
+        Some((206, 10, 990))
+    );
+    assert_eq!(at(Range::Last(100), None, &mut a), Some((206, 900, 100)));
+    assert_eq!(at(Range::Last(5000), None, &mut a), Some((206, 0, 1000)));
+    // Past the end, or nothing: the router's 416.
+    assert_eq!(at(Range::From(1000, None), None, &mut a), None);
+    assert_eq!(at(Range::Last(0), None, &mut a), None);
+    // If-Range: the same ETag or date resumes; another one gets the whole file.
+    let etag = "\"6b05b456.0ef07e8d-3e8\"";
+    assert_eq!(
+        at(Range::From(10, None), Some(etag), &mut a),
+        Some((206, 10, 990))
+    );
+    let date = "Tue, 24 Nov 2026 15:59:18 GMT";
+    assert_eq!(
+        at(Range::From(10, None), Some(date), &mut a),
+        Some((206, 10, 990))
+    );
+    assert_eq!(
+        at(Range::From(10, None), Some("\"old\""), &mut a),
+        Some((200, 0, 1000))
+    );
+    assert_eq!(
+        at(
+            Range::From(10, None),
+            Some("Mon, 23 Nov 2026 10:00:00 GMT"),
+            &mut a
+        ),
+        Some((200, 0, 1000))
+    );
+    a.if_range = None;
+    a.range = Some(Range::From(10, Some(19)));
+    let r = answer(&a, 1000, mtime, "x", now).unwrap();
+    assert!(
+        r.head.contains("content-range: bytes 10-19/1000\r\n"),
+        "{}",
+        r.head
+    );
+}
+
+// ----- the real server: this module in front of the coordinator's router -----
+
+struct Server {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("sub")).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = rt.block_on(async {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let urls = crate::boot::Urls {
+            http: format!("http://{addr}"),
+            agent: "https://127.0.0.1:1".into(),
+            ca_fingerprint: "00".into(),
+        };
+        let router = crate::http::router(
+            images.clone(),
+            dir.path().join("boot"),
+            urls,
+            "console=ttyS0".into(),
+            tx,
+            jiff::SignedDuration::from_mins(5),
+        );
+        let listener = listen(tcp, images).unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        addr
+    });
+    Server { addr, dir, _rt: rt }
+}
+
+/// Sends `requests` on one connection and reads until the server closes it.
+fn exchange(addr: SocketAddr, requests: &str) -> Vec<u8> {
+    let mut s = StdStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(requests.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    out
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[test]
+fn serves_images_with_sendfile_and_hands_the_rest_to_the_router() {
+    let srv = server();
+    let img: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    std::fs::write(srv.dir.path().join("images/sub/os.img"), &img).unwrap();
+
+    // Whole file, then a range on the same connection, then a route of the router's.
+    let out = exchange(
+        srv.addr,
+        "GET /images/sub/os.img HTTP/1.1\r\nHost: x\r\n\r\n\
+         GET /images/sub/os.img HTTP/1.1\r\nHost: x\r\nRange: bytes=1000-1999\r\n\r\n\
+         GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let body = find(&out, b"\r\n\r\n").unwrap() + 4;
+    assert!(out[body..body + img.len()] == img[..], "whole body differs");
+    let rest = &out[body + img.len()..];
+    assert!(
+        rest.starts_with(b"HTTP/1.1 206 Partial Content\r\n"),
+        "{}",
+        String::from_utf8_lossy(&rest[..200])
+    );
+    assert!(find(rest, b"content-range: bytes 1000-1999/3000000\r\n").is_some());
+    let b = find(rest, b"\r\n\r\n").unwrap() + 4;
+    assert!(rest[b..b + 1000] == img[1000..2000]);
+    let last = String::from_utf8_lossy(&rest[b + 1000..]).to_string();
+    assert!(
+        last.starts_with("HTTP/1.1 200 OK\r\n") && last.ends_with("ok\n"),
+        "{last}"
+    );
+
+    // A resume against a file that changed since gets the whole file (`ServeDir` alone
+    // would answer the range).
+    let out = exchange(
+        srv.addr,
+        "GET /images/sub/os.img HTTP/1.1\r\nRange: bytes=100-\r\nIf-Range: \"stale\"\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    assert!(out[find(&out, b"\r\n\r\n").unwrap() + 4..] == img[..]);
+
+    // HEAD: the headers of the whole file, no body.
+    let out = String::from_utf8(exchange(
+        srv.addr,
+        "HEAD /images/sub/os.img HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ))
+    .unwrap();
+    assert!(
+        out.contains("content-length: 3000000\r\n") && out.ends_with("\r\n\r\n"),
+        "{out}"
+    );
+
+    // What this module does not answer, the router does: a missing file, another method,
+    // several ranges, a range past the end.
+    for (req, want) in [
+        (
+            "GET /images/nothing.img HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 404",
+        ),
+        (
+            "DELETE /images/sub/os.img HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 405",
+        ),
+        (
+            "GET /images/sub/os.img HTTP/1.1\r\nRange: bytes=5000000-\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 416",
+        ),
+        (
+            "GET /images/../images/sub/os.img HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 4",
+        ),
+    ] {
+        let out = String::from_utf8_lossy(&exchange(srv.addr, req)).to_string();
+        assert!(out.starts_with(want), "{req:?}: {out}");
+    }
+}

@@ -1592,6 +1592,24 @@ struct RecDisk {
     delay: Duration,
 }
 
+impl RecDisk {
+    fn new(size: usize, seed: u64, delay: Duration) -> RecDisk {
+        RecDisk {
+            disk: MemDisk::new(size, seed, MemFaults::default()),
+            writes: Arc::default(),
+            vectored: Arc::default(),
+            delay,
+        }
+    }
+}
+
+/// `data` in 4 KiB-aligned memory, as download buffers are.
+fn aligned(data: &[u8]) -> pipeline::AlignedBuf {
+    let mut b = pipeline::AlignedBuf::new(data.len(), 4096);
+    b.push(data);
+    b
+}
+
 impl DiskWriter for RecDisk {
     fn path(&self) -> &Path {
         self.disk.path()
@@ -1631,19 +1649,9 @@ impl DiskWriter for RecDisk {
 #[test]
 fn sink_writes_aligned_buffers_in_place_and_everything_else_through_its_buffer() {
     use pipeline::{AlignedBuf, Sink};
-    let disk = RecDisk {
-        disk: MemDisk::new(32 * MIB, 7, MemFaults::default()),
-        writes: Arc::default(),
-        vectored: Arc::default(),
-        delay: Duration::ZERO,
-    };
+    let disk = RecDisk::new(32 * MIB, 7, Duration::ZERO);
     let mut expected = disk.disk.bytes();
     let mut sink = Sink::new(Box::new(disk.clone()), "http://x/img", false);
-    let aligned = |data: &[u8]| {
-        let mut b = AlignedBuf::new(data.len(), 4096);
-        b.push(data);
-        b
-    };
     let mut put = |sink: &mut Sink, off: usize, data: &[u8]| {
         sink.write(off as u64, data).unwrap();
         expected[off..off + data.len()].copy_from_slice(data);
@@ -1693,18 +1701,8 @@ fn sink_writes_aligned_buffers_in_place_and_everything_else_through_its_buffer()
 
 #[test]
 fn sink_writes_consecutive_parts_as_vectored_runs_between_zero_runs() {
-    use pipeline::{AlignedBuf, Sink};
-    let disk = RecDisk {
-        disk: MemDisk::new(32 * MIB, 7, MemFaults::default()),
-        writes: Arc::default(),
-        vectored: Arc::default(),
-        delay: Duration::ZERO,
-    };
-    let aligned = |data: &[u8]| {
-        let mut b = AlignedBuf::new(data.len(), 4096);
-        b.push(data);
-        b
-    };
+    use pipeline::Sink;
+    let disk = RecDisk::new(32 * MIB, 7, Duration::ZERO);
     // Four 2 MiB download buffers from 4 MiB: the second has a zero run inside, the last is
     // all zeros; then a ragged tail that cannot go direct.
     let p0 = aligned(&pattern(2 * MIB, 1));
@@ -1762,12 +1760,7 @@ fn large_buffers_batched_by_the_writer_give_the_image_byte_for_byte() {
     let srv = serve(vec![("os.img", img.clone())], Faults::default());
     let mut opts = fast_opts();
     opts.fetch.chunk = MIB;
-    let disk = RecDisk {
-        disk: MemDisk::new(32 * MIB, 9, MemFaults::default()),
-        writes: Arc::default(),
-        vectored: Arc::default(),
-        delay: Duration::from_millis(20),
-    };
+    let disk = RecDisk::new(32 * MIB, 9, Duration::from_millis(20));
     rt().block_on(write(
         &srv.url("os.img"),
         &sha256_hex(&img),

@@ -11,9 +11,11 @@
 //! conditional requests other than `If-Range`, a request body, and a file that is not there.
 //! The router's `ServeDir` answers the image cases among them as before.
 //!
-//! A connection runs on a blocking thread until it is answered or handed over: sendfile
-//! waits on the disk when the image is not in the page cache, which must not stall the
-//! async runtime.
+//! A connection's first request head is read asynchronously. One that asks for an image
+//! then moves to a blocking thread for as long as it asks for images: sendfile waits on the
+//! disk when the image is not in the page cache, which must not stall the async runtime.
+//! Each image download in progress thus holds one of tokio's blocking threads (512 by
+//! default); every other request is served without one.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -23,7 +25,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -76,15 +78,8 @@ pub fn listen(tcp: TcpListener, images: PathBuf) -> io::Result<Listener> {
                 }
             };
             let (tx, images, handle) = (tx.clone(), images.clone(), handle.clone());
-            let stream = match stream.into_std() {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(%peer, "dropping an HTTP connection: {e}");
-                    continue;
-                }
-            };
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = connection(stream, peer, &images, &tx, &handle) {
+            tokio::spawn(async move {
+                if let Err(e) = sniff(stream, peer, images, tx, handle).await {
                     tracing::debug!(%peer, "HTTP connection ended: {e}");
                 }
             });
@@ -93,9 +88,49 @@ pub fn listen(tcp: TcpListener, images: PathBuf) -> io::Result<Listener> {
     Ok(Listener { rx, addr })
 }
 
+/// Reads the connection's first request head without holding a thread, then hands the
+/// connection to the router, or to a blocking thread if it asks for an image.
+async fn sniff(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    images: PathBuf,
+    tx: mpsc::Sender<(Rewind, SocketAddr)>,
+    handle: Handle,
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    let image = loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => break ask(&req).is_some(),
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {
+                let n = tokio::time::timeout(IDLE, stream.read_buf(&mut buf))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+                if n == 0 {
+                    return Ok(());
+                }
+            }
+            _ => break false,
+        }
+    };
+    if !image {
+        let _ = tx.send((Rewind::new(buf, stream), peer)).await;
+        return Ok(());
+    }
+    let s = stream.into_std()?;
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = connection(s, buf, peer, &images, &tx, &handle) {
+            tracing::debug!(%peer, "HTTP connection ended: {e}");
+        }
+    });
+    Ok(())
+}
+
 /// Serves the connection's image requests; hands it to the router at the first other one.
 fn connection(
     mut s: StdStream,
+    mut buf: Vec<u8>,
     peer: SocketAddr,
     images: &Path,
     tx: &mpsc::Sender<(Rewind, SocketAddr)>,
@@ -104,7 +139,6 @@ fn connection(
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(IDLE))?;
     s.set_write_timeout(Some(IDLE))?;
-    let mut buf: Vec<u8> = Vec::new();
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);

@@ -135,11 +135,17 @@ struct Server {
 }
 
 fn server() -> Server {
+    server_with(512)
+}
+
+/// The server, on a runtime with at most `blocking` blocking threads.
+fn server_with(blocking: usize) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
     std::fs::create_dir_all(images.join("sub")).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(blocking)
         .enable_all()
         .build()
         .unwrap();
@@ -255,4 +261,27 @@ fn serves_images_with_sendfile_and_hands_the_rest_to_the_router() {
         let out = String::from_utf8_lossy(&exchange(srv.addr, req)).to_string();
         assert!(out.starts_with(want), "{req:?}: {out}");
     }
+}
+
+#[test]
+fn a_stalled_image_download_does_not_hold_up_other_requests() {
+    // One blocking thread, taken by a download whose client reads nothing: requests that
+    // are not image downloads are still answered.
+    let srv = server_with(1);
+    let img = vec![7u8; 64 << 20];
+    std::fs::write(srv.dir.path().join("images/big.img"), &img).unwrap();
+    let mut stalled = StdStream::connect(srv.addr).unwrap();
+    stalled
+        .write_all(b"GET /images/big.img HTTP/1.1\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = exchange(
+        srv.addr,
+        "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(String::from_utf8_lossy(&out).ends_with("ok\n"));
+    // The stalled download was under way (its head and the first bytes are there).
+    let mut first = [0u8; 15];
+    stalled.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200 OK");
 }

@@ -126,6 +126,13 @@ fn is_refusal(status: &tonic::Status) -> bool {
     )
 }
 
+/// How long one enrolment request may wait for the coordinator's answer.
+const ENROL_LIMIT: Duration = if cfg!(test) {
+    Duration::from_secs(1)
+} else {
+    Duration::from_secs(20)
+};
+
 /// Enrols with the token, or loads the identity saved by an earlier run.
 pub async fn identity(s: &Settings) -> anyhow::Result<Identity> {
     if let Some(id) = load_identity(&s.state_dir, s.ca)? {
@@ -148,13 +155,21 @@ pub async fn identity(s: &Settings) -> anyhow::Result<Identity> {
         .await
         .with_context(|| format!("enrolment with {}", s.address))?;
     let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
-    let response = client
-        .enroll(pb::EnrollRequest {
-            token,
-            csr_der: csr.der().to_vec(),
-            agent: Some(agent_info(s)),
-        })
+    let request = client.enroll(pb::EnrollRequest {
+        token,
+        csr_der: csr.der().to_vec(),
+        agent: Some(agent_info(s)),
+    });
+    // A coordinator that took the connection but never answers (stopped, overloaded) must not
+    // hold the agent forever: give up on this attempt, and the caller enrols again.
+    let response = tokio::time::timeout(ENROL_LIMIT, request)
         .await
+        .map_err(|_| {
+            anyhow!(
+                "the coordinator at {} did not answer the enrolment within {ENROL_LIMIT:?}",
+                s.address
+            )
+        })?
         .map_err(|st| anyhow::Error::new(Refused(st.message().to_string(), is_refusal(&st))))?
         .into_inner();
     if Fingerprint::of(&response.ca_certificate_der) != s.ca {
@@ -795,5 +810,97 @@ mod tests {
             erase(pb::erase_metadata::Mode::Full),
             Kind::EraseMetadata { full: true }
         );
+    }
+}
+
+/// Against a coordinator that completes TLS but never answers `Enroll`.
+#[cfg(test)]
+mod silent_coordinator {
+    use std::pin::Pin;
+
+    use tokio_stream::Stream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    struct Silent;
+
+    #[tonic::async_trait]
+    impl pb::agent_service_server::AgentService for Silent {
+        async fn enroll(
+            &self,
+            _: Request<pb::EnrollRequest>,
+        ) -> Result<Response<pb::EnrollResponse>, Status> {
+            std::future::pending().await
+        }
+
+        type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::Command, Status>> + Send>>;
+
+        async fn session(
+            &self,
+            _: Request<Streaming<pb::AgentEvent>>,
+        ) -> Result<Response<Self::SessionStream>, Status> {
+            Err(Status::unimplemented("not here"))
+        }
+    }
+
+    /// A CA and a server certificate for [`tls::SERVER_NAME`]: (CA DER, chain PEM, key PEM).
+    fn server_identity() -> (Vec<u8>, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec![tls::SERVER_NAME.to_string()])
+            .unwrap()
+            .signed_by(&key, &rcgen::Issuer::new(ca, &ca_key))
+            .unwrap();
+        (
+            ca_cert.der().to_vec(),
+            format!("{}{}", leaf.pem(), ca_cert.pem()),
+            key.serialize_pem(),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_enrolment_never_answered_is_given_up_so_the_agent_can_enrol_again() {
+        let (ca_der, chain, key) = server_identity();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let server = tonic::transport::Server::builder()
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(chain, key)),
+            )
+            .unwrap()
+            .add_service(pb::agent_service_server::AgentServiceServer::new(Silent))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            address: address.clone(),
+            token: Some("t".into()),
+            ca: Fingerprint::of(&ca_der),
+            state_dir: dir.path().to_path_buf(),
+            boot_mac: None,
+            ramdisk: false,
+            heartbeat: Duration::from_secs(5),
+            exit_on_refusal: true,
+        };
+        let start = std::time::Instant::now();
+        let e = tokio::time::timeout(ENROL_LIMIT * 3, identity(&settings))
+            .await
+            .expect("the enrolment gives up by itself")
+            .unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("did not answer"), "{text}");
+        assert!(
+            text.contains(&address),
+            "the error names the coordinator: {text}"
+        );
+        // Not a refusal: the caller retries instead of exiting.
+        assert!(e.downcast_ref::<Refused>().is_none());
+        assert!(start.elapsed() >= ENROL_LIMIT);
+        server.abort();
     }
 }

@@ -145,6 +145,8 @@ pub struct Coordinator {
     pub listen_ip: String,
     /// Run inside this network namespace.
     pub netns: Option<String>,
+    /// Logs of the agents started against this coordinator, printed with its own on timeouts.
+    agent_logs: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Coordinator {
@@ -178,6 +180,7 @@ impl Coordinator {
             log: dir.join("coordinator.log"),
             listen_ip: listen_ip.to_string(),
             netns: netns.map(str::to_string),
+            agent_logs: std::sync::Mutex::new(Vec::new()),
         };
         c.spawn();
         c
@@ -249,6 +252,25 @@ impl Coordinator {
 
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The coordinator's log, then the log of every agent started against it: what a timeout
+    /// prints, so a failure shows both sides.
+    pub fn logs(&self) -> String {
+        let mut out = format!("--- coordinator log ---\n{}", self.log_text());
+        let agents = self
+            .agent_logs
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        for log in agents {
+            out.push_str(&format!(
+                "--- agent log {} ---\n{}",
+                log.display(),
+                fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        out
     }
 
     pub fn agent_url(&self) -> String {
@@ -333,16 +355,13 @@ impl Coordinator {
                 }
                 if start.elapsed() > timeout {
                     panic!(
-                        "timed out after {timeout:?} waiting for host {name} to be {what}; it is:\n{}\n--- coordinator log ---\n{}",
+                        "timed out after {timeout:?} waiting for host {name} to be {what}; it is:\n{}\n{}",
                         serde_json::to_string_pretty(&h["status"]).unwrap_or_default(),
-                        self.log_text()
+                        self.logs()
                     );
                 }
             } else if start.elapsed() > timeout {
-                panic!(
-                    "host {name} never appeared\n--- coordinator log ---\n{}",
-                    self.log_text()
-                );
+                panic!("host {name} never appeared\n{}", self.logs());
             }
             thread::sleep(Duration::from_millis(150));
         }
@@ -363,7 +382,7 @@ impl Coordinator {
                 return log;
             }
             if start.elapsed() > timeout {
-                panic!("the coordinator log never said {text:?}:\n{log}");
+                panic!("the coordinator log never said {text:?}:\n{}", self.logs());
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -458,6 +477,9 @@ impl Agent {
             .stderr(file)
             .spawn()
             .expect("spawn slipway-agent");
+        if let Ok(mut logs) = c.agent_logs.lock() {
+            logs.push(log.clone());
+        }
         Agent {
             child: Some(child),
             log,

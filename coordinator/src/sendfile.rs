@@ -11,23 +11,25 @@
 //! conditional requests other than `If-Range`, a request body, and a file that is not there.
 //! The router's `ServeDir` answers the image cases among them as before.
 //!
-//! A connection's first request head is read asynchronously. One that asks for an image
-//! then moves to a blocking thread for as long as it asks for images: sendfile waits on the
-//! disk when the image is not in the page cache, which must not stall the async runtime.
-//! Each image download in progress thus holds one of tokio's blocking threads (512 by
-//! default); every other request is served without one.
+//! Connections are driven by the async runtime; the socket does not block. Each sendfile call
+//! moves what the socket takes and runs on a blocking thread, because it waits on the disk
+//! when the image is not in the page cache. Between calls, a download waiting for its client
+//! holds no thread, so a stalled or slow client costs a socket and a task, not one of tokio's
+//! blocking threads (512 by default).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream as StdStream};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 /// How long a connection may sit idle between requests, or stall while being sent to.
@@ -65,7 +67,6 @@ impl axum::serve::Listener for Listener {
 pub fn listen(tcp: TcpListener, images: PathBuf) -> io::Result<Listener> {
     let addr = tcp.local_addr()?;
     let (tx, rx) = mpsc::channel(64);
-    let handle = Handle::current();
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match tcp.accept().await {
@@ -77,9 +78,9 @@ pub fn listen(tcp: TcpListener, images: PathBuf) -> io::Result<Listener> {
                     continue;
                 }
             };
-            let (tx, images, handle) = (tx.clone(), images.clone(), handle.clone());
+            let (tx, images) = (tx.clone(), images.clone());
             tokio::spawn(async move {
-                if let Err(e) = sniff(stream, peer, images, tx, handle).await {
+                if let Err(e) = sniff(stream, peer, images, tx).await {
                     tracing::debug!(%peer, "HTTP connection ended: {e}");
                 }
             });
@@ -88,14 +89,13 @@ pub fn listen(tcp: TcpListener, images: PathBuf) -> io::Result<Listener> {
     Ok(Listener { rx, addr })
 }
 
-/// Reads the connection's first request head without holding a thread, then hands the
-/// connection to the router, or to a blocking thread if it asks for an image.
+/// Reads the connection's first request head, then hands the connection to the router, or
+/// serves it here if it asks for an image.
 async fn sniff(
     mut stream: TcpStream,
     peer: SocketAddr,
     images: PathBuf,
     tx: mpsc::Sender<(Rewind, SocketAddr)>,
-    handle: Handle,
 ) -> io::Result<()> {
     let mut buf = Vec::new();
     let image = loop {
@@ -118,59 +118,54 @@ async fn sniff(
         let _ = tx.send((Rewind::new(buf, stream), peer)).await;
         return Ok(());
     }
-    let s = stream.into_std()?;
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = connection(s, buf, peer, &images, &tx, &handle) {
-            tracing::debug!(%peer, "HTTP connection ended: {e}");
-        }
-    });
-    Ok(())
+    connection(stream, buf, peer, &images, &tx).await
 }
 
 /// Serves the connection's image requests; hands it to the router at the first other one.
-fn connection(
-    mut s: StdStream,
+/// The socket is shared with the blocking threads that run the sendfile calls.
+async fn connection(
+    s: TcpStream,
     mut buf: Vec<u8>,
     peer: SocketAddr,
     images: &Path,
     tx: &mpsc::Sender<(Rewind, SocketAddr)>,
-    handle: &Handle,
 ) -> io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(IDLE))?;
-    s.set_write_timeout(Some(IDLE))?;
+    let s = Arc::new(s);
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
-        let parsed = req.parse(&buf);
-        let served = match parsed {
-            Ok(httparse::Status::Complete(len)) => ask(&req)
-                .and_then(|a| open(images, a))
-                .map(|(a, file, answer)| (len, a, file, answer)),
+        let asked = match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => ask(&req).map(|a| (len, a)),
             Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {
-                let mut chunk = [0u8; 4096];
-                let n = s.read(&mut chunk)?;
-                if n == 0 {
+                if read(&s, &mut buf).await? == 0 {
                     return Ok(());
                 }
-                buf.extend_from_slice(&chunk[..n]);
                 continue;
             }
             // Malformed or too long: the router says so.
             _ => None,
         };
+        let served = match asked {
+            Some((len, a)) => {
+                let images = images.to_path_buf();
+                tokio::task::spawn_blocking(move || open(&images, a))
+                    .await
+                    .map_err(io::Error::other)?
+                    .map(|(a, file, answer)| (len, a, file, answer))
+            }
+            None => None,
+        };
         let Some((len, a, file, answer)) = served else {
-            s.set_nonblocking(true)?;
-            let _rt = handle.enter();
-            let stream = TcpStream::from_std(s)?;
+            let s = Arc::try_unwrap(s)
+                .map_err(|_| io::Error::other("the connection is still in use"))?;
             // Closed only when the server is stopping; the connection goes with it.
-            let _ = tx.blocking_send((Rewind::new(buf, stream), peer));
+            let _ = tx.send((Rewind::new(buf, s), peer)).await;
             return Ok(());
         };
         tracing::debug!(%peer, path = %a.path, status = answer.status, bytes = answer.len, "image");
-        s.write_all(answer.head.as_bytes())?;
+        write_all(&s, answer.head.as_bytes()).await?;
         if !a.head_only {
-            send(&s, &file, answer.start, answer.len)?;
+            send(&s, Arc::new(file), answer.start, answer.len).await?;
         }
         if !a.keep_alive {
             return Ok(());
@@ -179,25 +174,87 @@ fn connection(
     }
 }
 
-/// `len` bytes of `file` from `start` onto the socket.
-fn send(s: &StdStream, file: &File, start: u64, len: u64) -> io::Result<()> {
+fn stalled() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the client stalled")
+}
+
+/// Reads what the client sent next onto `buf`; 0 when it closed the connection.
+async fn read(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    loop {
+        tokio::time::timeout(IDLE, s.readable())
+            .await
+            .map_err(|_| stalled())??;
+        match s.try_read_buf(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+    }
+}
+
+async fn write_all(s: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        tokio::time::timeout(IDLE, s.writable())
+            .await
+            .map_err(|_| stalled())??;
+        match s.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `len` bytes of `file` from `start` onto the socket, which does not block. Each sendfile
+/// call moves what the socket takes, on a blocking thread because it waits on the disk when
+/// the image is not in the page cache; between calls, waiting for the client holds no thread.
+async fn send(s: &Arc<TcpStream>, file: Arc<File>, start: u64, len: u64) -> io::Result<()> {
     let mut off = i64::try_from(start).map_err(io::Error::other)?;
     let mut left = len;
     while left > 0 {
+        tokio::time::timeout(IDLE, s.writable())
+            .await
+            .map_err(|_| stalled())??;
         let count = left.min(SEND_CHUNK as u64) as usize;
-        match nix::sys::sendfile::sendfile64(s, file, Some(&mut off), count) {
+        let (sock, f) = (Arc::clone(s), Arc::clone(&file));
+        let (sent, at) = tokio::task::spawn_blocking(move || {
+            let mut at = off;
+            let sent = nix::sys::sendfile::sendfile64(sock.as_fd(), &*f, Some(&mut at), count);
+            (sent, at)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        match sent {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the image file shrank while it was being sent",
                 ));
             }
-            Ok(n) => left -= n as u64,
+            Ok(n) => {
+                left -= n as u64;
+                off = at;
+            }
+            Err(nix::errno::Errno::EAGAIN) => wait_for_room(s),
             Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(io::Error::from(e)),
         }
     }
     Ok(())
+}
+
+/// After a sendfile found the socket full: clears the runtime's writable readiness, so the
+/// next `writable()` waits for the client, unless the socket has room again by now. The check
+/// runs inside `try_io`, which clears only the readiness it saw before the check: a wake-up
+/// that arrives meanwhile is kept, never lost (which would stall the download until `IDLE`).
+fn wait_for_room(s: &TcpStream) {
+    let _ = s.try_io(tokio::io::Interest::WRITABLE, || {
+        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => Ok(()),
+            _ => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    });
 }
 
 /// An image request this module can answer, as read from its head.

@@ -11,11 +11,11 @@
 //! conditional requests other than `If-Range`, a request body, and a file that is not there.
 //! The router's `ServeDir` answers the image cases among them as before.
 //!
-//! Connections are driven by the async runtime; the socket does not block. Each sendfile call
-//! moves what the socket takes and runs on a blocking thread, because it waits on the disk
-//! when the image is not in the page cache. Between calls, a download waiting for its client
-//! holds no thread, so a stalled or slow client costs a socket and a task, not one of tokio's
-//! blocking threads (512 by default).
+//! Connections are driven by the async runtime; the socket does not block. The sendfile calls
+//! run on a blocking thread, because they wait on the disk when the image is not in the page
+//! cache; that thread waits at most 20 ms for room in a full socket. A download waiting longer
+//! for its client holds no thread, so a stalled or slow client costs a socket and a task, not
+//! one of tokio's blocking threads (512 by default).
 
 use std::fs::File;
 use std::io;
@@ -205,9 +205,10 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// `len` bytes of `file` from `start` onto the socket, which does not block. Each sendfile
-/// call moves what the socket takes, on a blocking thread because it waits on the disk when
-/// the image is not in the page cache; between calls, waiting for the client holds no thread.
+/// `len` bytes of `file` from `start` onto the socket, which does not block. The sendfile
+/// calls run on a blocking thread, because they wait on the disk when the image is not in the
+/// page cache (see [`send_some`]); waiting for a slow client is the runtime's, holding no
+/// thread.
 async fn send(s: &Arc<TcpStream>, file: Arc<File>, start: u64, len: u64) -> io::Result<()> {
     let mut off = i64::try_from(start).map_err(io::Error::other)?;
     let mut left = len;
@@ -217,33 +218,65 @@ async fn send(s: &Arc<TcpStream>, file: Arc<File>, start: u64, len: u64) -> io::
             .map_err(|_| stalled())??;
         let count = left.min(SEND_CHUNK as u64) as usize;
         let (sock, f) = (Arc::clone(s), Arc::clone(&file));
-        let (sent, at) = tokio::task::spawn_blocking(move || {
-            let mut at = off;
-            let sent = nix::sys::sendfile::sendfile64(sock.as_fd(), &*f, Some(&mut at), count);
-            (sent, at)
-        })
-        .await
-        .map_err(io::Error::other)?;
-        match sent {
-            Ok(0) => {
+        let (sent, at, end) = tokio::task::spawn_blocking(move || send_some(&sock, &f, off, count))
+            .await
+            .map_err(io::Error::other)?;
+        left -= sent as u64;
+        off = at;
+        match end {
+            Sent::All => {}
+            Sent::Full => wait_for_room(s),
+            Sent::Shrank => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the image file shrank while it was being sent",
                 ));
             }
-            Ok(n) => {
-                left -= n as u64;
-                off = at;
-            }
-            Err(nix::errno::Errno::EAGAIN) => wait_for_room(s),
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(io::Error::from(e)),
+            Sent::Failed(e) => return Err(io::Error::from(e)),
         }
     }
     Ok(())
 }
 
-/// After a sendfile found the socket full: clears the runtime's writable readiness, so the
+/// How a run of sendfile calls ended.
+enum Sent {
+    All,
+    /// The socket stayed full for [`ROOM_WAIT_MS`]: the client is slow.
+    Full,
+    /// The file ended early.
+    Shrank,
+    Failed(nix::errno::Errno),
+}
+
+/// How long (ms) a blocking thread waits for room in a full socket before giving the wait to the
+/// runtime. A client that keeps up (a local or fast network) is served by a few calls per
+/// [`SEND_CHUNK`], as cheaply as a blocking socket; a slow or stalled one releases the thread.
+const ROOM_WAIT_MS: u8 = 20;
+
+/// Up to `count` bytes of `file` from `off` onto the non-blocking socket, on a blocking
+/// thread: (bytes sent, the new offset, how it ended).
+fn send_some(sock: &TcpStream, file: &File, off: i64, count: usize) -> (usize, i64, Sent) {
+    let (mut at, mut sent) = (off, 0);
+    while sent < count {
+        match nix::sys::sendfile::sendfile64(sock.as_fd(), file, Some(&mut at), count - sent) {
+            Ok(0) => return (sent, at, Sent::Shrank),
+            Ok(n) => sent += n,
+            Err(nix::errno::Errno::EAGAIN) => {
+                let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+                match poll(&mut fds, ROOM_WAIT_MS) {
+                    Ok(0) => return (sent, at, Sent::Full),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return (sent, at, Sent::Failed(e)),
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return (sent, at, Sent::Failed(e)),
+        }
+    }
+    (sent, at, Sent::All)
+}
+
+/// After the socket stayed full: clears the runtime's writable readiness, so the
 /// next `writable()` waits for the client, unless the socket has room again by now. The check
 /// runs inside `try_io`, which clears only the readiness it saw before the check: a wake-up
 /// that arrives meanwhile is kept, never lost (which would stall the download until `IDLE`).

@@ -182,11 +182,29 @@ impl Coordinator {
             netns: netns.map(str::to_string),
             agent_logs: std::sync::Mutex::new(Vec::new()),
         };
-        c.spawn();
+        // A port free_port() found can be taken (by another test's server or an outgoing
+        // connection) before the coordinator binds it: then pick new ports and start again.
+        for attempt in 1.. {
+            match c.try_spawn() {
+                Ok(()) => break,
+                Err(log) if attempt < 5 && log.contains("Address already in use") => {
+                    c.grpc_port = free_port();
+                    c.http_port = free_port();
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
         c
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("{log}");
+        }
+    }
+
+    /// Starts `slipway serve` and waits for its admin socket; Err(what it said) if it exited.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -229,11 +247,17 @@ impl Coordinator {
                     .as_mut()
                     .and_then(|c| c.try_wait().ok().flatten())
                 {
-                    panic!("slipway serve exited with {status}:\n{}", self.log_text());
+                    self.child = None;
+                    return Some(Err(format!(
+                        "slipway serve exited with {status}:\n{}",
+                        self.log_text()
+                    )));
                 }
-                std::os::unix::net::UnixStream::connect(&socket).ok()
+                std::os::unix::net::UnixStream::connect(&socket)
+                    .ok()
+                    .map(|_| Ok(()))
             },
-        );
+        )
     }
 
     /// SIGKILL: no chance to clean up, like a power cut of the coordinator.

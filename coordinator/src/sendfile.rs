@@ -28,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -80,7 +80,7 @@ pub fn listen(tcp: TcpListener, images: PathBuf) -> io::Result<Listener> {
             };
             let (tx, images) = (tx.clone(), images.clone());
             tokio::spawn(async move {
-                if let Err(e) = sniff(stream, peer, images, tx).await {
+                if let Err(e) = connection(stream, peer, &images, &tx).await {
                     tracing::debug!(%peer, "HTTP connection ended: {e}");
                 }
             });
@@ -89,48 +89,17 @@ pub fn listen(tcp: TcpListener, images: PathBuf) -> io::Result<Listener> {
     Ok(Listener { rx, addr })
 }
 
-/// Reads the connection's first request head, then hands the connection to the router, or
-/// serves it here if it asks for an image.
-async fn sniff(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    images: PathBuf,
-    tx: mpsc::Sender<(Rewind, SocketAddr)>,
-) -> io::Result<()> {
-    let mut buf = Vec::new();
-    let image = loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => break ask(&req).is_some(),
-            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {
-                let n = tokio::time::timeout(IDLE, stream.read_buf(&mut buf))
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-                if n == 0 {
-                    return Ok(());
-                }
-            }
-            _ => break false,
-        }
-    };
-    if !image {
-        let _ = tx.send((Rewind::new(buf, stream), peer)).await;
-        return Ok(());
-    }
-    connection(stream, buf, peer, &images, &tx).await
-}
-
-/// Serves the connection's image requests; hands it to the router at the first other one.
-/// The socket is shared with the blocking threads that run the sendfile calls.
+/// Reads the connection's requests and serves those for images; hands the connection, with
+/// the bytes already read, to the router at the first other one. The socket is shared with
+/// the blocking threads that run the sendfile calls.
 async fn connection(
     s: TcpStream,
-    mut buf: Vec<u8>,
     peer: SocketAddr,
     images: &Path,
     tx: &mpsc::Sender<(Rewind, SocketAddr)>,
 ) -> io::Result<()> {
     let s = Arc::new(s);
+    let mut buf = Vec::new();
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);

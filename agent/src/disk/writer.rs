@@ -118,6 +118,12 @@ pub trait DiskWriter: Send {
         write_zero_bytes(self, offset, len)
     }
 
+    /// A second handle on the same disk, for writes from another thread (see
+    /// `image::inflight`); `None` where there is none (then one thread writes everything).
+    fn try_clone(&self) -> Option<Box<dyn DiskWriter>> {
+        None
+    }
+
     /// Tells the kernel the partition table changed (nothing for plain files and fakes).
     fn reread_partitions(&mut self) -> Result<(), DiskError> {
         Ok(())
@@ -311,6 +317,22 @@ impl DiskWriter for FileDisk {
             }
         }
         Ok(())
+    }
+
+    fn try_clone(&self) -> Option<Box<dyn DiskWriter>> {
+        let file = self.file.try_clone().ok()?;
+        let direct = match &self.direct {
+            Some(d) => Some(d.try_clone().ok()?),
+            None => None,
+        };
+        Some(Box::new(FileDisk {
+            file,
+            direct,
+            path: self.path.clone(),
+            size: self.size,
+            block_device: self.block_device,
+            fast_zero: self.fast_zero,
+        }))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {

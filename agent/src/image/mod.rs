@@ -15,6 +15,7 @@
 //! image, and the error names the URL, the byte offset of the download and the device.
 
 pub mod checksum;
+pub mod inflight;
 pub mod pipeline;
 mod plain;
 pub mod qcow2;
@@ -35,8 +36,9 @@ use pipeline::{Compressor, Decode, Decompress, Qcow2Stream, RawOut, Sink};
 /// Bytes held back and written last.
 pub const HEAD_BYTES: u64 = 1 << 20;
 /// Download buffers queued between download and hashing, and again between hashing and
-/// writing. With [`FetchOptions`]' 4 MiB buffers and the writer's batches (see
-/// [`pipeline::WRITE_BATCH`]) this keeps the agent's peak RSS under 50 MiB.
+/// writing. With [`FetchOptions`]' 4 MiB buffers, the writer's batches (see
+/// [`pipeline::WRITE_BATCH`]) and two of them in flight this keeps the agent's peak RSS
+/// under 56 MiB.
 const DEPTH: usize = 2;
 /// Largest checksum file read.
 const CHECKSUM_FILE_LIMIT: usize = 1 << 20;

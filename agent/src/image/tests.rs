@@ -468,6 +468,11 @@ impl DiskWriter for MemDisk {
         self.syncs.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
+
+    /// The same memory and faults, so writes from the I/O threads meet them too.
+    fn try_clone(&self) -> Option<Box<dyn DiskWriter>> {
+        Some(Box::new(self.clone()))
+    }
 }
 
 // ----- running a write -----

@@ -13,6 +13,7 @@
 //! writer waits for every job before it syncs, and stops the threads before it wipes a
 //! failed write's ends, so no write lands after the wipe.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as smpsc;
 use std::sync::{Arc, Mutex};
@@ -33,11 +34,23 @@ pub struct Run {
 }
 
 impl Run {
-    /// The run's data as slices of `bufs`.
-    pub fn parts<'a>(&self, bufs: &'a [&'a [u8]]) -> Vec<&'a [u8]> {
+    /// The run's data as slices of `bufs`. A piece outside them would be a bug in the plan;
+    /// it fails the write (naming `device`) rather than leave a gap on the disk.
+    pub fn parts<'a>(&self, bufs: &[&'a [u8]], device: &Path) -> Result<Vec<&'a [u8]>, DiskError> {
         self.pieces
             .iter()
-            .filter_map(|&(i, a, b)| bufs.get(i).and_then(|s| s.get(a..b)))
+            .map(|&(i, a, b)| {
+                bufs.get(i)
+                    .and_then(|s| s.get(a..b))
+                    .ok_or_else(|| DiskError::Write {
+                        path: device.to_path_buf(),
+                        offset: self.off,
+                        len: 0,
+                        source: std::io::Error::other(
+                            "internal error: a write refers to bytes outside its buffers",
+                        ),
+                    })
+            })
             .collect()
     }
 }
@@ -54,6 +67,7 @@ pub struct InFlight {
     /// Set on the first error, or when the writer gives up: jobs not started are dropped.
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    device: PathBuf,
 }
 
 impl InFlight {
@@ -63,6 +77,7 @@ impl InFlight {
     pub fn start(writers: Vec<Box<dyn DiskWriter>>, pool: &BufPool) -> Option<InFlight> {
         // A rendezvous channel: a job is handed over only to an idle thread, so at most
         // DEPTH jobs are in flight and the writer waits, holding one more, when all are busy.
+        let device = writers.first()?.path().to_path_buf();
         let (tx, rx) = smpsc::sync_channel::<Job>(0);
         let rx = Arc::new(Mutex::new(rx));
         let (etx, erx) = smpsc::channel();
@@ -91,6 +106,7 @@ impl InFlight {
             errors: erx,
             stop,
             threads,
+            device,
         })
     }
 
@@ -141,7 +157,7 @@ impl InFlight {
 
     fn first_error(&self) -> DiskError {
         self.errors.try_recv().unwrap_or_else(|_| DiskError::Write {
-            path: "the disk".into(),
+            path: self.device.clone(),
             offset: 0,
             len: 0,
             source: std::io::Error::other("a disk I/O thread ended unexpectedly"),
@@ -172,7 +188,10 @@ fn io_thread(
         if !stop.load(Ordering::SeqCst) {
             let slices: Vec<&[u8]> = job.bufs.iter().map(|b| b.as_slice()).collect();
             for run in &job.runs {
-                if let Err(e) = w.write_all_vectored_at(run.off, &run.parts(&slices)) {
+                let r = run
+                    .parts(&slices, w.path())
+                    .and_then(|parts| w.write_all_vectored_at(run.off, &parts));
+                if let Err(e) = r {
                     stop.store(true, Ordering::SeqCst);
                     let _ = errors.send(e);
                     break;
@@ -188,7 +207,6 @@ fn io_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::{Path, PathBuf};
     use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
 
@@ -320,6 +338,26 @@ mod tests {
             d[32768..40960].iter().all(|x| *x == 0xee),
             "a job after the failure was written"
         );
+    }
+
+    #[test]
+    fn a_run_outside_its_buffers_is_an_error_not_a_shorter_write() {
+        let (a, b) = ([1u8; 8], [2u8; 8]);
+        let bufs: [&[u8]; 2] = [&a, &b];
+        let run = Run {
+            off: 4096,
+            pieces: vec![(0, 0, 8), (1, 4, 8)],
+        };
+        let dev = Path::new("/dev/x");
+        assert_eq!(run.parts(&bufs, dev).unwrap(), vec![&a[..], &b[4..]]);
+        for bad in [(2, 0, 1), (1, 4, 9)] {
+            let run = Run {
+                off: 4096,
+                pieces: vec![(0, 0, 8), bad],
+            };
+            let e = run.parts(&bufs, dev).unwrap_err().to_string();
+            assert!(e.contains("/dev/x") && e.contains("at byte 4096"), "{e}");
+        }
     }
 
     #[test]

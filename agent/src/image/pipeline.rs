@@ -323,8 +323,8 @@ impl Sink {
     /// the path of [`Sink::write`].
     pub fn write_parts(&mut self, off: u64, parts: &[&[u8]]) -> Result<(), ImageError> {
         for run in self.plan_parts(off, parts)? {
-            self.writer
-                .write_all_vectored_at(run.off, &run.parts(parts))?;
+            let data = run.parts(parts, self.writer.path())?;
+            self.writer.write_all_vectored_at(run.off, &data)?;
         }
         Ok(())
     }
@@ -354,8 +354,8 @@ impl Sink {
             }
             _ => {
                 for run in &runs {
-                    self.writer
-                        .write_all_vectored_at(run.off, &run.parts(&slices))?;
+                    let data = run.parts(&slices, self.writer.path())?;
+                    self.writer.write_all_vectored_at(run.off, &data)?;
                 }
                 drop(slices);
                 for b in bufs {
@@ -522,17 +522,26 @@ pub trait Decode: Send {
     /// Consecutive downloaded buffers at once (see [`WRITE_BATCH`]), each returned to `pool`
     /// once its bytes are no longer needed.
     fn feed_batch(&mut self, bufs: Vec<AlignedBuf>, pool: &BufPool) -> Result<(), ImageError> {
-        for b in &bufs {
-            self.feed(b)?;
-        }
-        for b in bufs {
-            pool.put(b);
-        }
-        Ok(())
+        feed_each(self, bufs, pool)
     }
     /// The download ended: flush, and check the image was complete.
     fn finish(&mut self) -> Result<(), ImageError>;
     fn sink(&mut self) -> &mut Sink;
+}
+
+/// [`Decode::feed`] of each buffer in turn, then the buffers back to `pool`.
+fn feed_each<D: Decode + ?Sized>(
+    dec: &mut D,
+    bufs: Vec<AlignedBuf>,
+    pool: &BufPool,
+) -> Result<(), ImageError> {
+    for b in &bufs {
+        dec.feed(b)?;
+    }
+    for b in bufs {
+        pool.put(b);
+    }
+    Ok(())
 }
 
 /// Raw bytes at their own offsets. Also the inner end of the decompressors, where it refuses
@@ -596,13 +605,7 @@ impl Decode for RawOut {
     fn feed_batch(&mut self, bufs: Vec<AlignedBuf>, pool: &BufPool) -> Result<(), ImageError> {
         if self.inner_of.is_some() || self.off == 0 {
             // Behind a decompressor, or the first bytes (checked for a qcow2 header).
-            for b in &bufs {
-                self.put(b)?;
-            }
-            for b in bufs {
-                pool.put(b);
-            }
-            return Ok(());
+            return feed_each(self, bufs, pool);
         }
         let len = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         self.sink.write_batch(self.off, bufs, pool)?;

@@ -1,12 +1,14 @@
 //! Cleaning against real signatures: partition tables by `sgdisk`/`sfdisk`, filesystems by
-//! `mkfs.ext4`/`mkfs.xfs`/`mkfs.vfat`/`mkswap`, LVM by `pvcreate`, on loop devices; md RAID
-//! (0.90, 1.0, 1.1, 1.2) and ZFS labels written by hand from their on-disk formats (this
-//! machine has neither the md nor the zfs kernel module, so `mdadm --create` and
-//! `zpool create` cannot run; `mdadm --examine` and `blkid` confirm the hand-made ones).
+//! `mkfs.ext4`/`mkfs.xfs`/`mkfs.vfat`/`mkswap`, LVM by `pvcreate`, ZFS pools by `zpool create`
+//! (zfs-fuse, the userspace ZFS daemon: pool version 23), on loop devices; md RAID (0.90, 1.0,
+//! 1.1, 1.2) and an OpenZFS feature-flags label (version 5000) written by hand from their
+//! on-disk formats (this machine has neither the md nor the zfs kernel module, so
+//! `mdadm --create` and OpenZFS's `zpool create` cannot run; `mdadm --examine` and `blkid`
+//! confirm the hand-made ones). After the wipe, `zpool import` finds no pool to import.
 //! After the wipe, `wipefs --no-act` and `blkid -p` find nothing, on the disk and at every
 //! partition's offset, and every byte outside the reported areas is unchanged.
 //!
-//! Needs root (loop devices) and the tools of `.ci/run`.
+//! Needs root (loop devices), /dev/fuse (zfs-fuse) and the tools of `.ci/run`.
 
 mod common;
 
@@ -61,6 +63,8 @@ struct Part {
 
 #[test]
 fn metadata_wipe_on_gpt_removes_every_signature_in_every_partition_and_nothing_else() {
+    let zfs = ZfsDaemon::start();
+    let pool_name = format!("tank{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
     let size = 1024 * MIB;
@@ -160,9 +164,13 @@ fn metadata_wipe_on_gpt_removes_every_signature_in_every_partition_and_nothing_e
                 write_at(&file, start + off, &sb);
             }
             8 => {
-                for (off, label) in zfs_labels(len, "tank") {
-                    write_at(&file, start + off, &label);
-                }
+                let part = LoopDevice::window(&file, start, len);
+                let mut pool = ZfsPool::create(&zfs, &pool_name, &part.name());
+                pool.export();
+                assert_eq!(
+                    zpool_importable(&part.path),
+                    std::slice::from_ref(&pool_name)
+                );
             }
             _ => unreachable!(),
         }
@@ -201,7 +209,7 @@ fn metadata_wipe_on_gpt_removes_every_signature_in_every_partition_and_nothing_e
         &(80 * MIB).to_string(),
         &d,
     ]);
-    assert!(zfs.contains("LABEL=\"tank\""), "{zfs}");
+    assert!(zfs.contains(&format!("LABEL=\"{pool_name}\"")), "{zfs}");
 
     let target = select(&dev.path);
     let mut writer = FileDisk::open(&target).unwrap();
@@ -234,6 +242,13 @@ fn metadata_wipe_on_gpt_removes_every_signature_in_every_partition_and_nothing_e
         );
         let part = LoopDevice::window(&file, p.start_mib * MIB, p.mib * MIB);
         assert_eq!(run(&["wipefs", "--no-act", &part.name()]).trim(), "");
+        if p.expect == "zfs_member" {
+            assert_eq!(
+                zpool_importable(&part.path),
+                Vec::<String>::new(),
+                "zpool import still finds the pool"
+            );
+        }
     }
     assert_eq!(
         probe(&d, 482 * MIB, 63 * MIB),
@@ -314,12 +329,23 @@ fn metadata_wipe_on_mbr_reaches_logical_partitions_and_whole_disk_signatures() {
 
 #[test]
 fn whole_disk_lvm_md_and_zfs_signatures_are_wiped() {
-    for kind in ["lvm", "md-0.90", "md-1.0", "zfs"] {
+    let zfs = ZfsDaemon::start();
+    let pool_name = format!("rpool{}", std::process::id());
+    for kind in ["lvm", "md-0.90", "md-1.0", "zfs-5000", "zpool"] {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("disk.img");
         let size = 100 * MIB + 12345 * 512; // not aligned to anything
         sparse(&file, size);
         match kind {
+            "zpool" => {
+                let dev = LoopDevice::new(&file);
+                let mut pool = ZfsPool::create(&zfs, &pool_name, &dev.name());
+                pool.export();
+                assert_eq!(
+                    zpool_importable(&dev.path),
+                    std::slice::from_ref(&pool_name)
+                );
+            }
             "lvm" => {
                 let dev = LoopDevice::new(&file);
                 run(&["pvcreate", "-ff", "-y", &dev.name()]);
@@ -353,6 +379,11 @@ fn whole_disk_lvm_md_and_zfs_signatures_are_wiped() {
             "{kind} survived"
         );
         assert_eq!(run_code(&["blkid", "-p", &d]).0, 2, "{kind} survived");
+        assert_eq!(
+            zpool_importable(&dev.path),
+            Vec::<String>::new(),
+            "{kind}: zpool import finds a pool"
+        );
     }
 }
 

@@ -22,6 +22,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("fsck.vfat", "dosfstools"),
     ("mdadm", "mdadm"),
     ("pvcreate", "lvm2"),
+    ("zfs-fuse", "zfs-fuse"),
+    ("zpool", "zfs-fuse"),
     ("mcopy", "mtools"),
     ("cloud-init", "cloud-init"),
     // Image pipeline tests and bench: test images and their references.

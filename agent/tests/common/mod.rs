@@ -1,7 +1,9 @@
 //! Helpers for the agent's disk tests: loop devices (detached on drop), running the real
-//! tools (`sgdisk`, `mkfs.*`, `pvcreate`, `wipefs`, `blkid`, `mdadm --examine`), and on-disk
+//! tools (`sgdisk`, `mkfs.*`, `pvcreate`, `wipefs`, `blkid`, `mdadm --examine`), real ZFS
+//! pools made by zfs-fuse (the userspace ZFS daemon, started for the test), and on-disk
 //! structures this machine's kernel cannot make (md superblocks need the md driver for
-//! `mdadm --create`; ZFS labels need the zfs module), written by hand from their formats.
+//! `mdadm --create`; an OpenZFS feature-flags label needs the zfs module), written by hand
+//! from their formats.
 
 #![allow(clippy::disallowed_methods)] // this helper is the one place these tests spawn processes
 #![allow(dead_code)] // each test file uses a part
@@ -329,5 +331,139 @@ pub fn zfs_labels(size: u64, pool: &str) -> Vec<(u64, Vec<u8>)> {
     [0, LABEL, aligned - 2 * LABEL, aligned - LABEL]
         .into_iter()
         .map(|off| (off, label.clone()))
+        .collect()
+}
+
+// ----- real ZFS pools, made by zfs-fuse (Debian's userspace ZFS daemon, pool version 23) -----
+
+/// The zfs-fuse daemon for one test: an exclusive lock (tests in other processes that need it
+/// wait), the daemon started unless one already answers, and stopped again on drop if this
+/// guard started it. Pools made under it should be exported (or destroyed) before it drops.
+pub struct ZfsDaemon {
+    child: Option<std::process::Child>,
+    _lock: fs::File,
+}
+
+impl ZfsDaemon {
+    pub fn start() -> ZfsDaemon {
+        use std::os::fd::AsRawFd;
+        let lock_path = std::env::temp_dir().join("slipway-tests-zfs-fuse.lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", lock_path.display()));
+        // SAFETY: flock on a file descriptor this function owns.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let answers = || {
+            Command::new("zpool")
+                .arg("list")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if answers() {
+            return ZfsDaemon {
+                child: None,
+                _lock: lock,
+            };
+        }
+        let child = Command::new("zfs-fuse")
+            .args(["--no-daemon", "--no-kstat-mount"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("zfs-fuse is needed by this test (Debian package zfs-fuse): {e}")
+            });
+        let guard = ZfsDaemon {
+            child: Some(child),
+            _lock: lock,
+        };
+        let t = std::time::Instant::now();
+        while !answers() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "zfs-fuse did not answer `zpool list` within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        guard
+    }
+}
+
+impl Drop for ZfsDaemon {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            // SIGTERM: zfs-fuse closes its pools and socket (SIGKILL would leave the socket).
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_secs(30) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A pool made by `zpool create` on one device, no mountpoint, no cache file; exported with
+/// [`ZfsPool::export`], destroyed on drop if it is still imported.
+pub struct ZfsPool {
+    pub name: String,
+    imported: bool,
+}
+
+impl ZfsPool {
+    pub fn create(_daemon: &ZfsDaemon, name: &str, device: &str) -> ZfsPool {
+        run(&[
+            "zpool",
+            "create",
+            "-f",
+            "-m",
+            "none",
+            "-o",
+            "cachefile=none",
+            name,
+            device,
+        ]);
+        ZfsPool {
+            name: name.to_string(),
+            imported: true,
+        }
+    }
+
+    /// `zpool export`: the pool's labels stay on the device, as on a disk moved between hosts.
+    pub fn export(&mut self) {
+        run(&["zpool", "export", &self.name]);
+        self.imported = false;
+    }
+}
+
+impl Drop for ZfsPool {
+    fn drop(&mut self) {
+        if self.imported {
+            let _ = Command::new("zpool")
+                .args(["destroy", "-f", &self.name])
+                .status();
+        }
+    }
+}
+
+/// `zpool import -d DIR` over a directory holding only a link to `device`: the pools zfs-fuse
+/// would import from it (the names of the `pool:` lines).
+pub fn zpool_importable(device: &Path) -> Vec<String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = device.file_name().expect("device name");
+    std::os::unix::fs::symlink(device, dir.path().join(name)).expect("symlink");
+    let d = dir.path().display().to_string();
+    let (_, out) = run_code(&["zpool", "import", "-d", &d]);
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("pool: "))
+        .map(str::to_string)
         .collect()
 }

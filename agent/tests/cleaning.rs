@@ -63,7 +63,7 @@ struct Part {
 
 #[test]
 fn metadata_wipe_on_gpt_removes_every_signature_in_every_partition_and_nothing_else() {
-    let zfs = ZfsDaemon::start();
+    let zfs_daemon = ZfsDaemon::start();
     let pool_name = format!("tank{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
@@ -165,7 +165,7 @@ fn metadata_wipe_on_gpt_removes_every_signature_in_every_partition_and_nothing_e
             }
             8 => {
                 let part = LoopDevice::window(&file, start, len);
-                let mut pool = ZfsPool::create(&zfs, &pool_name, &part.name());
+                let mut pool = ZfsPool::create(&zfs_daemon, &pool_name, &part.name());
                 pool.export();
                 assert_eq!(
                     zpool_importable(&part.path),
@@ -329,7 +329,7 @@ fn metadata_wipe_on_mbr_reaches_logical_partitions_and_whole_disk_signatures() {
 
 #[test]
 fn whole_disk_lvm_md_and_zfs_signatures_are_wiped() {
-    let zfs = ZfsDaemon::start();
+    let zfs_daemon = ZfsDaemon::start();
     let pool_name = format!("rpool{}", std::process::id());
     for kind in ["lvm", "md-0.90", "md-1.0", "zfs-5000", "zpool"] {
         let dir = tempfile::tempdir().unwrap();
@@ -339,7 +339,7 @@ fn whole_disk_lvm_md_and_zfs_signatures_are_wiped() {
         match kind {
             "zpool" => {
                 let dev = LoopDevice::new(&file);
-                let mut pool = ZfsPool::create(&zfs, &pool_name, &dev.name());
+                let mut pool = ZfsPool::create(&zfs_daemon, &pool_name, &dev.name());
                 pool.export();
                 assert_eq!(
                     zpool_importable(&dev.path),

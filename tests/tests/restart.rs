@@ -2,7 +2,8 @@
 //! `provisioned`, never stuck without a message.
 
 use std::fs;
-use std::time::Duration;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use slipway_tests::{Agent, Coordinator, pattern, sha256_hex, throttled_server, write_host};
 
@@ -65,10 +66,15 @@ fn coordinator_killed_while_the_agent_writes_resumes_to_provisioned() {
 fn coordinator_killed_while_serving_the_image_retries_to_provisioned() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Coordinator::start(dir.path(), &["--retry-base", "1s"]);
-    let image = pattern(64 * MIB, 9);
+    // Large enough that the write is still going when the kill lands: the agent writes about
+    // 800 MiB/s here, so a 64 MiB image was done (in 0.09 s) before a status poll saw it start.
+    let image = pattern(640 * MIB, 9);
     fs::write(c.images.join("os.img"), &image).unwrap();
     let disk = dir.path().join("disk.img");
-    fs::write(&disk, vec![0u8; 80 * MIB]).unwrap();
+    fs::File::create(&disk)
+        .unwrap()
+        .set_len((image.len() + 16 * MIB) as u64)
+        .unwrap();
     write_host(
         &c.hosts,
         "h",
@@ -85,8 +91,30 @@ fn coordinator_killed_while_serving_the_image_retries_to_provisioned() {
         &[],
     );
 
-    c.wait_state("h", "provisioning", Duration::from_secs(60));
+    // Killed once the agent's writes have reached 32 MiB into the disk: mid-download, with
+    // most of the image still to come (the first MiB is held back until the end).
+    let started = Instant::now();
+    let mut probe = [0u8; 4096];
+    let disk_file = fs::File::open(&disk).unwrap();
+    loop {
+        disk_file
+            .read_exact_at(&mut probe, 32 * MIB as u64)
+            .unwrap();
+        if probe.iter().any(|b| *b != 0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the agent never wrote 32 MiB into the disk\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     c.kill9();
+    assert!(
+        fs::read(&disk).unwrap()[..image.len()] != image[..],
+        "the write was finished before the kill; the test did not interrupt a download"
+    );
     c.restart();
     let h = c.wait_host(
         "h",

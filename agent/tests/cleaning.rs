@@ -4,9 +4,9 @@
 //! 1.1, 1.2) and an OpenZFS feature-flags label (version 5000) written by hand from their
 //! on-disk formats (this machine has neither the md nor the zfs kernel module, so
 //! `mdadm --create` and OpenZFS's `zpool create` cannot run; `mdadm --examine` and `blkid`
-//! confirm the hand-made ones). After the wipe, `zpool import` finds no pool to import.
-//! After the wipe, `wipefs --no-act` and `blkid -p` find nothing, on the disk and at every
-//! partition's offset, and every byte outside the reported areas is unchanged.
+//! confirm the hand-made ones). After the wipe, `wipefs --no-act` and `blkid -p` find
+//! nothing, on the disk and at every partition's offset, `zpool import` finds no pool, and
+//! every byte outside the reported areas is unchanged.
 //!
 //! Needs root (loop devices), /dev/fuse (zfs-fuse) and the tools of `.ci/run`.
 

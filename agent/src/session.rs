@@ -55,15 +55,29 @@ pub struct Settings {
 #[derive(Clone)]
 pub struct Identity {
     pub host: String,
+    /// The host's namespace (empty from coordinators that predate namespaces).
+    pub namespace: String,
     pub cert_der: Vec<u8>,
     pub ca_der: Vec<u8>,
     key_der: Vec<u8>,
+}
+
+impl Identity {
+    /// `namespace/name`, or the name alone when the coordinator gave no namespace.
+    pub fn key(&self) -> String {
+        if self.namespace.is_empty() {
+            self.host.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.host)
+        }
+    }
 }
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
             .field("host", &self.host)
+            .field("namespace", &self.namespace)
             .finish_non_exhaustive()
     }
 }
@@ -136,7 +150,7 @@ const ENROL_LIMIT: Duration = if cfg!(test) {
 /// Enrols with the token, or loads the identity saved by an earlier run.
 pub async fn identity(s: &Settings) -> anyhow::Result<Identity> {
     if let Some(id) = load_identity(&s.state_dir, s.ca)? {
-        info!(host = %id.host, "using the certificate from an earlier enrolment in {}", s.state_dir.display());
+        info!(host = %id.key(), "using the certificate from an earlier enrolment in {}", s.state_dir.display());
         return Ok(id);
     }
     let token = s.token.clone().ok_or_else(|| {
@@ -180,13 +194,14 @@ pub async fn identity(s: &Settings) -> anyhow::Result<Identity> {
     }
     let id = Identity {
         host: response.host,
+        namespace: response.namespace,
         cert_der: response.certificate_der,
         ca_der: response.ca_certificate_der,
         key_der: key.serialize_der(),
     };
     save_identity(&s.state_dir, &id)?;
-    info!(host = %id.host, "enrolled; certificate valid until {}", response.not_after);
-    crate::init::milestone("enrolled", &format!("host={}", id.host));
+    info!(host = %id.key(), "enrolled; certificate valid until {}", response.not_after);
+    crate::init::milestone("enrolled", &format!("host={}", id.key()));
     Ok(id)
 }
 
@@ -211,6 +226,10 @@ fn load_identity(dir: &Path, pin: Fingerprint) -> anyhow::Result<Option<Identity
     }
     Ok(Some(Identity {
         host: String::from_utf8_lossy(&host).trim().to_string(),
+        // Absent in state directories written before namespaces: the default namespace.
+        namespace: fs::read(dir.join("namespace"))
+            .map(|n| String::from_utf8_lossy(&n).trim().to_string())
+            .unwrap_or_default(),
         cert_der,
         ca_der,
         key_der,
@@ -225,6 +244,7 @@ fn save_identity(dir: &Path, id: &Identity) -> anyhow::Result<()> {
         ("cert.der", &id.cert_der[..]),
         ("ca.der", &id.ca_der[..]),
         ("host", id.host.as_bytes()),
+        ("namespace", id.namespace.as_bytes()),
     ] {
         let path = dir.join(name);
         let mut f = fs::OpenOptions::new()
@@ -242,7 +262,7 @@ fn save_identity(dir: &Path, id: &Identity) -> anyhow::Result<()> {
 
 /// Forgets the saved identity (the coordinator no longer accepts it).
 pub fn forget_identity(dir: &Path) {
-    for name in ["key.der", "cert.der", "ca.der", "host"] {
+    for name in ["key.der", "cert.der", "ca.der", "host", "namespace"] {
         let _ = fs::remove_file(dir.join(name));
     }
 }
@@ -310,6 +330,7 @@ async fn session(
         .unwrap_or_default();
     let hello = pb::Hello {
         host: id.host.clone(),
+        namespace: id.namespace.clone(),
         agent: Some(agent_info(s)),
         inventory: Some(inventory_to_proto(&inventory)),
         commands: runner
@@ -324,10 +345,10 @@ async fn session(
         .await
         .map_err(|st| anyhow::Error::new(Refused(st.message().to_string(), is_refusal(&st))))?;
     let mut commands = response.into_inner();
-    info!(host = %id.host, "session open with the coordinator at {}", s.address);
+    info!(host = %id.key(), "session open with the coordinator at {}", s.address);
     crate::init::milestone(
         "registered",
-        &format!("host={} coordinator={}", id.host, s.address),
+        &format!("host={} coordinator={}", id.key(), s.address),
     );
 
     let started = std::time::Instant::now();

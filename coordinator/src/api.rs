@@ -107,6 +107,7 @@ impl pb::agent_service_server::AgentService for Api {
                 certificate_der: e.cert_der,
                 ca_certificate_der: e.ca_der,
                 not_after: e.not_after.to_string(),
+                namespace: String::new(),
             })),
             Err(Refusal(reason)) => Err(Status::permission_denied(reason)),
         }

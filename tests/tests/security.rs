@@ -56,6 +56,7 @@ fn hello(host: &str) -> pb::AgentEvent {
             agent: None,
             inventory: None,
             commands: vec![],
+            namespace: String::new(),
         })),
     }
 }

@@ -7,11 +7,13 @@
 //! Routes: `GET /v1/hosts`, `GET /v1/hosts/{name}`, `GET /v1/hosts/{name}/hardwaredata` (the
 //! host's `HardwareData` document, `null` before its agent reported), `GET /v1/hardwaredata`
 //! (every host's), `POST /v1/hosts/{name}/tokens` (`{"ttlSeconds": N}`), `GET /v1/info`.
+//! `{name}` is `NAME` (unique across namespaces, else an error naming them) or
+//! `NAMESPACE%2FNAME`; `?namespace=NS` narrows a bare name.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,9 +24,13 @@ use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::controller::{HostView, Msg, SharedView};
+use std::sync::Arc;
+
+use crate::engine::Msg;
 use crate::hardware::HardwareData;
-use crate::sources::files::Problem;
+use crate::sources::Problem;
+use crate::state::HardwareStore;
+use crate::view::{self, HostView, SharedView};
 
 /// `GET /v1/hosts`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,9 +77,21 @@ struct AppState {
     view: SharedView,
     tx: mpsc::Sender<Msg>,
     info: Info,
+    hardware: Arc<dyn HardwareStore>,
 }
 
-pub fn router(view: SharedView, tx: mpsc::Sender<Msg>, info: Info) -> Router {
+/// `?namespace=NS`.
+#[derive(Debug, Default, Deserialize)]
+pub struct Ns {
+    pub namespace: Option<String>,
+}
+
+pub fn router(
+    view: SharedView,
+    tx: mpsc::Sender<Msg>,
+    info: Info,
+    hardware: Arc<dyn HardwareStore>,
+) -> Router {
     Router::new()
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(get_host))
@@ -84,47 +102,95 @@ pub fn router(view: SharedView, tx: mpsc::Sender<Msg>, info: Info) -> Router {
             "/v1/info",
             get(|State(s): State<AppState>| async move { Json(s.info) }),
         )
-        .with_state(AppState { view, tx, info })
+        .with_state(AppState {
+            view,
+            tx,
+            info,
+            hardware,
+        })
 }
 
 fn error(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-async fn list_hosts(State(s): State<AppState>) -> Json<HostList> {
-    let view = s.view.read().unwrap_or_else(|p| p.into_inner());
-    Json(HostList {
-        hosts: view.hosts.values().cloned().collect(),
-        problems: view.problems.clone(),
+async fn list_hosts(State(s): State<AppState>) -> Response {
+    // Clone the handles under the lock; serialise outside it.
+    let (hosts, problems): (Vec<Arc<HostView>>, _) = {
+        let view = s.view.read().unwrap_or_else(|p| p.into_inner());
+        (
+            view.hosts.values().cloned().collect(),
+            view.problems.clone(),
+        )
+    };
+    #[derive(Serialize)]
+    struct Out<'a> {
+        hosts: Vec<&'a HostView>,
+        problems: Vec<Problem>,
+    }
+    Json(Out {
+        hosts: hosts.iter().map(|h| &**h).collect(),
+        problems,
     })
+    .into_response()
 }
 
-async fn get_host(State(s): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
+/// The host a request names, from the view.
+fn lookup(s: &AppState, ns: &Ns, name: &str) -> Result<Arc<HostView>, Box<Response>> {
     let view = s.view.read().unwrap_or_else(|p| p.into_inner());
-    match view.hosts.get(&name) {
-        Some(h) => Json(h.clone()).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("host {name} not found")),
+    view::find(&view.hosts, ns.namespace.as_deref(), name)
+        .map(|(_, h)| h.clone())
+        .map_err(|e| Box::new(error(StatusCode::NOT_FOUND, e)))
+}
+
+async fn get_host(
+    State(s): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Query(ns): Query<Ns>,
+) -> Response {
+    match lookup(&s, &ns, &name) {
+        Ok(h) => Json(&*h).into_response(),
+        Err(r) => *r,
     }
 }
 
-async fn get_hardware(State(s): State<AppState>, UrlPath(name): UrlPath<String>) -> Response {
-    let view = s.view.read().unwrap_or_else(|p| p.into_inner());
-    if !view.hosts.contains_key(&name) {
-        return error(StatusCode::NOT_FOUND, format!("host {name} not found"));
+async fn get_hardware(
+    State(s): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Query(ns): Query<Ns>,
+) -> Response {
+    let host = match lookup(&s, &ns, &name) {
+        Ok(h) => h,
+        Err(r) => return *r,
+    };
+    let store = s.hardware.clone();
+    let key = host.key();
+    match tokio::task::spawn_blocking(move || store.hardware(&key)).await {
+        Ok(Ok(doc)) => Json(doc).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
-    Json(view.hardware.get(&name).map(|h| (**h).clone())).into_response()
 }
 
-async fn list_hardware(State(s): State<AppState>) -> Json<Vec<HardwareData>> {
-    let view = s.view.read().unwrap_or_else(|p| p.into_inner());
-    Json(view.hardware.values().map(|h| (**h).clone()).collect())
+async fn list_hardware(State(s): State<AppState>) -> Response {
+    let store = s.hardware.clone();
+    match tokio::task::spawn_blocking(move || store.all_hardware()).await {
+        Ok(Ok(docs)) => Json::<Vec<HardwareData>>(docs).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(&e)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn create_token(
     State(s): State<AppState>,
     UrlPath(name): UrlPath<String>,
+    Query(ns): Query<Ns>,
     Json(req): Json<TokenRequest>,
 ) -> Response {
+    let key = match lookup(&s, &ns, &name) {
+        Ok(h) => h.key(),
+        Err(r) => return *r,
+    };
     if req.ttl_seconds <= 0 {
         return error(
             StatusCode::BAD_REQUEST,
@@ -133,7 +199,7 @@ async fn create_token(
     }
     let (reply, rx) = oneshot::channel();
     let msg = Msg::CreateToken {
-        host: name.clone(),
+        host: key.clone(),
         ttl: SignedDuration::from_secs(req.ttl_seconds),
         reply,
     };
@@ -152,7 +218,7 @@ async fn create_token(
                 s.info.ca_fingerprint
             );
             Json(TokenResponse {
-                host: name,
+                host: key.to_string(),
                 token: token.expose().to_string(),
                 expires_at,
                 agent_command,

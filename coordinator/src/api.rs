@@ -27,8 +27,9 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::warn;
 
-use crate::controller::{AgentInfo, AgentReport, Msg, Outcome, Outgoing, Refusal};
+use crate::engine::{AgentInfo, AgentReport, Msg, Outcome, Outgoing, Refusal};
 use crate::hardware::{self, Hardware};
+use crate::metrics::Metrics;
 use crate::pki;
 use crate::tokens::TokenSecret;
 
@@ -43,14 +44,16 @@ const HELLO_LIMIT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Api {
     tx: mpsc::Sender<Msg>,
+    metrics: Arc<Metrics>,
     /// PEM CA certificates sent with every image command (`serve --image-ca`), or empty.
     image_ca_pem: Arc<str>,
 }
 
 impl Api {
-    pub fn new(tx: mpsc::Sender<Msg>, image_ca_pem: &str) -> Api {
+    pub fn new(tx: mpsc::Sender<Msg>, image_ca_pem: &str, metrics: Arc<Metrics>) -> Api {
         Api {
             tx,
+            metrics,
             image_ca_pem: Arc::from(image_ca_pem),
         }
     }
@@ -103,11 +106,11 @@ impl pb::agent_service_server::AgentService for Api {
             .await?;
         match result {
             Ok(e) => Ok(Response::new(pb::EnrollResponse {
-                host: e.host,
+                host: e.host.name,
                 certificate_der: e.cert_der,
                 ca_certificate_der: e.ca_der,
                 not_after: e.not_after.to_string(),
-                namespace: String::new(),
+                namespace: e.host.namespace,
             })),
             Err(Refusal(reason)) => Err(Status::permission_denied(reason)),
         }
@@ -155,16 +158,23 @@ impl pb::agent_service_server::AgentService for Api {
                 return Err(Status::deadline_exceeded("no hello"));
             }
         };
-        if hello.host != host {
+        // An agent from before namespaces says none: the default one.
+        let said = slipway_reconcile::host::HostKey::new(
+            if hello.namespace.is_empty() {
+                slipway_reconcile::host::DEFAULT_NAMESPACE
+            } else {
+                hello.namespace.as_str()
+            },
+            hello.host.clone(),
+        );
+        if said != host {
             warn!(
                 host = %host,
                 peer = %peer,
-                "agent session refused: the certificate of host {host} was used to speak for host {:?}",
-                hello.host
+                "agent session refused: the certificate of host {host} was used to speak for host {said}",
             );
             return Err(Status::permission_denied(format!(
-                "this certificate belongs to host {host}; it cannot act for host {:?}",
-                hello.host
+                "this certificate belongs to host {host}; it cannot act for host {said}",
             )));
         }
         let agent = agent_info(hello.agent.as_ref());
@@ -204,6 +214,7 @@ impl pb::agent_service_server::AgentService for Api {
         }
 
         let tx = self.tx.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let reason = loop {
                 let next = tokio::time::timeout(SILENCE_LIMIT, inbound.message()).await;
@@ -224,6 +235,13 @@ impl pb::agent_service_server::AgentService for Api {
                         },
                     },
                     pb::agent_event::Event::Result(r) => {
+                        if let Some(pb::command_result::Outcome::Success(pb::Success {
+                            detail: Some(pb::success::Detail::WriteImage(w)),
+                            ..
+                        })) = &r.outcome
+                        {
+                            metrics.bytes_written.inc_by(w.bytes_written);
+                        }
                         // The full inventory first, so it is stored by the time the report
                         // moves the host on.
                         if let Some(pb::command_result::Outcome::Success(pb::Success {
@@ -256,7 +274,10 @@ impl pb::agent_service_server::AgentService for Api {
                         warning: l.level >= pb::log_line::Level::Warn as i32,
                         message: l.message,
                     },
-                    pb::agent_event::Event::Heartbeat(_) => continue,
+                    pb::agent_event::Event::Heartbeat(_) => {
+                        metrics.heartbeats.inc();
+                        continue;
+                    }
                     pb::agent_event::Event::Hello(_) => {
                         warn!(host = %host, "ignored a second hello in the same session");
                         continue;

@@ -4,17 +4,17 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 use slipway_reconcile::host::BareMetalHost;
 
 use crate::admin::{self, HostList, Info, TokenRequest, TokenResponse};
-use crate::controller::HostView;
 use crate::hardware::HardwareData;
 use crate::output;
 use crate::serve::{self, ServeArgs, parse_duration};
+use crate::view::HostView;
 
 /// Slipway provisions bare-metal machines: declare hosts as metal3 BareMetalHost documents,
 /// and Slipway inspects, cleans, images and boots them through its agent.
@@ -30,6 +30,10 @@ pub struct Cli {
         value_name = "DIR"
     )]
     pub state: PathBuf,
+    /// The namespace of the hosts named (files mode: `metadata.namespace`, or `default`).
+    /// Without it, a name is looked up in every namespace; NAMESPACE/NAME works too.
+    #[arg(short = 'n', long, global = true, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -177,23 +181,42 @@ fn init_tracing(serving: bool) {
         .init();
 }
 
+/// The admin API path of host `name` (`NAME` or `NAMESPACE/NAME`), with `rest` appended.
+fn host_path(name: &str, namespace: Option<&str>, rest: &str) -> String {
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let mut path = format!("/v1/hosts/{}{rest}", enc(name));
+    if let Some(ns) = namespace {
+        path.push_str(&format!("?namespace={}", enc(ns)));
+    }
+    path
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.state.join("admin.sock");
+    let ns = cli.namespace.as_deref();
     match cli.command {
         Command::Serve(args) => serve::serve(args, cli.state).await,
         Command::Get {
             what: GetWhat::Hosts { names, output },
         } => {
             let list: HostList = admin::call(&socket, http::Method::GET, "/v1/hosts", None).await?;
-            let mut hosts: Vec<&HostView> = list.hosts.iter().collect();
-            if !names.is_empty() {
+            let all: std::collections::BTreeMap<_, &HostView> =
+                list.hosts.iter().map(|h| (h.key(), h)).collect();
+            let hosts: Vec<&HostView> = if names.is_empty() {
+                all.values()
+                    .filter(|h| ns.is_none_or(|ns| h.key().namespace == ns))
+                    .copied()
+                    .collect()
+            } else {
+                let mut out = Vec::new();
                 for n in &names {
-                    if !hosts.iter().any(|h| &h.host.metadata.name == n) {
-                        bail!("host {n} not found");
-                    }
+                    let (_, h) = crate::view::find(&all, ns, n).map_err(|e| anyhow::anyhow!(e))?;
+                    out.push(*h);
                 }
-                hosts.retain(|h| names.contains(&h.host.metadata.name));
-            }
+                out
+            };
             let now = Timestamp::now();
             let text = match output {
                 TableFormat::Table => output::table(&hosts, false, now),
@@ -226,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let doc: Option<HardwareData> = admin::call(
                         &socket,
                         http::Method::GET,
-                        &format!("/v1/hosts/{n}/hardwaredata"),
+                        &host_path(n, ns, "/hardwaredata"),
                         None,
                     )
                     .await?;
@@ -255,17 +278,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Describe {
             what: DescribeWhat::Host { name },
         } => {
-            let host: HostView = admin::call(
-                &socket,
-                http::Method::GET,
-                &format!("/v1/hosts/{name}"),
-                None,
-            )
-            .await?;
+            let host: HostView =
+                admin::call(&socket, http::Method::GET, &host_path(&name, ns, ""), None).await?;
             let hardware: Option<HardwareData> = admin::call(
                 &socket,
                 http::Method::GET,
-                &format!("/v1/hosts/{name}/hardwaredata"),
+                &host_path(&name, ns, "/hardwaredata"),
                 None,
             )
             .await?;
@@ -284,7 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let t: TokenResponse = admin::call(
                 &socket,
                 http::Method::POST,
-                &format!("/v1/hosts/{host}/tokens"),
+                &host_path(&host, ns, "/tokens"),
                 Some(body),
             )
             .await?;

@@ -8,7 +8,6 @@
 //! Secret's keys on top) and Ironic (`uuid`, `name`), plus what cloud-init's OpenStack reader
 //! and Nova's metadata carry (`hostname`, `launch_index`, `public_keys`).
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde_json::{Map, Value};
@@ -16,9 +15,8 @@ use sha2::Digest;
 use slipway_reconcile::host::{
     BareMetalHost, ConfigDriveRefs, META_DATA_KEYS, NETWORK_DATA_KEYS, SecretRef, USER_DATA_KEYS,
 };
-use slipway_reconcile::validate::SecretKeys;
 
-use crate::sources::files::Secret;
+use crate::sources::Secret;
 
 /// What the agent writes into the config drive.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -39,14 +37,6 @@ impl fmt::Debug for ConfigDriveData {
             .field("meta_data_bytes", &self.meta_data.len())
             .finish()
     }
-}
-
-/// The key names of every Secret, for the planner.
-pub fn secret_keys(secrets: &BTreeMap<String, Secret>) -> SecretKeys {
-    secrets
-        .iter()
-        .map(|(name, s)| (name.clone(), s.data.keys().cloned().collect()))
-        .collect()
 }
 
 /// The host's uuid for `meta_data.json`: its Kubernetes uid, or (files mode, no uid) one
@@ -73,14 +63,14 @@ pub fn host_uuid(host: &BareMetalHost) -> String {
     )
 }
 
-fn value<'a>(
+fn value(
     host: &str,
     field: &str,
     r: &SecretRef,
     keys: [&str; 2],
-    secrets: &'a BTreeMap<String, Secret>,
-) -> Result<&'a [u8], String> {
-    let secret = secrets.get(&r.name).ok_or_else(|| {
+    secrets: &impl Fn(&SecretRef) -> Option<Secret>,
+) -> Result<Vec<u8>, String> {
+    let secret = secrets(r).ok_or_else(|| {
         format!(
             "host {host}: {field} names Secret {:?}, which does not exist",
             r.name
@@ -88,7 +78,7 @@ fn value<'a>(
     })?;
     keys.iter()
         .find_map(|k| secret.data.get(*k))
-        .map(Vec::as_slice)
+        .cloned()
         .ok_or_else(|| {
             format!(
                 "host {host}: Secret {:?} ({field}) has no key {} or {}",
@@ -110,21 +100,23 @@ fn structured(host: &str, field: &str, r: &SecretRef, bytes: &[u8]) -> Result<Va
     })
 }
 
-/// Resolves the references into contents.
+/// Resolves the references into contents; `secrets` finds a referenced Secret (in the host's
+/// namespace unless the reference names another).
 pub fn resolve(
     host: &BareMetalHost,
     refs: &ConfigDriveRefs,
-    secrets: &BTreeMap<String, Secret>,
+    secrets: impl Fn(&SecretRef) -> Option<Secret>,
 ) -> Result<ConfigDriveData, String> {
+    let secrets = &secrets;
     let name = host.metadata.name.as_str();
     let user_data = match &refs.user_data {
-        Some(r) => Some(value(name, "spec.userData", r, USER_DATA_KEYS, secrets)?.to_vec()),
+        Some(r) => Some(value(name, "spec.userData", r, USER_DATA_KEYS, secrets)?),
         None => None,
     };
     let network_data = match &refs.network_data {
         Some(r) => {
             let v = value(name, "spec.networkData", r, NETWORK_DATA_KEYS, secrets)?;
-            let json = structured(name, "spec.networkData", r, v)?;
+            let json = structured(name, "spec.networkData", r, &v)?;
             Some(serde_json::to_vec(&json).map_err(|e| e.to_string())?)
         }
         None => None,
@@ -149,7 +141,7 @@ pub fn resolve(
     meta.insert("public_keys".into(), Value::Object(Map::new()));
     if let Some(r) = &refs.meta_data {
         let v = value(name, "spec.metaData", r, META_DATA_KEYS, secrets)?;
-        match structured(name, "spec.metaData", r, v)? {
+        match structured(name, "spec.metaData", r, &v)? {
             Value::Object(given) => meta.extend(given),
             Value::Null => {}
             _ => {
@@ -170,6 +162,11 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    fn lookup(secrets: &BTreeMap<String, Secret>) -> impl Fn(&SecretRef) -> Option<Secret> + '_ {
+        |r| secrets.get(&r.name).cloned()
+    }
 
     fn secret(name: &str, kv: &[(&str, &str)]) -> (String, Secret) {
         (
@@ -218,7 +215,7 @@ mod tests {
             network_data: r("nd"),
             meta_data: r("md"),
         };
-        let d = resolve(&host(), &refs, &secrets).unwrap();
+        let d = resolve(&host(), &refs, lookup(&secrets)).unwrap();
         assert_eq!(
             d.user_data.as_deref(),
             Some(&b"#cloud-config\npassword: hunter2\n"[..])
@@ -246,14 +243,14 @@ mod tests {
             network_data: r("nd"),
             ..Default::default()
         };
-        let e = resolve(&host(), &refs, &secrets).unwrap_err();
+        let e = resolve(&host(), &refs, lookup(&secrets)).unwrap_err();
         assert!(e.contains("\"nd\"") && e.contains("worker-0"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
         let refs = ConfigDriveRefs {
             user_data: r("gone"),
             ..Default::default()
         };
-        let e = resolve(&host(), &refs, &secrets).unwrap_err();
+        let e = resolve(&host(), &refs, lookup(&secrets)).unwrap_err();
         assert!(
             e.contains("spec.userData") && e.contains("does not exist"),
             "{e}"

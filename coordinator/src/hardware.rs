@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use slipway_reconcile::host::{
     Bios, Cpu as SummaryCpu, Firmware as SummaryFirmware, HardwareDetails, HardwareSystemVendor,
-    Nic as SummaryNic, ObjectMeta, Storage as SummaryStorage,
+    HostKey, Nic as SummaryNic, ObjectMeta, Storage as SummaryStorage,
 };
 
 pub const KIND: &str = "HardwareData";
@@ -36,9 +36,10 @@ pub struct HardwareDataSpec {
 
 impl HardwareData {
     /// The document for `host`, collected at `at` by `by` ("hello" or "inspect").
-    pub fn new(host: &str, hardware: Hardware, at: Timestamp, by: &str) -> HardwareData {
+    pub fn new(host: &HostKey, hardware: Hardware, at: Timestamp, by: &str) -> HardwareData {
         let mut metadata = ObjectMeta {
-            name: host.to_string(),
+            name: host.name.clone(),
+            namespace: Some(host.namespace.clone()),
             ..Default::default()
         };
         metadata
@@ -56,6 +57,18 @@ impl HardwareData {
     pub fn collected_at(&self) -> Option<Timestamp> {
         self.metadata.annotations.get(COLLECTED_AT)?.parse().ok()
     }
+
+    /// The host this document describes.
+    pub fn key(&self) -> HostKey {
+        HostKey::of(&self.metadata)
+    }
+}
+
+/// Hex SHA-256 of the hardware's JSON: equal for equal inventories whenever they were taken.
+pub fn digest(hardware: &Hardware) -> String {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(hardware).unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(&bytes))
 }
 
 fn is_false(b: &bool) -> bool {

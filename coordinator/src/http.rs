@@ -6,8 +6,11 @@
 //!   its disk if provisioned, or a refusal (unknown MACs, by `--unknown-hosts`).
 //! - `GET /boot/vmlinuz`, `GET /boot/initramfs`: the ramdisk (from `--boot-dir`).
 //! - `GET /boot/iso/HOST.iso`: the ISO template with HOST's kernel arguments, for virtual media.
+//! - `GET /boot/iso/NAMESPACE/HOST.iso`: the same for a host of another namespace.
 //! - `GET /images/FILE`: OS images (Range supported, so downloads resume).
-//! - `GET /healthz`.
+//! - `GET /healthz`: the process answers. `GET /readyz`: the engine has loaded its state
+//!   and the hosts source has been read in full (503 until then).
+//! - `GET /metrics`: Prometheus text format (see `metrics`).
 //!
 //! Scripts and ISOs carry bootstrap tokens: the provisioning network must be one that only
 //! the machines being provisioned reach (as with Ironic), and tokens are single-use and short.
@@ -24,8 +27,14 @@ use jiff::SignedDuration;
 use tokio::sync::{mpsc, oneshot};
 use tower_http::services::{ServeDir, ServeFile};
 
+use std::sync::Arc;
+
+use slipway_reconcile::host::HostKey;
+
 use crate::boot::{self, Urls};
-use crate::controller::{BootDecision, Msg};
+use crate::engine::{BootDecision, Msg};
+use crate::metrics::Metrics;
+use crate::view::SharedView;
 
 /// Bytes per read when serving an image file.
 const IMAGE_READ_CHUNK: usize = 1 << 20;
@@ -37,6 +46,16 @@ struct BootState {
     dir: PathBuf,
     console: String,
     iso_token_ttl: SignedDuration,
+    metrics: Arc<Metrics>,
+    view: SharedView,
+}
+
+/// What the HTTP server needs besides its directories.
+pub struct Shared {
+    pub tx: mpsc::Sender<Msg>,
+    pub iso_token_ttl: SignedDuration,
+    pub metrics: Arc<Metrics>,
+    pub view: SharedView,
 }
 
 pub fn router(
@@ -44,21 +63,25 @@ pub fn router(
     boot_dir: PathBuf,
     urls: Urls,
     console: String,
-    tx: mpsc::Sender<Msg>,
-    iso_token_ttl: SignedDuration,
+    shared: Shared,
 ) -> Router {
     let state = BootState {
-        tx,
+        tx: shared.tx,
         urls,
         dir: boot_dir.clone(),
         console,
-        iso_token_ttl,
+        iso_token_ttl: shared.iso_token_ttl,
+        metrics: shared.metrics,
+        view: shared.view,
     };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/boot/boot.ipxe", get(entry))
         .route("/boot/ipxe", get(per_host))
         .route("/boot/iso/{file}", get(iso))
+        .route("/boot/iso/{namespace}/{file}", get(iso_in))
         .route_service("/boot/vmlinuz", ServeFile::new(boot_dir.join("vmlinuz")))
         .route_service(
             "/boot/initramfs",
@@ -78,6 +101,26 @@ fn text(status: StatusCode, body: String) -> Response {
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         body,
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<BootState>) -> Response {
+    let ready = s.view.read().map(|v| v.ready).unwrap_or(false);
+    if ready {
+        text(StatusCode::OK, "ok\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the hosts source has not been read in full yet\n".into(),
+        )
+    }
+}
+
+async fn metrics(State(s): State<BootState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        s.metrics.render(),
     )
         .into_response()
 }
@@ -113,16 +156,29 @@ async fn per_host(
     let script = match rx.await {
         Ok(BootDecision::Ramdisk { host, token, mac }) => {
             let args = boot::kernel_args(&s.urls, token.expose(), Some(&mac), &s.console);
-            boot::ramdisk_script(&s.urls, &host, &args)
+            boot::ramdisk_script(&s.urls, &host.to_string(), &args)
         }
-        Ok(BootDecision::LocalDisk { host, state }) => boot::local_boot_script(&host, &state),
+        Ok(BootDecision::LocalDisk { host, state }) => {
+            boot::local_boot_script(&host.to_string(), &state)
+        }
         Ok(BootDecision::Refuse(reason)) => boot::refusal_script(&reason),
         Err(_) => boot::refusal_script("the coordinator is shutting down"),
     };
     text(StatusCode::OK, script)
 }
 
-async fn iso(State(s): State<BootState>, UrlPath(file): UrlPath<String>) -> Response {
+async fn iso(state: State<BootState>, UrlPath(file): UrlPath<String>) -> Response {
+    iso_for(state, slipway_reconcile::host::DEFAULT_NAMESPACE, &file).await
+}
+
+async fn iso_in(
+    state: State<BootState>,
+    UrlPath((namespace, file)): UrlPath<(String, String)>,
+) -> Response {
+    iso_for(state, &namespace, &file).await
+}
+
+async fn iso_for(State(s): State<BootState>, namespace: &str, file: &str) -> Response {
     let Some(host) = file.strip_suffix(".iso") else {
         return text(StatusCode::NOT_FOUND, "ask for /boot/iso/HOST.iso\n".into());
     };
@@ -140,7 +196,7 @@ async fn iso(State(s): State<BootState>, UrlPath(file): UrlPath<String>) -> Resp
     };
     let (reply, rx) = oneshot::channel();
     let msg = Msg::CreateToken {
-        host: host.to_string(),
+        host: HostKey::new(namespace, host),
         ttl: s.iso_token_ttl,
         reply,
     };

@@ -3,10 +3,13 @@
 //! Code map (see ARCHITECTURE.md for the invariants):
 //! - [`cli`]: argument parsing and dispatch; thin.
 //! - [`serve`]: wires the pieces together and runs them.
-//! - [`controller`]: the executor around `slipway_reconcile::plan`; the only writer of state.
+//! - [`engine`]: runs `slipway_reconcile::plan` for every host and carries out the plans,
+//!   whatever the source and the store; the only writer of state.
+//! - [`state`]: durable state behind narrow traits (redb for files mode, memory for tests).
+//! - [`sources`]: where host declarations come from (files mode: [`sources::files`]).
+//! - [`view`]: what clients read, updated host by host. [`metrics`]: `/metrics`.
 //! - [`api`]: the agent-facing gRPC service over TLS; the only module that knows protobuf.
 //! - [`pki`]: the CA, server and agent certificates. [`tokens`]: bootstrap tokens.
-//! - [`store`]: the embedded redb store. [`sources`]: where host declarations come from.
 //! - [`boot`]: iPXE scripts, kernel arguments, per-host ISOs, dnsmasq configuration; pure.
 //! - [`http`]: boot files, scripts and images over HTTP, with [`sendfile`] in front answering
 //!   image downloads. [`admin`]: the CLI's API on a Unix socket.
@@ -18,16 +21,19 @@ pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod configdrive;
-pub mod controller;
+pub mod engine;
+pub mod failpoint;
 pub mod hardware;
 pub mod http;
+pub mod metrics;
 pub mod output;
 pub mod pki;
 pub mod sendfile;
 pub mod serve;
 pub mod sources;
-pub mod store;
+pub mod state;
 pub mod tokens;
+pub mod view;
 
 /// An error and all its causes on one line: "a: b: c".
 pub fn error_chain(e: &dyn std::error::Error) -> String {

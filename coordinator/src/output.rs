@@ -4,11 +4,11 @@
 use std::fmt::Write as _;
 
 use jiff::Timestamp;
-use slipway_reconcile::host::{BareMetalHost, HostStatus, ProvisioningState};
+use slipway_reconcile::host::{BareMetalHost, HostStatus, OperationalStatus, ProvisioningState};
 
-use crate::controller::HostView;
 use crate::hardware::{self, HardwareData};
-use crate::sources::files::Problem;
+use crate::sources::Problem;
+use crate::view::HostView;
 
 /// kubectl's age format: 45s, 12m, 5h, 3d.
 pub fn age(since: Option<Timestamp>, now: Timestamp) -> String {
@@ -58,6 +58,9 @@ fn state_of(v: &HostView) -> String {
 }
 
 fn progress_cell(st: &HostStatus) -> String {
+    if st.operational_status == OperationalStatus::Delayed {
+        return "waiting for a slot".into();
+    }
     match &st.progress {
         Some(p) => match p.percent() {
             Some(pct) => format!("{pct}%"),
@@ -67,10 +70,17 @@ fn progress_cell(st: &HostStatus) -> String {
     }
 }
 
-/// The host table. `wide` adds CONSUMER, BOOTMAC, AGENT and IMAGE.
+/// The host table. `wide` adds CONSUMER, BOOTMAC, AGENT and IMAGE; NAMESPACE comes first
+/// when a host is outside the default namespace.
 pub fn table(hosts: &[&HostView], wide: bool, now: Timestamp) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
+    let namespaces = hosts
+        .iter()
+        .any(|v| v.key().namespace != slipway_reconcile::host::DEFAULT_NAMESPACE);
     let mut header = vec!["NAME", "STATE", "ONLINE", "ERROR", "PROGRESS", "AGE"];
+    if namespaces {
+        header.insert(0, "NAMESPACE");
+    }
     if wide {
         header.extend(["CONSUMER", "BOOTMAC", "AGENT", "IMAGE"]);
     }
@@ -86,6 +96,9 @@ pub fn table(hosts: &[&HostView], wide: bool, now: Timestamp) -> String {
             progress_cell(&st),
             age(h.metadata.creation_timestamp, now),
         ];
+        if namespaces {
+            row.insert(0, v.key().namespace);
+        }
         if wide {
             row.push(
                 h.spec
@@ -160,6 +173,18 @@ fn join_nonempty(parts: &[&str]) -> String {
 /// What the operator should do next, when the host waits on something outside Slipway.
 fn waiting_for(v: &HostView) -> Option<String> {
     let st = status(&v.host);
+    if st.operational_status == OperationalStatus::Delayed {
+        let why = v
+            .events
+            .iter()
+            .rev()
+            .find(|e| e.reason == "Delayed")
+            .map(|e| e.message.clone())
+            .unwrap_or_else(|| {
+                "a free provisioning slot (slipway serve --provisioning-limit)".into()
+            });
+        return Some(why);
+    }
     let needs_agent = matches!(
         st.provisioning.state,
         ProvisioningState::Inspecting
@@ -659,7 +684,7 @@ pub fn hardware_table(docs: &[HardwareData], now: Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::EventRecord;
+    use crate::state::EventRecord;
     use expect_test::expect;
     use jiff::SignedDuration;
     use slipway_reconcile::host::{
@@ -917,7 +942,7 @@ mod tests {
             ..Default::default()
         };
         let doc = HardwareData::new(
-            "r740-07",
+            &slipway_reconcile::host::HostKey::default_ns("r740-07"),
             h,
             now() - SignedDuration::from_secs(120),
             "inspect",

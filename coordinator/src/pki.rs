@@ -6,7 +6,8 @@
 //! the SHA-256 fingerprint of its DER encoding.
 //!
 //! Identity: an agent certificate names exactly one host, as the URI SAN
-//! `urn:slipway:host:<name>` (and the same name as CN). The coordinator also records the
+//! `urn:slipway:host:<namespace>/<name>` (and its name as CN; `urn:slipway:host:<name>`, from
+//! before namespaces, names a host of the default namespace). The coordinator also records the
 //! fingerprint of the newest certificate per host, so an older certificate of the same host
 //! (from an earlier enrolment) is refused.
 //!
@@ -30,6 +31,7 @@ use rustls_pki_types::{
     CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
 };
 use sha2::{Digest, Sha256};
+use slipway_reconcile::host::HostKey;
 
 /// The DNS name every server certificate carries and every agent verifies, whatever address
 /// it dialled: the CA is private to this coordinator, so the name need not be in DNS.
@@ -196,7 +198,7 @@ impl Ca {
     /// asked for. The CSR's signature is checked (proof that the agent holds the key).
     pub fn sign_agent(
         &self,
-        host: &str,
+        host: &HostKey,
         csr_der: &[u8],
         valid_for: SignedDuration,
         now: Timestamp,
@@ -206,7 +208,10 @@ impl Ca {
                 .map_err(PkiError::BadCsr)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, host);
+        // The common name is the host's name (X.509 allows 64 characters); the identity
+        // Slipway checks is the URI, which carries the namespace too.
+        let cn: String = host.name.chars().take(64).collect();
+        params.distinguished_name.push(DnType::CommonName, cn);
         params.subject_alt_names = vec![SanType::URI(
             format!("{HOST_URI_PREFIX}{host}")
                 .try_into()
@@ -257,8 +262,10 @@ pub struct AgentCert {
     pub not_after: Timestamp,
 }
 
-/// The host named by an agent certificate (already verified against the CA by TLS).
-pub fn host_of(cert_der: &[u8]) -> Result<String, String> {
+/// The host named by an agent certificate (already verified against the CA by TLS). A
+/// certificate from before namespaces (`urn:slipway:host:NAME`) names a host of the default
+/// namespace.
+pub fn host_of(cert_der: &[u8]) -> Result<HostKey, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
         .map_err(|e| format!("unreadable client certificate: {e}"))?;
     let san = cert
@@ -275,7 +282,8 @@ pub fn host_of(cert_der: &[u8]) -> Result<String, String> {
         })
         .collect();
     match hosts.as_slice() {
-        [one] => Ok((*one).to_string()),
+        [one] => HostKey::parse(one)
+            .ok_or_else(|| format!("the client certificate names an invalid host {one:?}")),
         [] => Err("the client certificate names no host".into()),
         _ => Err("the client certificate names more than one host".into()),
     }
@@ -371,14 +379,17 @@ mod tests {
         let csr = req.serialize_request(&agent_key).unwrap();
         let cert = ca
             .sign_agent(
-                "host-a",
+                &HostKey::new("team-a", "host-a"),
                 csr.der(),
                 SignedDuration::from_hours(1),
                 Timestamp::now(),
             )
             .unwrap();
-        // The CSR asked for other names; the certificate names host-a only.
-        assert_eq!(host_of(&cert.der).unwrap(), "host-a");
+        // The CSR asked for other names; the certificate names team-a/host-a only.
+        assert_eq!(
+            host_of(&cert.der).unwrap(),
+            HostKey::new("team-a", "host-a")
+        );
         assert_eq!(cert.sha256, sha256_hex(&cert.der));
     }
 
@@ -388,7 +399,7 @@ mod tests {
         let ca = Ca::load_or_create(dir.path()).unwrap();
         let err = ca
             .sign_agent(
-                "h",
+                &HostKey::default_ns("h"),
                 b"not a csr",
                 SignedDuration::from_hours(1),
                 Timestamp::now(),

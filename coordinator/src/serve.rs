@@ -1,5 +1,5 @@
-//! `slipway serve`: opens the state, starts the controller, the agent API (gRPC over mutual
-//! TLS), the HTTP image server, the admin socket and the hosts-directory watcher.
+//! `slipway serve`: opens the state, starts the engine, the agent API (gRPC over mutual
+//! TLS), the HTTP image server, the admin socket and the hosts-directory source.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -17,10 +17,10 @@ use tracing::{info, warn};
 
 use crate::admin::{self, Info};
 use crate::api::{self, Api};
-use crate::controller::{Controller, Msg, Settings, UnknownHosts};
+use crate::engine::{DEFAULT_PROVISIONING_LIMIT, Engine, Msg, Settings, UnknownHosts};
+use crate::metrics::Metrics;
 use crate::pki::Ca;
-use crate::sources::files::FilesSource;
-use crate::store::Store;
+use crate::state::redb::RedbStore;
 
 /// Flags of `slipway serve`.
 #[derive(Clone, Debug, clap::Args)]
@@ -71,6 +71,12 @@ pub struct ServeArgs {
     /// How often the hosts directory is checked for changes.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: SignedDuration,
+    /// How many hosts may inspect, clean or write their image at once (metal3's
+    /// PROVISIONING_LIMIT, whose default is 20). Hosts beyond it wait, with operational status
+    /// `delayed`, and start in the order they began waiting.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PROVISIONING_LIMIT as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub provisioning_limit: u32,
 }
 
 /// The `--image-ca` file: PEM text with at least one certificate, all of them parseable.
@@ -133,12 +139,8 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         Ca::load_or_create(&state.join("pki"))
             .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?,
     );
-    let store = Store::open(&state).map_err(|e| {
-        anyhow::anyhow!(
-            "{} (is another `slipway serve` using this state directory?)",
-            crate::error_chain(&e)
-        )
-    })?;
+    raise_open_files_limit();
+    let store = RedbStore::open(&state).map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
     let settings = Settings {
         policy: Policy {
             retry_base: args.retry_base,
@@ -148,42 +150,33 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         cert_validity: args.cert_validity,
         unknown_hosts: args.unknown_hosts,
         boot_token_ttl: args.boot_token_ttl,
+        provisioning_limit: args.provisioning_limit as usize,
     };
-    let controller = Controller::new(store, ca.clone(), settings)
-        .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
-    let view = controller.view();
+    let metrics = Metrics::new();
     let (tx, rx) = mpsc::channel::<Msg>(4096);
 
-    // The hosts directory: a first full read before anything else runs.
-    let mut source = FilesSource::new(&args.hosts);
-    source.scan();
-    tx.send(Msg::Snapshot(source.snapshot())).await.ok();
+    // The hosts directory: read in full, then polled; its events go to the engine.
     let poll = Duration::try_from(args.poll_interval).unwrap_or(Duration::from_secs(1));
-    let watch_tx = tx.clone();
+    let (source_tx, mut source_rx) = mpsc::channel(1024);
+    let secrets = crate::sources::files::spawn(args.hosts.clone(), poll, source_tx).await;
+    let forward = tx.clone();
     tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(poll).await;
-            let scanned = tokio::task::spawn_blocking(move || {
-                let changed = source.scan();
-                (changed, source)
-            })
-            .await;
-            let Ok((changed, back)) = scanned else {
-                tracing::error!("the hosts directory watcher failed; restart slipway serve");
-                return;
-            };
-            source = back;
-            if changed
-                && watch_tx
-                    .send(Msg::Snapshot(source.snapshot()))
-                    .await
-                    .is_err()
-            {
+        while let Some(event) = source_rx.recv().await {
+            if forward.send(Msg::Source(event)).await.is_err() {
                 return;
             }
         }
     });
-    let controller_task = tokio::spawn(controller.run(rx));
+    let engine = Engine::new(
+        Box::new(store.clone()),
+        ca.clone(),
+        secrets,
+        settings,
+        metrics.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+    let view = engine.view();
+    let engine_task = tokio::spawn(engine.run(rx));
 
     let advertise = match &args.advertise {
         Some(a) => a.clone(),
@@ -204,7 +197,7 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
     let tls = ca
         .server_tls(std::slice::from_ref(&advertise))
         .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
-    let api = Api::new(tx.clone(), &image_ca_pem);
+    let api = Api::new(tx.clone(), &image_ca_pem, metrics.clone());
     let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
@@ -239,7 +232,11 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         state_dir: state.clone(),
     };
     let admin_task = tokio::spawn(
-        axum::serve(admin, admin::router(view, tx.clone(), info.clone())).into_future(),
+        axum::serve(
+            admin,
+            admin::router(view.clone(), tx.clone(), info.clone(), Arc::new(store)),
+        )
+        .into_future(),
     );
 
     // HTTP: boot files, scripts, ISOs and images.
@@ -261,8 +258,12 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         boot_dir,
         urls,
         console,
-        tx.clone(),
-        args.boot_token_ttl,
+        crate::http::Shared {
+            tx: tx.clone(),
+            iso_token_ttl: args.boot_token_ttl,
+            metrics,
+            view,
+        },
     );
     // Image downloads are answered with sendfile in front of the router (`sendfile`).
     let http = crate::sendfile::listen(http, images)
@@ -287,10 +288,24 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         r = grpc_task => bail!("the agent API stopped: {r:?}"),
         r = http_task => bail!("the HTTP server stopped: {r:?}"),
         r = admin_task => bail!("the admin socket stopped: {r:?}"),
-        r = controller_task => bail!("the controller stopped: {r:?}"),
+        r = engine_task => bail!("the engine stopped: {r:?}"),
     }
     let _ = fs::remove_file(&socket);
     Ok(())
+}
+
+/// Every agent holds a connection: raise the open-files limit to the hard limit (10,000
+/// agents need more than the usual 1,024), and say what it is.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!("open-files limit raised from {soft} to {hard} (the hard limit)"),
+            Err(e) => warn!("cannot raise the open-files limit from {soft} to {hard}: {e}"),
+        },
+        Ok((soft, _)) => info!("open-files limit: {soft}"),
+        Err(e) => warn!("cannot read the open-files limit: {e}"),
+    }
 }
 
 /// The console arguments the ramdisk was built for (its manifest), or the default.

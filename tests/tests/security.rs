@@ -149,7 +149,7 @@ fn reused_and_expired_tokens_are_refused_and_logged() {
     );
     let log = c.wait_log("enrolment refused", Duration::from_secs(5));
     assert!(
-        log.contains("bootstrap token for host h was already used"),
+        log.contains("bootstrap token for host default/h was already used"),
         "{log}"
     );
     assert!(!log.contains(&token), "the token itself is never logged");
@@ -161,7 +161,7 @@ fn reused_and_expired_tokens_are_refused_and_logged() {
     assert!(!third.wait_exit(Duration::from_secs(20)));
     assert!(third.log_text().contains("expired"), "{}", third.log_text());
     c.wait_log(
-        "bootstrap token for host h expired at",
+        "bootstrap token for host default/h expired at",
         Duration::from_secs(5),
     );
 
@@ -208,7 +208,9 @@ fn host_a_certificate_cannot_speak_for_host_b() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     let log = c.wait_log("agent session refused", Duration::from_secs(5));
     assert!(
-        log.contains("the certificate of host host-a was used to speak for host \"host-b\""),
+        log.contains(
+            "the certificate of host default/host-a was used to speak for host default/host-b"
+        ),
         "{log}"
     );
     let b = c.host("host-b").unwrap();

@@ -613,6 +613,18 @@ impl CommandKind {
     pub fn same_kind(&self, other: &CommandKind) -> bool {
         self.name() == other.name()
     }
+
+    /// Whether running it takes one of the fleet's slots (`slipway serve --provisioning-limit`,
+    /// metal3's `PROVISIONING_LIMIT`): inspection, cleaning and image writes do; power
+    /// commands do not.
+    pub fn takes_slot(&self) -> bool {
+        matches!(
+            self,
+            CommandKind::Inspect
+                | CommandKind::WriteImage { .. }
+                | CommandKind::EraseMetadata { .. }
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -820,5 +832,110 @@ spec:
             let json = serde_json::to_value(state).unwrap();
             assert_eq!(json, state.as_str());
         }
+    }
+}
+
+/// The namespace of hosts whose document names none (files mode), as in Kubernetes.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A host's identity: its namespace and name. Two namespaces may each have a `node-1`.
+///
+/// Written `namespace/name` (Kubernetes names cannot contain `/`, so the form is unambiguous);
+/// a bare `name` reads as the default namespace, which is how records, tokens and certificates
+/// made before namespaces are understood.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl HostKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> HostKey {
+        HostKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// A host in the default namespace.
+    pub fn default_ns(name: impl Into<String>) -> HostKey {
+        HostKey::new(DEFAULT_NAMESPACE, name)
+    }
+
+    /// The key of a host document: its `metadata.namespace`, else the default namespace.
+    pub fn of(meta: &ObjectMeta) -> HostKey {
+        HostKey::new(
+            meta.namespace
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .unwrap_or(DEFAULT_NAMESPACE),
+            meta.name.clone(),
+        )
+    }
+
+    /// Parses `namespace/name`, or a bare `name` (the default namespace).
+    pub fn parse(s: &str) -> Option<HostKey> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Some(HostKey::new(ns, name))
+            }
+            Some(_) => None,
+            None if !s.is_empty() => Some(HostKey::default_ns(s)),
+            None => None,
+        }
+    }
+}
+
+impl fmt::Display for HostKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Serialize for HostKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HostKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HostKey, D::Error> {
+        let s = String::deserialize(d)?;
+        HostKey::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!("{s:?} is not a host key (NAMESPACE/NAME)"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn keys_read_and_print_with_the_default_namespace_for_bare_names() {
+        let k = HostKey::parse("team-a/node-1").unwrap();
+        assert_eq!(k, HostKey::new("team-a", "node-1"));
+        assert_eq!(k.to_string(), "team-a/node-1");
+        assert_eq!(
+            HostKey::parse("node-1").unwrap(),
+            HostKey::default_ns("node-1")
+        );
+        for bad in ["", "/x", "x/", "a/b/c"] {
+            assert_eq!(HostKey::parse(bad), None, "{bad:?}");
+        }
+        let json = serde_json::to_string(&k).unwrap();
+        assert_eq!(json, "\"team-a/node-1\"");
+        assert_eq!(serde_json::from_str::<HostKey>(&json).unwrap(), k);
+        assert_eq!(
+            serde_json::from_str::<HostKey>("\"old\"").unwrap(),
+            HostKey::default_ns("old")
+        );
+        let mut meta = ObjectMeta {
+            name: "n".into(),
+            ..Default::default()
+        };
+        assert_eq!(HostKey::of(&meta), HostKey::default_ns("n"));
+        meta.namespace = Some("b".into());
+        assert_eq!(HostKey::of(&meta), HostKey::new("b", "n"));
     }
 }

@@ -14,5 +14,5 @@ pub mod validate;
 
 pub use plan::{
     Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Event, Observed, Plan,
-    Policy, plan,
+    Policy, Slot, plan,
 };

@@ -80,6 +80,20 @@ pub struct Observed<'a> {
     pub command: CommandView<'a>,
     /// The hardware the live agent reported when it connected (its hello).
     pub inventory: Option<&'a HardwareDetails>,
+    /// Whether the host may start an operation that takes a slot (inspection, cleaning, an
+    /// image write): the fleet-wide bound on concurrent provisioning work.
+    pub slot: Slot,
+}
+
+/// The host's standing with the fleet's slots for inspection, cleaning and image writes
+/// (metal3's `PROVISIONING_LIMIT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Slot {
+    /// The host holds a slot, or may take one now.
+    #[default]
+    Free,
+    /// Every one of the `limit` slots is taken (or promised to hosts that waited longer).
+    Busy { limit: usize },
 }
 
 /// A live agent session.
@@ -159,6 +173,7 @@ pub fn plan(desired: &Desired<'_>, observed: &Observed<'_>, now: Timestamp) -> P
             .current_command
             .as_ref()
             .map(|c| c.id.clone()),
+        delayed: false,
     };
     p.track_agent();
     for _ in 0..MAX_STEPS {
@@ -180,6 +195,8 @@ struct Planner<'a> {
     wake_at: Option<Timestamp>,
     /// The command id the observed `CommandView` is about.
     view_for: Option<String>,
+    /// This plan waits for a slot (so `delayed` stays; otherwise it is cleared at the end).
+    delayed: bool,
 }
 
 /// Where a command-driven step stands.
@@ -402,6 +419,11 @@ impl Planner<'_> {
             return;
         }
         if let Some(image) = self.d.spec.wanted_image() {
+            if let Slot::Busy { limit } = self.o.slot {
+                // As metal3 does: the host stays available, delayed, until a slot is free.
+                self.delay(limit, "provisioning");
+                return;
+            }
             self.status.provisioning.image = Some(image.clone());
             self.status.provisioning.root_device_hints = self.d.spec.root_device_hints.clone();
             self.status.provisioning.boot_mode = self.d.spec.boot_mode;
@@ -565,6 +587,13 @@ impl Planner<'_> {
                 self.wake(at);
                 return Drive::Waiting;
             }
+            if want.takes_slot() {
+                if let Slot::Busy { limit } = self.o.slot {
+                    self.delay(limit, want.name());
+                    return Drive::Waiting;
+                }
+                self.undelay();
+            }
             let cmd = self.new_command(want);
             self.status.current_command = Some(cmd.clone());
             self.status.progress = None;
@@ -625,6 +654,37 @@ impl Planner<'_> {
         }
     }
 
+    // ----- slots -----
+
+    /// No slot is free for `what`: wait, delayed (metal3's operational status for it), until
+    /// the executor plans the host again with a free slot.
+    fn delay(&mut self, limit: usize, what: &str) {
+        self.delayed = true;
+        if self.status.operational_status != OperationalStatus::Delayed {
+            self.status.operational_status = OperationalStatus::Delayed;
+            self.record(
+                false,
+                "Delayed",
+                format!(
+                    "waiting for a free slot to start {what}: {limit} hosts are already \
+                     inspecting, cleaning or writing images (slipway serve \
+                     --provisioning-limit {limit})"
+                ),
+            );
+        }
+    }
+
+    /// A slot was granted: the host is no longer delayed.
+    fn undelay(&mut self) {
+        if self.status.operational_status == OperationalStatus::Delayed {
+            self.status.operational_status = if self.status.error_type.is_some() {
+                OperationalStatus::Error
+            } else {
+                OperationalStatus::Ok
+            };
+        }
+    }
+
     // ----- errors -----
 
     /// A failure that is retried after a backoff.
@@ -670,6 +730,10 @@ impl Planner<'_> {
     }
 
     fn finish(mut self) -> Plan {
+        if !self.delayed {
+            // Whatever waited for a slot no longer does (a spec change, a deletion).
+            self.undelay();
+        }
         if self.status != *self.o.status {
             self.status.last_updated = Some(self.now);
         }

@@ -15,7 +15,7 @@ use slipway_reconcile::host::{
 use slipway_reconcile::validate::SecretKeys;
 use slipway_reconcile::{
     Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Observed, Plan,
-    Policy, plan,
+    Policy, Slot, plan,
 };
 
 fn t0() -> Timestamp {
@@ -64,6 +64,7 @@ struct Case {
     view: View,
     now: Timestamp,
     inventory: Option<HardwareDetails>,
+    slot: Slot,
 }
 
 #[derive(Clone)]
@@ -129,6 +130,7 @@ fn baseline(state: S) -> Case {
         view,
         now: t0() + SignedDuration::from_secs(60),
         inventory: None,
+        slot: Slot::Free,
     }
 }
 
@@ -209,6 +211,26 @@ const EVENTS: &[Event] = &[
         c.status.error_count = 1;
         c.status.retry_after = Some(t0() + SignedDuration::from_secs(10));
     }),
+    ("no free slot", |c| c.slot = Slot::Busy { limit: 20 }),
+    ("image set, no free slot", |c| {
+        c.spec.image = Some(image());
+        c.slot = Slot::Busy { limit: 20 };
+    }),
+    ("retry due, no free slot", |c| {
+        c.status.current_command = None;
+        c.view = View::Unknown;
+        c.status.error_type = Some(ErrorType::Provisioning);
+        c.status.error_message = "earlier failure".into();
+        c.status.error_count = 1;
+        c.status.retry_after = Some(t0() + SignedDuration::from_secs(10));
+        c.slot = Slot::Busy { limit: 20 };
+    }),
+    ("delayed, then a slot is free", |c| {
+        c.spec.image = Some(image());
+        c.status.current_command = None;
+        c.view = View::Unknown;
+        c.status.operational_status = slipway_reconcile::host::OperationalStatus::Delayed;
+    }),
 ];
 
 fn run(case: &Case) -> Plan {
@@ -232,6 +254,7 @@ fn run(case: &Case) -> Plan {
         agent: case.agent.as_ref(),
         command: view,
         inventory: case.inventory.as_ref(),
+        slot: case.slot,
     };
     plan(&desired, &observed, case.now)
 }
@@ -240,6 +263,9 @@ fn render(case: &Case, out: &Plan) -> String {
     let mut line = out.status.provisioning.state.to_string();
     if let Some(e) = out.status.error_type {
         write!(line, " [{e} #{}]", out.status.error_count).unwrap();
+    }
+    if out.status.operational_status == slipway_reconcile::host::OperationalStatus::Delayed {
+        line.push_str(" (delayed)");
     }
     for action in &out.actions {
         match action {
@@ -312,6 +338,17 @@ fn check_invariants(case: &Case, out: &Plan) {
         },
         now: case.now,
         inventory: case.inventory.clone(),
+        // A host whose command takes a slot holds it, as the executor grants.
+        slot: if out
+            .status
+            .current_command
+            .as_ref()
+            .is_some_and(|c| c.kind.takes_slot())
+        {
+            Slot::Free
+        } else {
+            case.slot
+        },
     };
     let second = run(&again);
     let sends: Vec<_> = second
@@ -375,6 +412,7 @@ fn drive(
                 agent: Some(&agent),
                 command: v,
                 inventory: None,
+                slot: Slot::Free,
             },
             now,
         );
@@ -490,6 +528,7 @@ fn changing_the_image_after_a_failure_retries_at_once() {
             agent: Some(&agent),
             command: CommandView::Unknown,
             inventory: None,
+            slot: Slot::Free,
         },
         t0(),
     );
@@ -542,6 +581,7 @@ fn registration_error_is_counted_once_and_cleared_by_a_fix() {
                 agent: None,
                 command: CommandView::Unknown,
                 inventory: None,
+                slot: Slot::Free,
             },
             t0(),
         );
@@ -566,6 +606,7 @@ fn registration_error_is_counted_once_and_cleared_by_a_fix() {
             agent: None,
             command: CommandView::Unknown,
             inventory: None,
+            slot: Slot::Free,
         },
         t0(),
     );
@@ -624,6 +665,7 @@ fn config_drive_secrets_wait_for_their_secret_and_commands_carry_references_only
                 agent: Some(&agent),
                 command: CommandView::Unknown,
                 inventory: None,
+                slot: Slot::Free,
             },
             t0(),
         )

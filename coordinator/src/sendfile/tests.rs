@@ -166,8 +166,12 @@ fn server_with(blocking: usize) -> Server {
             dir.path().join("boot"),
             urls,
             "console=ttyS0".into(),
-            tx,
-            jiff::SignedDuration::from_mins(5),
+            crate::http::Shared {
+                tx,
+                iso_token_ttl: jiff::SignedDuration::from_mins(5),
+                metrics: crate::metrics::Metrics::new(),
+                view: Default::default(),
+            },
         );
         let listener = listen(tcp, images).unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await });

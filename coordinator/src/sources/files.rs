@@ -14,10 +14,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
-use slipway_reconcile::host::{API_VERSION, BareMetalHost, KIND};
+use slipway_reconcile::host::{API_VERSION, BareMetalHost, HostKey, KIND};
+use tokio::sync::mpsc;
+
+use super::{Problem, Secret, SecretKey, SecretSource, SourceEvent};
 
 /// A host as declared, with where it was declared.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,59 +32,12 @@ pub struct SourcedHost {
     pub document: usize,
 }
 
-/// A `v1 Secret` document (BMC credentials, userData, networkData). `Debug` shows key names,
-/// never values.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Secret {
-    pub name: String,
-    pub namespace: Option<String>,
-    /// Decoded values of `data` and `stringData` (stringData wins, as in Kubernetes).
-    pub data: BTreeMap<String, Vec<u8>>,
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Secret")
-            .field("name", &self.name)
-            .field("namespace", &self.namespace)
-            .field("keys", &self.data.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-/// Something wrong in the hosts directory.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Problem {
-    pub path: PathBuf,
-    /// 1-based document number, 0 for the whole file.
-    pub document: usize,
-    /// The host concerned, when its name could be read.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    /// True when nothing is lost (e.g. an ignored kind); false for errors.
-    #[serde(default)]
-    pub warning: bool,
-    pub message: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.path.display())?;
-        if self.document > 0 {
-            write!(f, ": document {}", self.document)?;
-        }
-        if let Some(host) = &self.host {
-            write!(f, " (host {host})")?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-/// Everything the directory declares now.
+/// Everything the directory declares now (internal to this source: the engine gets the
+/// differences, see [`Differ`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    pub hosts: BTreeMap<String, SourcedHost>,
-    pub secrets: BTreeMap<String, Secret>,
+    pub hosts: BTreeMap<HostKey, SourcedHost>,
+    pub secrets: BTreeMap<SecretKey, Secret>,
     pub problems: Vec<Problem>,
 }
 
@@ -189,15 +146,16 @@ impl FilesSource {
             for (document, doc) in &state.good {
                 match doc {
                     Doc::Host(host) => {
-                        let name = host.metadata.name.clone();
-                        if let Some(first) = snap.hosts.get(&name) {
+                        let key = HostKey::of(&host.metadata);
+                        let name = key.name.clone();
+                        if let Some(first) = snap.hosts.get(&key) {
                             snap.problems.push(Problem {
                                 path: path.clone(),
                                 document: *document,
                                 host: Some(name.clone()),
                                 warning: false,
                                 message: format!(
-                                    "host {name} is already declared in {} (document {}); this \
+                                    "host {key} is already declared in {} (document {}); this \
                                      declaration is ignored: remove one of them",
                                     first.path.display(),
                                     first.document
@@ -206,7 +164,7 @@ impl FilesSource {
                             continue;
                         }
                         snap.hosts.insert(
-                            name,
+                            key,
                             SourcedHost {
                                 host: host.clone(),
                                 path: path.clone(),
@@ -215,13 +173,142 @@ impl FilesSource {
                         );
                     }
                     Doc::Secret(secret) => {
-                        snap.secrets.insert(secret.name.clone(), secret.clone());
+                        snap.secrets.insert(secret.key(), secret.clone());
                     }
                 }
             }
         }
         snap
     }
+}
+
+/// Turns successive snapshots into the events the engine takes: what changed since the last
+/// snapshot, host by host and Secret by Secret.
+#[derive(Debug, Default)]
+pub struct Differ {
+    hosts: BTreeMap<HostKey, (BareMetalHost, String)>,
+    secrets: BTreeMap<SecretKey, Secret>,
+    problems: Vec<Problem>,
+}
+
+impl Differ {
+    /// The events that take the engine from the previous snapshot to `snap`. Secrets come
+    /// first, so a host that needs a new Secret finds it declared.
+    pub fn diff(&mut self, snap: &Snapshot) -> Vec<SourceEvent> {
+        let mut out = Vec::new();
+        for (key, secret) in &snap.secrets {
+            if self.secrets.get(key) != Some(secret) {
+                // A change of contents alone is sent too: the hosts using the Secret plan
+                // again (one that failed on contents that did not parse retries at once).
+                self.secrets.insert(key.clone(), secret.clone());
+                out.push(SourceEvent::Secret {
+                    key: key.clone(),
+                    keys: Some(secret.key_names()),
+                });
+            }
+        }
+        let gone: Vec<SecretKey> = self
+            .secrets
+            .keys()
+            .filter(|k| !snap.secrets.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.secrets.remove(&key);
+            out.push(SourceEvent::Secret { key, keys: None });
+        }
+        for (key, sourced) in &snap.hosts {
+            let origin = sourced.path.display().to_string();
+            let same = self
+                .hosts
+                .get(key)
+                .is_some_and(|(h, o)| h == &sourced.host && o == &origin);
+            if !same {
+                self.hosts
+                    .insert(key.clone(), (sourced.host.clone(), origin.clone()));
+                out.push(SourceEvent::Declared {
+                    key: key.clone(),
+                    host: Box::new(sourced.host.clone()),
+                    origin,
+                });
+            }
+        }
+        let gone: Vec<HostKey> = self
+            .hosts
+            .keys()
+            .filter(|k| !snap.hosts.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.hosts.remove(&key);
+            out.push(SourceEvent::Undeclared { key });
+        }
+        if snap.problems != self.problems {
+            self.problems = snap.problems.clone();
+            out.push(SourceEvent::Problems(snap.problems.clone()));
+        }
+        out
+    }
+}
+
+/// The Secrets of the hosts directory, as last read: the files source's [`SecretSource`].
+#[derive(Debug, Default)]
+pub struct FilesSecrets(RwLock<BTreeMap<SecretKey, Secret>>);
+
+impl SecretSource for FilesSecrets {
+    fn get(&self, key: &SecretKey) -> Option<Secret> {
+        let m = self.0.read().unwrap_or_else(|p| p.into_inner());
+        m.get(key).cloned()
+    }
+}
+
+/// Starts files mode's source: reads the directory once (all of it, then
+/// [`SourceEvent::Synced`]), then polls it every `poll` and sends what changed. Returns the
+/// Secrets' contents for the engine to read at act time.
+pub async fn spawn(
+    dir: PathBuf,
+    poll: Duration,
+    tx: mpsc::Sender<SourceEvent>,
+) -> Arc<FilesSecrets> {
+    let secrets = Arc::new(FilesSecrets::default());
+    let shared = secrets.clone();
+    tokio::spawn(async move {
+        let mut source = FilesSource::new(&dir);
+        let mut differ = Differ::default();
+        let mut first = true;
+        loop {
+            let scanned = tokio::task::spawn_blocking(move || {
+                let changed = source.scan();
+                let events = changed.then(|| source.snapshot());
+                (source, events)
+            })
+            .await;
+            let Ok((back, snapshot)) = scanned else {
+                tracing::error!("the hosts directory watcher failed; restart slipway serve");
+                return;
+            };
+            source = back;
+            if let Some(snap) = snapshot {
+                {
+                    let mut m = shared.0.write().unwrap_or_else(|p| p.into_inner());
+                    *m = snap.secrets.clone();
+                }
+                for event in differ.diff(&snap) {
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if first {
+                first = false;
+                if tx.send(SourceEvent::Synced).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(poll).await;
+        }
+    });
+    secrets
 }
 
 fn list_dir(dir: &Path) -> io::Result<BTreeMap<PathBuf, (SystemTime, u64)>> {
@@ -448,6 +535,10 @@ fn parse_secret(value: &serde_yaml_ng::Value) -> Result<Secret, String> {
 mod tests {
     use super::*;
 
+    fn k(name: &str) -> HostKey {
+        HostKey::default_ns(name)
+    }
+
     const HOST_A: &str = "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: a\nspec:\n  online: true\n";
     const HOST_B: &str = "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: b\nspec:\n  online: false\n";
 
@@ -469,11 +560,17 @@ mod tests {
         assert!(src.scan());
         let snap = src.snapshot();
         assert_eq!(snap.problems, vec![]);
-        assert_eq!(snap.hosts.keys().collect::<Vec<_>>(), ["a", "b"]);
-        assert!(snap.hosts["a"].host.spec.online);
-        assert_eq!(snap.hosts["a"].document, 1);
-        assert_eq!(snap.secrets["s"].data["username"], b"admin");
-        assert_eq!(snap.secrets["s"].data["password"], b"pw");
+        assert_eq!(
+            snap.hosts
+                .keys()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(snap.hosts[&k("a")].host.spec.online);
+        assert_eq!(snap.hosts[&k("a")].document, 1);
+        assert_eq!(snap.secrets[&k("s")].data["username"], b"admin");
+        assert_eq!(snap.secrets[&k("s")].data["password"], b"pw");
         assert!(!src.scan(), "nothing changed");
     }
 
@@ -486,7 +583,10 @@ mod tests {
         src.scan();
         let snap = src.snapshot();
         assert_eq!(
-            snap.hosts.keys().collect::<Vec<_>>(),
+            snap.hosts
+                .keys()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>(),
             ["a"],
             "the good document still counts"
         );
@@ -514,7 +614,7 @@ mod tests {
         );
         assert!(src.scan());
         let snap = src.snapshot();
-        assert!(snap.hosts["a"].host.spec.online);
+        assert!(snap.hosts[&k("a")].host.spec.online);
         assert!(
             snap.problems[0]
                 .message
@@ -533,7 +633,7 @@ mod tests {
         );
         src.scan();
         let snap = src.snapshot();
-        assert!(snap.hosts.contains_key("a"));
+        assert!(snap.hosts.contains_key(&k("a")));
         assert!(
             snap.problems[0].message.starts_with("not valid YAML"),
             "{}",
@@ -548,7 +648,7 @@ mod tests {
         src.scan();
         let snap = src.snapshot();
         assert!(snap.problems.is_empty());
-        assert!(!snap.hosts["a"].host.spec.online);
+        assert!(!snap.hosts[&k("a")].host.spec.online);
         // Removed file: host gone.
         fs::remove_file(dir.path().join("a.yaml")).unwrap();
         src.scan();
@@ -582,10 +682,16 @@ mod tests {
         src.scan();
         let snap = src.snapshot();
         let texts: Vec<String> = snap.problems.iter().map(ToString::to_string).collect();
-        assert_eq!(snap.hosts.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            snap.hosts
+                .keys()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
         assert!(
             texts.iter().any(|t| t
-                .contains("2.yaml: document 1 (host a): host a is already declared in")
+                .contains("2.yaml: document 1 (host a): host default/a is already declared in")
                 && t.contains("1.yaml (document 1)")),
             "{texts:#?}"
         );
@@ -623,11 +729,76 @@ mod tests {
         fs::rename(&hosts, dir.path().join("elsewhere")).unwrap();
         assert!(src.scan());
         let snap = src.snapshot();
-        assert!(snap.hosts.contains_key("a"));
+        assert!(snap.hosts.contains_key(&k("a")));
         assert!(
             snap.problems[0]
                 .message
                 .contains("cannot read the hosts directory")
         );
+    }
+
+    #[test]
+    fn the_differ_sends_what_changed_host_by_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: s, namespace: team}\nstringData: {userData: x}\n";
+        write(dir.path(), "a.yaml", &format!("{HOST_A}---\n{secret}"));
+        write(dir.path(), "b.yaml", HOST_B);
+        let mut src = FilesSource::new(dir.path());
+        let mut differ = Differ::default();
+        src.scan();
+        let first = differ.diff(&src.snapshot());
+        let kinds: Vec<String> = first
+            .iter()
+            .map(|e| match e {
+                SourceEvent::Declared { key, .. } => format!("declared {key}"),
+                SourceEvent::Undeclared { key } => format!("undeclared {key}"),
+                SourceEvent::Secret { key, keys } => format!("secret {key} {keys:?}"),
+                SourceEvent::Problems(p) => format!("problems {}", p.len()),
+                SourceEvent::Synced => "synced".into(),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "secret team/s Some({\"userData\"})",
+                "declared default/a",
+                "declared default/b"
+            ]
+        );
+        assert!(differ.diff(&src.snapshot()).is_empty(), "nothing changed");
+        // One host edited, one removed: two events, nothing about the rest.
+        write(
+            dir.path(),
+            "a.yaml",
+            &HOST_A.replace("online: true", "online: false"),
+        );
+        fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        src.scan();
+        let events = differ.diff(&src.snapshot());
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(matches!(&events[0], SourceEvent::Secret { keys: None, .. }));
+        assert!(
+            matches!(&events[1], SourceEvent::Declared { key, host, .. } if key.name == "a" && !host.spec.online)
+        );
+        assert!(matches!(&events[2], SourceEvent::Undeclared { key } if key.name == "b"));
+    }
+
+    #[test]
+    fn hosts_are_keyed_by_namespace_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.yaml",
+            &format!(
+                "{HOST_A}---\n{}",
+                HOST_A.replace("name: a", "name: a\n  namespace: other")
+            ),
+        );
+        let mut src = FilesSource::new(dir.path());
+        src.scan();
+        let snap = src.snapshot();
+        assert_eq!(snap.problems, vec![]);
+        let keys: Vec<String> = snap.hosts.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, ["default/a", "other/a"]);
     }
 }

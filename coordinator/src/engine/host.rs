@@ -1,0 +1,569 @@
+//! One host in the engine: its record and status, its agent session, what is not durable
+//! yet, and the actions that wait for it to be; and `plan_host`, which runs the planner for
+//! it and sorts the plan's effects into writes and actions.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use jiff::Timestamp;
+use slipway_reconcile::host::{
+    HardwareDetails, HostKey, HostSpec, HostStatus, OperationalStatus, ProvisioningState, SecretRef,
+};
+use slipway_reconcile::validate::SecretKeys;
+use slipway_reconcile::{Action, AgentLink, CommandFailure, CommandView, Desired, Observed, Plan};
+use tokio::sync::oneshot;
+use tracing::{debug, info, info_span, warn};
+
+use super::msg::{AgentReport, BootDecision, CommandSender, Enrolled, Outcome, Refusal};
+use super::{Engine, PROGRESS_DURABLE_EVERY};
+use crate::hardware::HardwareData;
+use crate::metrics::{ErrorLabel, StateLabel, TransitionLabels};
+use crate::sources::SecretKey;
+use crate::state::{EVENTS_KEPT, EventRecord, HostChange, HostRecord, TokenRecord};
+use crate::tokens::TokenSecret;
+
+pub(super) struct Session {
+    pub id: u64,
+    pub link: AgentLink,
+    pub commands: CommandSender,
+    /// Command ids sent on this session.
+    pub sent: HashSet<String>,
+    /// The latest report per command id.
+    pub reports: HashMap<String, AgentReport>,
+    /// The hardware reported in the hello.
+    pub inventory: Option<HardwareDetails>,
+}
+
+/// Changes of a host not yet handed to the store.
+#[derive(Default)]
+pub(super) struct Pending {
+    pub remove: bool,
+    pub record: bool,
+    pub status: bool,
+    pub events: Vec<(u64, EventRecord)>,
+    pub hardware: Option<HardwareData>,
+    pub tokens: Vec<(String, Option<TokenRecord>)>,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        !self.remove
+            && !self.record
+            && !self.status
+            && self.events.is_empty()
+            && self.hardware.is_none()
+            && self.tokens.is_empty()
+    }
+
+    /// A change that was not stored comes back in front of what happened since.
+    pub fn restore(&mut self, failed: HostChange) {
+        let later = std::mem::take(self);
+        self.remove = failed.remove || later.remove;
+        self.record = failed.record.is_some() || later.record;
+        self.status = failed.status.is_some() || later.status;
+        self.events = failed.events;
+        self.events.extend(later.events);
+        self.hardware = later.hardware.or(failed.hardware);
+        self.tokens = failed.tokens;
+        self.tokens.extend(later.tokens);
+    }
+}
+
+pub(super) enum Reply {
+    Boot(oneshot::Sender<BootDecision>, BootDecision),
+    Enrolled(
+        oneshot::Sender<Result<Enrolled, Refusal>>,
+        Result<Enrolled, Refusal>,
+    ),
+    Token(
+        oneshot::Sender<Result<(TokenSecret, Timestamp), String>>,
+        Result<(TokenSecret, Timestamp), String>,
+    ),
+}
+
+impl Reply {
+    pub fn send(self) {
+        match self {
+            Reply::Boot(tx, d) => {
+                let _ = tx.send(d);
+            }
+            Reply::Enrolled(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Reply::Token(tx, r) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+
+    /// The state this reply depends on could not be stored: say so instead.
+    pub fn refuse(self, reason: &str) {
+        let why = format!("the coordinator cannot store state right now ({reason}); try again");
+        match self {
+            Reply::Boot(tx, _) => {
+                let _ = tx.send(BootDecision::Refuse(why));
+            }
+            Reply::Enrolled(tx, _) => {
+                let _ = tx.send(Err(Refusal(why)));
+            }
+            Reply::Token(tx, _) => {
+                let _ = tx.send(Err(why));
+            }
+        }
+    }
+}
+
+/// Something to do once the host's changes up to batch `need` are durable.
+pub(super) enum Act {
+    Send {
+        session: u64,
+        cmd: slipway_reconcile::host::CommandRecord,
+    },
+    Reply(Reply),
+}
+
+pub(super) struct Held {
+    pub need: u64,
+    pub act: Act,
+}
+
+pub(super) struct Entry {
+    pub record: HostRecord,
+    pub status: HostStatus,
+    /// Recent events, oldest first, with their sequence numbers.
+    pub events: VecDeque<(u64, EventRecord)>,
+    pub next_event: u64,
+    pub session: Option<Session>,
+    pub wake_at: Option<Timestamp>,
+    pub pending: Pending,
+    /// The batch in flight holding the host's latest change.
+    pub inflight: Option<u64>,
+    /// The status as last handed to the store.
+    pub saved_status: HostStatus,
+    /// When a status was last handed to the store (progress-only changes wait for 30 s).
+    pub status_saved_at: Timestamp,
+    pub held: Vec<Held>,
+    /// The planner said Forget: removed once the removal is durable.
+    pub forgotten: bool,
+    /// Since when the host has a significant change not yet durable (for the metric).
+    pub dirty_since: Option<Instant>,
+    pub sealed_since: Option<Instant>,
+}
+
+impl Entry {
+    pub fn new(record: HostRecord, status: HostStatus, now: Timestamp) -> Entry {
+        Entry {
+            record,
+            saved_status: status.clone(),
+            status,
+            events: VecDeque::new(),
+            next_event: 0,
+            session: None,
+            wake_at: None,
+            pending: Pending::default(),
+            inflight: None,
+            status_saved_at: now,
+            held: Vec::new(),
+            forgotten: false,
+            dirty_since: None,
+            sealed_since: None,
+        }
+    }
+
+    pub fn push_event(&mut self, event: EventRecord) {
+        let seq = self.next_event;
+        self.next_event += 1;
+        self.events.push_back((seq, event.clone()));
+        while self.events.len() > EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        self.pending.events.push((seq, event));
+        self.pending
+            .events
+            .retain(|(s, _)| *s + EVENTS_KEPT as u64 > seq);
+    }
+
+    /// The oldest event sequence the store keeps for this host.
+    pub fn events_keep_from(&self) -> u64 {
+        self.events.front().map_or(self.next_event, |(s, _)| *s)
+    }
+
+    pub fn state(&self) -> ProvisioningState {
+        self.status.provisioning.state
+    }
+
+    /// Whether the host holds a slot (its command takes one) and whether it waits for one.
+    pub fn slot_use(&self) -> (bool, bool) {
+        let holds = self
+            .status
+            .current_command
+            .as_ref()
+            .is_some_and(|c| c.kind.takes_slot());
+        let delayed = self.status.operational_status == OperationalStatus::Delayed;
+        (holds, delayed)
+    }
+
+    pub fn boot_mac(&self) -> Option<String> {
+        self.record
+            .host
+            .spec
+            .boot_mac_address
+            .as_deref()
+            .and_then(crate::boot::normalize_mac)
+    }
+}
+
+/// Whether `new` differs from `saved` in more than progress counters and the time stamp:
+/// such changes are made durable at once; progress alone waits (at most 30 s per host, or a
+/// phase change).
+pub(super) fn significant(new: &HostStatus, saved: &HostStatus) -> bool {
+    let HostStatus {
+        operational_status,
+        error_type,
+        error_message,
+        error_count,
+        last_updated: _,
+        hardware,
+        provisioning,
+        powered_on,
+        operation_history,
+        progress,
+        agent,
+        current_command,
+        retry_after,
+    } = new;
+    let same_progress = match (progress, &saved.progress) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.command_id == b.command_id && a.phase == b.phase && a.bytes_total == b.bytes_total
+        }
+        _ => false,
+    };
+    !(same_progress
+        && *operational_status == saved.operational_status
+        && *error_type == saved.error_type
+        && *error_message == saved.error_message
+        && *error_count == saved.error_count
+        && *hardware == saved.hardware
+        && *provisioning == saved.provisioning
+        && *powered_on == saved.powered_on
+        && *operation_history == saved.operation_history
+        && *agent == saved.agent
+        && *current_command == saved.current_command
+        && *retry_after == saved.retry_after)
+}
+
+/// The Secret references of a spec, resolved in the host's namespace.
+pub(super) fn secret_refs(key: &HostKey, spec: &HostSpec) -> Vec<(String, SecretKey)> {
+    [&spec.user_data, &spec.network_data, &spec.meta_data]
+        .into_iter()
+        .flatten()
+        .filter(|r| !r.name.is_empty())
+        .map(|r: &SecretRef| {
+            let ns = r
+                .namespace
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .unwrap_or(&key.namespace);
+            (r.name.clone(), SecretKey::new(ns, r.name.clone()))
+        })
+        .collect()
+}
+
+impl Engine {
+    /// The key names of the Secrets `spec` names, for the planner.
+    fn secret_keys_for(&self, key: &HostKey, spec: &HostSpec) -> SecretKeys {
+        let mut out = SecretKeys::new();
+        for (name, sk) in secret_refs(key, spec) {
+            if let Some(keys) = self.secret_keys.get(&sk) {
+                out.insert(name, keys.clone());
+            }
+        }
+        out
+    }
+
+    /// Plans one host and sorts out the effects: status and events to store, commands and
+    /// replies held until they are durable.
+    pub(super) fn plan_host(&mut self, key: &HostKey, now: Timestamp) {
+        let secrets = match self.hosts.get(key) {
+            Some(e) if !e.forgotten => self.secret_keys_for(key, &e.record.host.spec),
+            _ => return,
+        };
+        let slot = self.slots.standing(key);
+        let Some(entry) = self.hosts.get_mut(key) else {
+            return;
+        };
+        let _span = info_span!("host", host = %key).entered();
+        let session = entry.session.as_ref();
+        let view = match (&entry.status.current_command, session) {
+            (Some(cmd), Some(s)) => match s.reports.get(&cmd.id) {
+                Some(AgentReport::Running { progress, .. }) => {
+                    CommandView::Running(progress.as_ref())
+                }
+                Some(AgentReport::Finished {
+                    outcome: Outcome::Success(ok),
+                    ..
+                }) => CommandView::Succeeded(ok),
+                Some(AgentReport::Finished {
+                    outcome: Outcome::Failure(f),
+                    ..
+                }) => CommandView::Failed(f),
+                None if s.sent.contains(&cmd.id) => CommandView::Running(None),
+                None => CommandView::Unknown,
+            },
+            _ => CommandView::Unknown,
+        };
+        let name = key.to_string();
+        let desired = Desired {
+            name: &name,
+            spec: &entry.record.host.spec,
+            annotations: &entry.record.host.metadata.annotations,
+            secrets: &secrets,
+            deleted: entry.record.deleted,
+            policy: &self.settings.policy,
+        };
+        let observed = Observed {
+            status: &entry.status,
+            agent: session.map(|s| &s.link),
+            command: view,
+            inventory: session.and_then(|s| s.inventory.as_ref()),
+            slot,
+        };
+        let started = Instant::now();
+        let Plan {
+            status,
+            actions,
+            wake_at,
+        } = slipway_reconcile::plan(&desired, &observed, now);
+        self.metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+
+        let old = std::mem::replace(&mut entry.status, status);
+        let changed = entry.status != old;
+        if changed {
+            self.view_dirty.insert(key.clone());
+            if significant(&entry.status, &entry.saved_status) {
+                entry.pending.status = true;
+                entry.dirty_since.get_or_insert_with(Instant::now);
+            }
+        }
+        // Progress alone becomes durable after PROGRESS_DURABLE_EVERY.
+        let mut wake_at = wake_at;
+        if !entry.pending.status && entry.status != entry.saved_status {
+            let due = entry
+                .status_saved_at
+                .checked_add(PROGRESS_DURABLE_EVERY)
+                .unwrap_or(Timestamp::MAX);
+            if now >= due {
+                entry.pending.status = true;
+            } else {
+                wake_at = Some(wake_at.map_or(due, |w| w.min(due)));
+            }
+        }
+        // Metrics of what changed.
+        if old.provisioning.state != entry.status.provisioning.state {
+            let (from, to) = (old.provisioning.state, entry.status.provisioning.state);
+            self.metrics
+                .hosts
+                .get_or_create(&StateLabel {
+                    state: from.to_string(),
+                })
+                .dec();
+            self.metrics
+                .hosts
+                .get_or_create(&StateLabel {
+                    state: to.to_string(),
+                })
+                .inc();
+            self.metrics
+                .transitions
+                .get_or_create(&TransitionLabels {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                })
+                .inc();
+        }
+        if entry.status.error_count > old.error_count
+            && let Some(t) = entry.status.error_type
+        {
+            self.metrics
+                .errors
+                .get_or_create(&ErrorLabel {
+                    error_type: t.to_string(),
+                })
+                .inc();
+        }
+        match (&old.current_command, &entry.status.current_command) {
+            (None, Some(_)) => {
+                self.metrics.commands_in_flight.inc();
+            }
+            (Some(_), None) => {
+                self.metrics.commands_in_flight.dec();
+            }
+            _ => {}
+        }
+        let (holds, delayed) = entry.slot_use();
+        self.slots.update(key, holds, delayed);
+
+        // Timers.
+        if let Some(w) = entry.wake_at.take() {
+            self.timers.remove(&(w, key.clone()));
+        }
+        if let Some(w) = wake_at {
+            let w = w.max(now);
+            entry.wake_at = Some(w);
+            self.timers.insert((w, key.clone()));
+        }
+
+        let mut acts = Vec::new();
+        let mut forget = false;
+        for action in actions {
+            match action {
+                Action::Send(cmd) => match &mut entry.session {
+                    Some(s) => {
+                        s.sent.insert(cmd.id.clone());
+                        acts.push(Act::Send { session: s.id, cmd });
+                    }
+                    None => debug!(command = %cmd.id, "no agent session; command not sent"),
+                },
+                Action::Record(event) => {
+                    if event.warning {
+                        warn!("{}: {}", event.reason, event.message);
+                    } else {
+                        info!("{}: {}", event.reason, event.message);
+                    }
+                    entry.push_event(EventRecord {
+                        time: now,
+                        warning: event.warning,
+                        reason: event.reason.to_string(),
+                        message: event.message,
+                    });
+                    entry.dirty_since.get_or_insert_with(Instant::now);
+                    self.view_dirty.insert(key.clone());
+                }
+                Action::Forget => forget = true,
+            }
+        }
+        if !entry.pending.is_empty() {
+            self.unsaved.insert(key.clone());
+        }
+        for act in acts {
+            self.hold_or_act(key, act);
+        }
+        if forget {
+            self.forget(key);
+        }
+    }
+
+    /// The planner is done with the host: its record, tokens and certificate go, once that is
+    /// durable.
+    fn forget(&mut self, key: &HostKey) {
+        let tokens: Vec<String> = self
+            .tokens_by_host
+            .remove(key)
+            .map(|t| t.into_iter().collect())
+            .unwrap_or_default();
+        for t in &tokens {
+            self.tokens.remove(t);
+        }
+        let Some(entry) = self.hosts.get_mut(key) else {
+            return;
+        };
+        if entry.forgotten {
+            return;
+        }
+        info!(host = %key, "host removed");
+        entry.forgotten = true;
+        entry.pending = Pending {
+            remove: true,
+            tokens: tokens.into_iter().map(|t| (t, None)).collect(),
+            ..Default::default()
+        };
+        if entry.session.take().is_some() {
+            self.metrics.sessions.dec();
+        }
+        if entry.status.current_command.is_some() {
+            self.metrics.commands_in_flight.dec();
+        }
+        self.metrics
+            .hosts
+            .get_or_create(&StateLabel {
+                state: entry.status.provisioning.state.to_string(),
+            })
+            .dec();
+        if let Some(w) = entry.wake_at.take() {
+            self.timers.remove(&(w, key.clone()));
+        }
+        let mac = entry.boot_mac();
+        let refs = secret_refs(key, &entry.record.host.spec);
+        if let Some(mac) = mac {
+            self.unindex_mac(&mac, key);
+        }
+        for (_, sk) in refs {
+            if let Some(users) = self.secret_users.get_mut(&sk) {
+                users.remove(key);
+            }
+        }
+        self.slots.forget(key);
+        self.unsaved.insert(key.clone());
+        self.view_dirty.insert(key.clone());
+    }
+
+    /// A finished command the engine could not send (its Secrets do not parse): answered as
+    /// the agent would have, so the host shows the error and retries.
+    pub(super) fn fail_unsent(&mut self, key: &HostKey, id: &str, message: String) {
+        if let Some(s) = self.hosts.get_mut(key).and_then(|e| e.session.as_mut()) {
+            s.reports.insert(
+                id.to_string(),
+                AgentReport::Finished {
+                    id: id.to_string(),
+                    outcome: Outcome::Failure(CommandFailure { message }),
+                },
+            );
+            self.to_plan.insert(key.clone());
+        }
+    }
+
+    pub(super) fn index_mac(&mut self, mac: &str, key: &HostKey) {
+        self.macs
+            .entry(mac.to_string())
+            .or_default()
+            .insert(key.clone());
+    }
+
+    pub(super) fn unindex_mac(&mut self, mac: &str, key: &HostKey) {
+        if let Some(set) = self.macs.get_mut(mac) {
+            set.remove(key);
+            if set.is_empty() {
+                self.macs.remove(mac);
+            }
+        }
+    }
+
+    /// The status and events of every host as the view shows them.
+    pub(super) fn host_view(entry: &Entry) -> crate::view::HostView {
+        let mut host = entry.record.host.clone();
+        host.status = Some(entry.status.clone());
+        crate::view::HostView {
+            host,
+            source: entry.record.origin.clone(),
+            deleted: entry.record.deleted,
+            events: entry.events.iter().map(|(_, e)| e.clone()).collect(),
+        }
+    }
+
+    /// Records an event outside a plan (enrolment, boot, agent warnings).
+    pub(super) fn event(&mut self, key: &HostKey, warning: bool, reason: &str, message: String) {
+        if let Some(entry) = self.hosts.get_mut(key) {
+            entry.push_event(EventRecord {
+                time: Timestamp::now(),
+                warning,
+                reason: reason.into(),
+                message,
+            });
+            self.unsaved.insert(key.clone());
+            self.view_dirty.insert(key.clone());
+        }
+    }
+}

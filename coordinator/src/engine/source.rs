@@ -1,0 +1,183 @@
+//! What the source says changed, applied host by host.
+
+use jiff::Timestamp;
+use slipway_reconcile::host::{BareMetalHost, HostKey, HostStatus};
+use tracing::{info, warn};
+
+use super::Engine;
+use super::host::{Entry, secret_refs};
+use super::msg::DISCOVERED;
+use crate::sources::SourceEvent;
+use crate::state::HostRecord;
+
+impl Engine {
+    pub(super) fn apply_source(&mut self, event: SourceEvent, now: Timestamp) {
+        match event {
+            SourceEvent::Declared { key, host, origin } => self.declared(key, *host, origin, now),
+            SourceEvent::Undeclared { key } => self.undeclared(&key),
+            SourceEvent::Secret { key, keys } => {
+                match keys {
+                    Some(k) => {
+                        self.secret_keys.insert(key.clone(), k);
+                    }
+                    None => {
+                        self.secret_keys.remove(&key);
+                    }
+                }
+                // The hosts that use it plan again: one that waited for it can go on.
+                if let Some(users) = self.secret_users.get(&key) {
+                    self.to_plan.extend(users.iter().cloned());
+                }
+            }
+            SourceEvent::Problems(problems) => {
+                for p in problems.iter().filter(|p| !self.problems.contains(p)) {
+                    if p.warning {
+                        info!("hosts source: {p}");
+                    } else {
+                        warn!("hosts source: {p}");
+                    }
+                }
+                self.problems = problems;
+                self.problems_dirty = true;
+            }
+            SourceEvent::Synced => {
+                if self.synced {
+                    return;
+                }
+                self.synced = true;
+                let stale: Vec<HostKey> = self
+                    .hosts
+                    .iter()
+                    .filter(|(k, e)| {
+                        !e.forgotten
+                            && !e.record.deleted
+                            && e.record.origin != DISCOVERED
+                            && !self.declared.contains(*k)
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in stale {
+                    self.undeclared(&key);
+                }
+                info!(
+                    hosts = self.declared.len(),
+                    "the hosts source has been read in full"
+                );
+                self.declared.clear();
+            }
+        }
+    }
+
+    fn declared(&mut self, key: HostKey, mut host: BareMetalHost, origin: String, now: Timestamp) {
+        if !self.synced {
+            self.declared.insert(key.clone());
+        }
+        host.status = None;
+        let existing = self.hosts.get(&key).is_some_and(|e| !e.forgotten);
+        if existing {
+            let Some(entry) = self.hosts.get_mut(&key) else {
+                return;
+            };
+            // A source without creation times (files) keeps the one Slipway gave the host.
+            if host.metadata.creation_timestamp.is_none() {
+                host.metadata.creation_timestamp = entry.record.host.metadata.creation_timestamp;
+            }
+            let changed = entry.record.host.spec != host.spec
+                || entry.record.host.metadata != host.metadata
+                || entry.record.origin != origin
+                || entry.record.deleted;
+            if !changed {
+                return;
+            }
+            if entry.record.deleted {
+                info!(host = %key, "host declared again in {origin}");
+            } else {
+                info!(host = %key, "spec changed in {origin}");
+            }
+            let old_mac = entry.boot_mac();
+            let old_refs = secret_refs(&key, &entry.record.host.spec);
+            let r = &mut entry.record;
+            r.host.spec = host.spec;
+            r.host.metadata = host.metadata;
+            r.origin = origin;
+            r.deleted = false;
+            entry.pending.record = true;
+            let new_mac = entry.boot_mac();
+            let new_refs = secret_refs(&key, &entry.record.host.spec);
+            if old_mac != new_mac {
+                if let Some(m) = &old_mac {
+                    self.unindex_mac(m, &key);
+                }
+                if let Some(m) = &new_mac {
+                    self.index_mac(m, &key);
+                }
+            }
+            for (_, sk) in old_refs {
+                if let Some(users) = self.secret_users.get_mut(&sk) {
+                    users.remove(&key);
+                }
+            }
+            for (_, sk) in new_refs {
+                self.secret_users.entry(sk).or_default().insert(key.clone());
+            }
+        } else {
+            info!(host = %key, "new host declared in {origin}");
+            host.metadata.creation_timestamp.get_or_insert(now);
+            let record = HostRecord {
+                host,
+                origin,
+                ..Default::default()
+            };
+            let mut entry = Entry::new(record, HostStatus::default(), now);
+            // Declared again before its removal was stored: the store drops the old one first.
+            entry.pending.remove = self.hosts.contains_key(&key);
+            entry.pending.record = true;
+            entry.pending.status = true;
+            self.add_entry(&key, entry);
+        }
+        self.unsaved.insert(key.clone());
+        self.to_plan.insert(key.clone());
+        self.view_dirty.insert(key.clone());
+        self.claim_discovered(&key);
+    }
+
+    /// A declared host whose MAC a discovered machine had: the discovered record goes.
+    fn claim_discovered(&mut self, key: &HostKey) {
+        let Some(mac) = self.hosts.get(key).and_then(Entry::boot_mac) else {
+            return;
+        };
+        let others: Vec<HostKey> = self
+            .macs
+            .get(&mac)
+            .map(|s| s.iter().filter(|k| *k != key).cloned().collect())
+            .unwrap_or_default();
+        for other in others {
+            let Some(e) = self.hosts.get_mut(&other) else {
+                continue;
+            };
+            if e.record.origin == DISCOVERED && !e.record.deleted && !e.forgotten {
+                info!(host = %other, "a declared host now has this discovered host's MAC: dropping the discovered record");
+                e.record.deleted = true;
+                e.pending.record = true;
+                self.unsaved.insert(other.clone());
+                self.to_plan.insert(other.clone());
+                self.view_dirty.insert(other);
+            }
+        }
+    }
+
+    fn undeclared(&mut self, key: &HostKey) {
+        let Some(entry) = self.hosts.get_mut(key) else {
+            return;
+        };
+        if entry.forgotten || entry.record.deleted || entry.record.origin == DISCOVERED {
+            return;
+        }
+        info!(host = %key, "host no longer declared: deleting it");
+        entry.record.deleted = true;
+        entry.pending.record = true;
+        self.unsaved.insert(key.clone());
+        self.to_plan.insert(key.clone());
+        self.view_dirty.insert(key.clone());
+    }
+}

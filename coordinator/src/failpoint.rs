@@ -1,0 +1,48 @@
+//! Crash points for the crash-consistency tests: `SLIPWAY_FAILPOINT=NAME[:N]` makes the
+//! coordinator SIGKILL itself the N-th time (default: the first) it passes the point `NAME`,
+//! exactly as a power cut would stop it there. Unset (always, outside tests), a point costs
+//! one relaxed atomic load.
+//!
+//! Points: `store-before-commit` (a batch is written into the redb transaction but not
+//! committed), `engine-after-commit` (a batch is durable, nothing of it acted on yet),
+//! `engine-mid-act` (the first of a batch's actions has been taken, the rest not).
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+struct Point {
+    name: String,
+    at: u64,
+    seen: AtomicU64,
+}
+
+fn point() -> Option<&'static Point> {
+    static POINT: OnceLock<Option<Point>> = OnceLock::new();
+    POINT
+        .get_or_init(|| {
+            let spec = std::env::var("SLIPWAY_FAILPOINT").ok()?;
+            let (name, at) = match spec.split_once(':') {
+                Some((n, a)) => (n.to_string(), a.parse().unwrap_or(1)),
+                None => (spec, 1),
+            };
+            Some(Point {
+                name,
+                at,
+                seen: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// Passes the crash point `name`.
+pub fn hit(name: &str) {
+    let Some(p) = point() else { return };
+    if p.name != name {
+        return;
+    }
+    let n = p.seen.fetch_add(1, Ordering::SeqCst) + 1;
+    if n == p.at {
+        eprintln!("failpoint {name}: killing this process (SIGKILL), as SLIPWAY_FAILPOINT asks");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}

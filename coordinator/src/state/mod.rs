@@ -1,0 +1,201 @@
+//! Durable state, behind narrow traits: what the engine needs to resume after a restart.
+//!
+//! - [`StateStore`]: per-host records (the accepted declaration, the status, recent events,
+//!   the full inventory, the host's bootstrap tokens), committed in batches. A batch is a list
+//!   of per-host changes, and the result says, host by host, whether its changes are stored:
+//!   the engine acts for a host only once its own changes are durable. The redb file of files
+//!   mode commits a batch in one transaction (all hosts or none); a Kubernetes backend writes
+//!   each host's status on its own and may fail for one host only.
+//! - [`HardwareStore`]: the read side of full inventories (`slipway get hardwaredata`), read
+//!   from the store when asked, never held in memory for the fleet.
+//!
+//! Implementations: [`redb::RedbStore`] (files mode, `STATE/slipway.redb`) and
+//! [`memory::MemoryStore`] (engine unit tests, the load generator's coordinator).
+//!
+//! **Invariant:** token secrets are never stored: tokens are keyed by the SHA-256 of the
+//! secret. Secret contents (userData, ...) never reach a store.
+
+pub mod memory;
+pub mod redb;
+
+use std::path::PathBuf;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+pub use slipway_reconcile::host::HostKey;
+use slipway_reconcile::host::{BareMetalHost, HostStatus};
+
+use crate::hardware::HardwareData;
+
+/// How many events a host keeps for `describe`.
+pub const EVENTS_KEPT: usize = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state database {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<::redb::Error>,
+    },
+    #[error(
+        "the state database {} is in use by another process (is another `slipway serve` using \
+         this state directory?)",
+        path.display()
+    )]
+    InUse { path: PathBuf },
+    #[error("the state database {} refused a {action}", path.display())]
+    Db {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<::redb::Error>,
+    },
+    #[error("record {key:?} in {} is corrupt", path.display())]
+    Corrupt {
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Injected by [`memory::MemoryStore`] for tests.
+    #[error("{0}")]
+    Injected(String),
+}
+
+/// What Slipway keeps about a host besides its status and events.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostRecord {
+    /// The accepted metadata and spec (the status is kept apart, written on its own).
+    pub host: BareMetalHost,
+    /// Where the declaration came from (a file path, `discovered`, `kube`).
+    #[serde(default, alias = "source")]
+    pub origin: String,
+    /// Hex SHA-256 of the host's newest agent certificate; older ones are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cert_sha256: Option<String>,
+    /// The source no longer declares the host; it is on its way out.
+    #[serde(default)]
+    pub deleted: bool,
+    /// Hex SHA-256 of the stored full inventory's hardware, so an agent that reports the
+    /// same hardware again (every reconnect does) costs no write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_sha256: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRecord {
+    pub time: Timestamp,
+    #[serde(default)]
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// A bootstrap token, stored under the hex SHA-256 of its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRecord {
+    pub host: HostKey,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_at: Option<Timestamp>,
+    /// The peer that used it, for the refusal message of a second use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<String>,
+}
+
+/// One host's changes in a batch. Applied in this order: `remove` (everything kept about the
+/// host, its events, inventory and the tokens listed), then the writes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostChange {
+    pub remove: bool,
+    pub record: Option<HostRecord>,
+    pub status: Option<HostStatus>,
+    /// New events, with their per-host sequence numbers.
+    pub events: Vec<(u64, EventRecord)>,
+    /// Events older than this sequence number are dropped (the host keeps [`EVENTS_KEPT`]).
+    pub events_keep_from: u64,
+    pub hardware: Option<HardwareData>,
+    /// Tokens written (`Some`) or deleted (`None`), by hash.
+    pub tokens: Vec<(String, Option<TokenRecord>)>,
+}
+
+impl HostChange {
+    pub fn is_empty(&self) -> bool {
+        !self.remove
+            && self.record.is_none()
+            && self.status.is_none()
+            && self.events.is_empty()
+            && self.hardware.is_none()
+            && self.tokens.is_empty()
+    }
+
+    /// Folds a later change of the same host into this one (a failed commit's change comes
+    /// back in front of what happened since).
+    pub fn then(&mut self, later: HostChange) {
+        if later.remove {
+            *self = later;
+            return;
+        }
+        if later.record.is_some() {
+            self.record = later.record;
+        }
+        if later.status.is_some() {
+            self.status = later.status;
+        }
+        self.events.extend(later.events);
+        self.events_keep_from = self.events_keep_from.max(later.events_keep_from);
+        self.events.retain(|(seq, _)| *seq >= self.events_keep_from);
+        if later.hardware.is_some() {
+            self.hardware = later.hardware;
+        }
+        self.tokens.extend(later.tokens);
+    }
+}
+
+/// Changes to store together.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub id: u64,
+    pub hosts: Vec<(HostKey, HostChange)>,
+}
+
+/// The hosts of a batch whose changes were not stored, with why.
+pub type Failed = Vec<(HostKey, String)>;
+
+/// A host as stored.
+#[derive(Clone, Debug, Default)]
+pub struct StoredHost {
+    pub record: HostRecord,
+    pub status: HostStatus,
+    /// Recent events, oldest first, with their sequence numbers.
+    pub events: Vec<(u64, EventRecord)>,
+}
+
+/// Everything the engine resumes from.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    pub hosts: Vec<(HostKey, StoredHost)>,
+    pub tokens: Vec<(String, TokenRecord)>,
+}
+
+/// Durable host state, committed in batches.
+pub trait StateStore: Send + 'static {
+    /// Everything needed to resume: hosts (record, status, events) and tokens.
+    fn load(&mut self) -> Result<Loaded, StoreError>;
+
+    /// Stores a batch. Each host's change is stored whole or not at all; the hosts whose
+    /// change was not stored are returned with the reason (a redb transaction fails them
+    /// all).
+    fn commit(&mut self, batch: &Batch) -> Result<(), Failed>;
+}
+
+/// Full inventories, read on demand.
+pub trait HardwareStore: Send + Sync + 'static {
+    fn hardware(&self, key: &HostKey) -> Result<Option<HardwareData>, StoreError>;
+    fn all_hardware(&self) -> Result<Vec<HardwareData>, StoreError>;
+}

@@ -1,0 +1,95 @@
+//! What clients read (`slipway get hosts`, `describe`, the admin API): a copy of each host's
+//! declaration, status and recent events, replaced host by host as the engine changes them
+//! (progress included, before it is durable), never rebuilt whole.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use slipway_reconcile::host::{BareMetalHost, HostKey};
+
+use crate::sources::Problem;
+use crate::state::EventRecord;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostView {
+    /// Metadata, spec and status.
+    pub host: BareMetalHost,
+    /// Where the declaration came from (a file path, `discovered`).
+    pub source: String,
+    pub deleted: bool,
+    /// Recent events, oldest first.
+    pub events: Vec<EventRecord>,
+}
+
+impl HostView {
+    pub fn key(&self) -> HostKey {
+        HostKey::of(&self.host.metadata)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct View {
+    pub hosts: BTreeMap<HostKey, Arc<HostView>>,
+    /// The source's problems (documents that do not parse, ...).
+    pub problems: Vec<Problem>,
+    /// The engine has loaded its state and the source has listed every host once.
+    pub ready: bool,
+}
+
+pub type SharedView = Arc<RwLock<View>>;
+
+/// Finds a host by `NAME`, `NAMESPACE/NAME`, or `NAME` in `namespace`. A bare name that
+/// exists in several namespaces is an error naming them.
+pub fn find<'a, T>(
+    hosts: &'a BTreeMap<HostKey, T>,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<(&'a HostKey, &'a T), String> {
+    if let Some((ns, n)) = name.split_once('/') {
+        let key = HostKey::new(ns, n);
+        return hosts
+            .get_key_value(&key)
+            .ok_or_else(|| format!("host {key} not found"));
+    }
+    if let Some(ns) = namespace {
+        let key = HostKey::new(ns, name);
+        return hosts
+            .get_key_value(&key)
+            .ok_or_else(|| format!("host {name} not found in namespace {ns}"));
+    }
+    let found: Vec<_> = hosts.iter().filter(|(k, _)| k.name == name).collect();
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(format!("host {name} not found")),
+        many => Err(format!(
+            "host {name} exists in namespaces {}: say which, as NAMESPACE/{name} or with \
+             --namespace",
+            many.iter()
+                .map(|(k, _)| k.namespace.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_names_resolve_when_unique() {
+        let mut m = BTreeMap::new();
+        m.insert(HostKey::new("a", "node-1"), 1);
+        m.insert(HostKey::new("b", "node-1"), 2);
+        m.insert(HostKey::new("b", "node-2"), 3);
+        assert_eq!(*find(&m, None, "node-2").unwrap().1, 3);
+        assert_eq!(*find(&m, None, "a/node-1").unwrap().1, 1);
+        assert_eq!(*find(&m, Some("b"), "node-1").unwrap().1, 2);
+        let e = find(&m, None, "node-1").unwrap_err();
+        assert!(e.contains("namespaces a, b"), "{e}");
+        assert!(find(&m, None, "node-3").unwrap_err().contains("not found"));
+        assert!(find(&m, Some("a"), "node-2").is_err());
+    }
+}

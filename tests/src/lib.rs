@@ -145,6 +145,8 @@ pub struct Coordinator {
     pub listen_ip: String,
     /// Run inside this network namespace.
     pub netns: Option<String>,
+    /// Extra environment of the next start (cleared by [`Coordinator::restart_clean`]).
+    pub env: Vec<(String, String)>,
     /// Logs of the agents started against this coordinator, printed with its own on timeouts.
     agent_logs: std::sync::Mutex<Vec<PathBuf>>,
 }
@@ -155,12 +157,27 @@ impl Coordinator {
         Coordinator::start_in(dir, extra_args, None, "127.0.0.1")
     }
 
+    /// Starts a coordinator with extra environment variables (e.g. `SLIPWAY_FAILPOINT`).
+    pub fn start_with_env(dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Coordinator {
+        Coordinator::start_full(dir, extra_args, None, "127.0.0.1", env)
+    }
+
     /// Starts a coordinator listening on `listen_ip`, inside `netns` if given.
     pub fn start_in(
         dir: &Path,
         extra_args: &[&str],
         netns: Option<&str>,
         listen_ip: &str,
+    ) -> Coordinator {
+        Coordinator::start_full(dir, extra_args, netns, listen_ip, &[])
+    }
+
+    fn start_full(
+        dir: &Path,
+        extra_args: &[&str],
+        netns: Option<&str>,
+        listen_ip: &str,
+        env: &[(&str, &str)],
     ) -> Coordinator {
         let hosts = dir.join("hosts");
         let state = dir.join("state");
@@ -180,6 +197,10 @@ impl Coordinator {
             log: dir.join("coordinator.log"),
             listen_ip: listen_ip.to_string(),
             netns: netns.map(str::to_string),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             agent_logs: std::sync::Mutex::new(Vec::new()),
         };
         // A port free_port() found can be taken (by another test's server or an outgoing
@@ -231,6 +252,7 @@ impl Coordinator {
             .arg("--http-listen")
             .arg(format!("{}:{}", self.listen_ip, self.http_port))
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -272,6 +294,27 @@ impl Coordinator {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Starts again without the extra environment of the last start.
+    pub fn restart_clean(&mut self) {
+        self.env.clear();
+        self.restart();
+    }
+
+    /// Waits for the coordinator process to exit by itself; true when it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(_))) | None => {
+                    self.child = None;
+                    return true;
+                }
+                _ => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        false
     }
 
     pub fn log_text(&self) -> String {
@@ -357,10 +400,17 @@ impl Coordinator {
         v["items"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Host `name`, or `namespace/name`.
     pub fn host(&self, name: &str) -> Option<Value> {
-        self.hosts()
-            .into_iter()
-            .find(|h| h["metadata"]["name"] == name)
+        let (ns, name) = match name.split_once('/') {
+            Some((ns, n)) => (Some(ns), n),
+            None => (None, name),
+        };
+        self.hosts().into_iter().find(|h| {
+            h["metadata"]["name"] == name
+                && ns
+                    .is_none_or(|ns| h["metadata"]["namespace"].as_str().unwrap_or("default") == ns)
+        })
     }
 
     /// Waits until host `name` satisfies `pred`; on timeout prints the logs.
@@ -417,6 +467,33 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `GET url` (plain http, `http://HOST:PORT/PATH`) with a short-lived connection: the status
+/// code and the body.
+pub fn http_get(url: &str) -> (u16, String) {
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = TcpStream::connect(host).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 /// Writes a BareMetalHost document to the coordinator's hosts directory.
@@ -480,12 +557,24 @@ impl Agent {
         state_dir: &Path,
         extra: &[&str],
     ) -> Agent {
+        Agent::start_at(c, &c.agent_url(), token, disk, state_dir, extra)
+    }
+
+    /// The same, dialling `url` (a proxy in front of the coordinator).
+    pub fn start_at(
+        c: &Coordinator,
+        url: &str,
+        token: &str,
+        disk: &Path,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> Agent {
         let log = state_dir.with_extension("log");
         let file = fs::File::create(&log).expect("agent log");
         let child = Command::new(&bins().agent)
             .arg("run")
             .arg("--coordinator")
-            .arg(c.agent_url())
+            .arg(url)
             .arg("--token")
             .arg(token)
             .arg("--ca-fingerprint")
@@ -536,6 +625,59 @@ impl Drop for Agent {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, whose connections a test can cut (a
+/// network that drops every connection at once), while new ones are accepted as before.
+pub struct Proxy {
+    pub port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(target: std::net::SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
+        let kept = conns.clone();
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                if let Ok(mut c) = kept.lock() {
+                    c.extend(client.try_clone().ok());
+                    c.extend(server.try_clone().ok());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every connection made so far.
+    pub fn cut(&self) {
+        if let Ok(mut c) = self.conns.lock() {
+            for s in c.drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 }

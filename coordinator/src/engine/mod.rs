@@ -374,7 +374,9 @@ impl Engine {
         took: Duration,
         now: Timestamp,
     ) {
-        crate::failpoint::hit("engine-after-commit");
+        if result.is_ok() {
+            crate::failpoint::hit_tagged("engine-after-commit", || batch.command_kinds());
+        }
         self.inflight = None;
         self.metrics.commit_seconds.observe(took.as_secs_f64());
         self.metrics.commit_hosts.observe(batch.hosts.len() as f64);
@@ -450,10 +452,20 @@ impl Engine {
                 self.hosts.remove(&key);
             }
         }
+        let tags = if acts.len() > 1 {
+            acts.iter()
+                .filter_map(|(_, a)| match a {
+                    Act::Send { cmd, .. } => Some(cmd.kind.name()),
+                    Act::Reply(_) => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (i, (key, act)) in acts.into_iter().enumerate() {
             self.act(&key, act);
             if i == 0 {
-                crate::failpoint::hit("engine-mid-act");
+                crate::failpoint::hit_tagged("engine-mid-act", || tags.clone());
             }
         }
     }

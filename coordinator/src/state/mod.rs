@@ -164,6 +164,17 @@ pub struct Batch {
     pub hosts: Vec<(HostKey, HostChange)>,
 }
 
+impl Batch {
+    /// The kinds of the commands the batch's statuses hold (crash-test tags).
+    pub fn command_kinds(&self) -> Vec<&'static str> {
+        self.hosts
+            .iter()
+            .filter_map(|(_, c)| c.status.as_ref()?.current_command.as_ref())
+            .map(|c| c.kind.name())
+            .collect()
+    }
+}
+
 /// The hosts of a batch whose changes were not stored, with why.
 pub type Failed = Vec<(HostKey, String)>;
 

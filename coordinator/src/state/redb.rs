@@ -324,7 +324,7 @@ impl RedbStore {
                 }
             }
         }
-        crate::failpoint::hit("store-before-commit");
+        crate::failpoint::hit_tagged("store-before-commit", || batch.command_kinds());
         txn.commit().map_err(|e| err(e.into()))
     }
 }

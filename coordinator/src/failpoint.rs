@@ -43,7 +43,7 @@ fn point() -> Option<&'static Point> {
 
 /// Passes the crash point `name`.
 pub fn hit(name: &str) {
-    hit_tagged(name, || Vec::new());
+    hit_tagged(name, Vec::new);
 }
 
 /// Passes the crash point `name` with the tags `tags()` gives (asked only when a point of

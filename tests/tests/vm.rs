@@ -481,7 +481,7 @@ fn iso_boot(uefi: bool, name: &str, mac: &str, with_bmc: bool) {
     let registered = vm.wait_serial("SLIPWAY-EVENT registered", Duration::from_secs(180));
     assert!(
         vm.serial_text()
-            .contains(&format!("host={name} coordinator=")),
+            .contains(&format!("host=default/{name} coordinator=")),
         "enrolled as {name}"
     );
     // The kernel names the firmware it was started by.

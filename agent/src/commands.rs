@@ -249,7 +249,7 @@ impl Runner {
                         Kind::EraseMetadata { .. } => "cleaned",
                         Kind::Reboot | Kind::Kexec | Kind::PowerOff => "power-command",
                     };
-                    crate::init::milestone(event, &format!("command={id}"));
+                    crate::console::milestone(event, &format!("command={id}"));
                 }
                 Outcome::Failure { message, .. } => {
                     warn!(command = %id, "{name} failed: {message}");

@@ -201,7 +201,7 @@ pub async fn identity(s: &Settings) -> anyhow::Result<Identity> {
     };
     save_identity(&s.state_dir, &id)?;
     info!(host = %id.key(), "enrolled; certificate valid until {}", response.not_after);
-    crate::init::milestone("enrolled", &format!("host={}", id.key()));
+    crate::console::milestone("enrolled", &format!("host={}", id.key()));
     Ok(id)
 }
 
@@ -346,7 +346,7 @@ async fn session(
         .map_err(|st| anyhow::Error::new(Refused(st.message().to_string(), is_refusal(&st))))?;
     let mut commands = response.into_inner();
     info!(host = %id.key(), "session open with the coordinator at {}", s.address);
-    crate::init::milestone(
+    crate::console::milestone(
         "registered",
         &format!("host={} coordinator={}", id.key(), s.address),
     );

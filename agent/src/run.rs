@@ -103,6 +103,8 @@ pub async fn run_agent(args: RunArgs, ramdisk: bool) -> anyhow::Result<()> {
         ramdisk,
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         exit_on_refusal: !ramdisk,
+        reconnect_jitter: Duration::ZERO,
+        milestones: true,
     };
     let base = Context {
         root: PathBuf::from("/"),

@@ -26,6 +26,7 @@ use slipway_proto::v1 as pb;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
@@ -180,7 +181,9 @@ async fn session<E: Execute>(
 
     // Whatever happened while disconnected is summed up in the hello.
     while updates.try_recv().is_ok() {}
-    let (tx, rx) = mpsc::channel::<pb::AgentEvent>(256);
+    // Boxed: a channel allocates its slots 32 at a time, and an unboxed event (the size of
+    // a hello) would make that 25 KiB per session, which the load generator pays per machine.
+    let (tx, rx) = mpsc::channel::<Box<pb::AgentEvent>>(256);
     let inventory = executor.hello_inventory().await;
     let hello = pb::Hello {
         host: id.host.clone(),
@@ -193,9 +196,10 @@ async fn session<E: Execute>(
             .map(|(id, st)| status_to_proto(id, st))
             .collect(),
     };
-    tx.send(event(pb::agent_event::Event::Hello(hello))).await?;
+    tx.send(Box::new(event(pb::agent_event::Event::Hello(hello))))
+        .await?;
     let response = client
-        .session(ReceiverStream::new(rx))
+        .session(ReceiverStream::new(rx).map(|e| *e))
         .await
         .map_err(|st| anyhow::Error::new(Refused(st.message().to_string(), is_refusal(&st))))?;
     let commands = response.into_inner();
@@ -220,7 +224,7 @@ async fn serve<E: Execute>(
     updates: &mut mpsc::UnboundedReceiver<Update>,
     power: &mut watch::Receiver<Option<PowerAction>>,
     mut commands: tonic::Streaming<pb::Command>,
-    tx: mpsc::Sender<pb::AgentEvent>,
+    tx: mpsc::Sender<Box<pb::AgentEvent>>,
 ) -> anyhow::Result<End> {
     let started = std::time::Instant::now();
     let mut heartbeat = tokio::time::interval(s.heartbeat);
@@ -233,18 +237,18 @@ async fn serve<E: Execute>(
                     Err((id, message)) => {
                         warn!(command = %id, "refused a command: {message}");
                         let result = result_to_proto(id, Outcome::Failure { kind: FailureKind::InvalidRequest, message });
-                        tx.send(event(pb::agent_event::Event::Result(result))).await?;
+                        tx.send(Box::new(event(pb::agent_event::Event::Result(result)))).await?;
                     }
                 },
                 Ok(None) => bail!("the coordinator closed the session"),
                 Err(st) => return Err(anyhow::Error::new(Refused(st.message().to_string(), is_refusal(&st)))),
             },
             Some(update) = updates.recv() => {
-                tx.send(update_to_proto(update)).await?;
+                tx.send(Box::new(update_to_proto(update))).await?;
             }
             _ = heartbeat.tick() => {
                 let hb = pb::Heartbeat { uptime_seconds: started.elapsed().as_secs() };
-                tx.send(event(pb::agent_event::Event::Heartbeat(hb))).await?;
+                tx.send(Box::new(event(pb::agent_event::Event::Heartbeat(hb)))).await?;
             }
             changed = power.changed() => {
                 // Copied out, so the watch's lock is not held across the awaits below.
@@ -252,7 +256,7 @@ async fn serve<E: Execute>(
                 if let Some(action) = action {
                     // Deliver everything pending (the power command's result) first.
                     while let Ok(update) = updates.try_recv() {
-                        tx.send(update_to_proto(update)).await?;
+                        tx.send(Box::new(update_to_proto(update))).await?;
                     }
                     drop(tx);
                     // Give the coordinator a moment to read the result before we go.

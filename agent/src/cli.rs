@@ -116,6 +116,15 @@ pub enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Simulate COUNT machines in this one process, for load tests of a coordinator: each
+    /// asks /boot/ipxe for its token, enrols for real, holds its own session, reports
+    /// generated hardware, and answers commands (images are downloaded and verified into a
+    /// disk that only hashes). Prints a status line every 5 s and a summary at the end.
+    Simulate(crate::simulate::SimulateArgs),
+    /// Write the hosts directory for `simulate`: a BareMetalHost (sim-NNNNN, its boot MAC,
+    /// the image, its first generated disk as root device hint) and a userData Secret per
+    /// machine, several hosts per file.
+    SimulateHosts(crate::simulate::HostsArgs),
     /// Add a config-2 partition with first-boot data at the end of DEVICE (after the image
     /// already on it), as provisioning does after writing the image.
     ConfigDrive {
@@ -190,12 +199,16 @@ pub fn main() -> ExitCode {
     } else {
         Cli::parse()
     };
+    let simulating = matches!(cli.command, Some(Cmd::Simulate(_)));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
+        tracing_subscriber::EnvFilter::new(if simulating {
+            // Thousands of sessions: their lines are counted in the status line instead.
+            "info,slipway_agent::session=error"
+        } else {
             // fatfs warns about FAT layouts other implementations might dislike (kexec reads
             // the images' boot partitions): not the operator's concern.
-            "info,fatfs=error",
-        )
+            "info,fatfs=error"
+        })
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -230,6 +243,20 @@ pub fn main() -> ExitCode {
             }
         };
     }
+    // The load generator sizes its own runtime.
+    let command = match command {
+        Cmd::Simulate(args) => {
+            return match crate::simulate::main(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -354,6 +381,10 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 w.digest
             ))
         }
+        Cmd::Simulate(args) => {
+            bail!("internal error: simulate {args:?} reached the common runtime")
+        }
+        Cmd::SimulateHosts(args) => print(&crate::simulate::write_hosts(args)?),
         Cmd::Kexec { device, dry_run } => {
             let found = crate::kexec::find(&device).map_err(|e| anyhow!(e))?;
             let summary = format!(

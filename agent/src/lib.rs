@@ -10,6 +10,8 @@
 //!   protobuf.
 //! - [`commands`]: runs commands by id, idempotently.
 //! - [`console`]: the `SLIPWAY-EVENT` milestone lines.
+//! - [`simulate`]: the load generator: many simulated machines in one process, each with
+//!   the real boot-script, enrolment and session path; and the hosts directory for them.
 //! - [`inventory`]: the hardware, read from a root path.
 //! - [`disk`]: root device hints, the disk selection (the only source of [`disk::SelectedDisk`]),
 //!   writing and wiping.
@@ -20,9 +22,9 @@
 //! - [`tls`]: the pinned-CA verifier and client configurations. [`config`]: the kernel
 //!   command line. [`sys`]: the kernel edge: mounts, modules, netlink, reboot.
 //!
-//! The run-time layers call only downwards: `cli` -> `init` -> `run` -> `session` ->
-//! `commands` -> `console` (a layer may skip the ones between; `agent/tests/tidy.rs` checks
-//! it).
+//! The run-time layers call only downwards: `cli` -> `init`/`simulate` -> `run` -> `session`
+//! -> `commands` -> `console` (a layer may skip the ones between; `agent/tests/tidy.rs`
+//! checks it).
 
 pub mod cli;
 pub mod commands;
@@ -37,6 +39,7 @@ pub mod inventory;
 pub mod kexec;
 pub mod run;
 pub mod session;
+pub mod simulate;
 pub mod sys;
 pub mod tls;
 

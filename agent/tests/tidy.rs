@@ -1,7 +1,7 @@
 //! Architecture check: the agent's run-time layers call only downwards.
 //!
-//! `cli` parses flags and dispatches; `init` is PID 1 and starts `run`; `run` is the
-//! enrol-and-serve loop; `session` talks to the coordinator and drives an executor; `commands`
+//! `cli` parses flags and dispatches; `init` is PID 1 and starts `run`; `simulate` (the load
+//! generator) drives many sessions at once; `run` is the enrol-and-serve loop; `session` talks to the coordinator and drives an executor; `commands`
 //! runs commands; `console` prints milestones. When a lower layer reaches up (as `init` once
 //! called `cli`, and `session` and `commands` called `init` for milestones), the layers can
 //! no longer be read, tested or reused alone: the load generator could not drive the session
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// From the top down. A module may name (`crate::X`) only modules of a later row.
 const LAYERS: &[&[&str]] = &[
     &["cli"],
-    &["init"],
+    &["init", "simulate"],
     &["run"],
     &["session"],
     &["commands"],

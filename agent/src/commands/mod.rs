@@ -15,8 +15,8 @@ use std::sync::Mutex;
 use tokio::sync::{mpsc, watch};
 
 use crate::configdrive::ConfigDrive;
-use crate::disk::Hints;
-use crate::image::{ImageSpec, Progress, Written};
+use crate::disk::{self, Hints};
+use crate::image::{ImageError, ImageSpec, Progress, Written};
 use crate::inventory::Inventory;
 pub use runner::{Context, Runner};
 
@@ -89,6 +89,42 @@ pub enum FailureKind {
 pub enum Outcome {
     Success { message: String, detail: Detail },
     Failure { message: String, kind: FailureKind },
+}
+
+impl Outcome {
+    /// A failed image write: the kind from the error's, the whole chain as the message (it
+    /// says where the write failed and what was done about it).
+    pub fn image_failure(e: &ImageError) -> Outcome {
+        let kind = match e.kind() {
+            "checksum" => FailureKind::ChecksumMismatch,
+            "download" => FailureKind::Download,
+            "disk" => FailureKind::Disk,
+            _ => FailureKind::InvalidRequest,
+        };
+        Outcome::Failure {
+            kind,
+            message: chain(e),
+        }
+    }
+}
+
+/// No disk fits the root device hints: an invalid request (the hints or the machine must
+/// change), saying why each disk was passed over.
+impl From<disk::NoMatch> for Outcome {
+    fn from(e: disk::NoMatch) -> Outcome {
+        Outcome::Failure {
+            kind: FailureKind::InvalidRequest,
+            message: e.0,
+        }
+    }
+}
+
+/// The warnings of an image write, as `; warning: ...` after its success message.
+pub fn warnings_suffix(w: &Written) -> String {
+    w.warnings
+        .iter()
+        .map(|x| format!("; warning: {x}"))
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::{
     Command, Detail, Execute, FailureKind, Kind, Ledger, Outcome, PowerAction, State, Update,
-    chain, lock,
+    chain, lock, warnings_suffix,
 };
 use crate::configdrive::{self, ConfigDrive};
 use crate::disk::{self, FileDisk, Hints};
@@ -298,12 +298,7 @@ impl Runner {
         let inv = collect(ctx, false).await;
         let target = match disk::select_root_disk(hints, &inv.disks, ctx.min_root_bytes) {
             Ok(t) => t,
-            Err(e) => {
-                return Outcome::Failure {
-                    kind: FailureKind::InvalidRequest,
-                    message: e.0,
-                };
-            }
+            Err(none) => return none.into(),
         };
         let device = target.disk().name.clone();
         if let Some(drive) = config_drive
@@ -408,24 +403,11 @@ impl Runner {
                     disk::human((w.bytes as f64 / w.seconds.max(1e-3)) as u64),
                     w.algo,
                     placed_text
-                ) + &w
-                    .warnings
-                    .iter()
-                    .map(|x| format!("; warning: {x}"))
-                    .collect::<String>(),
+                ) + &warnings_suffix(&w),
                 detail: Detail::Written(w),
             },
-            Err(e) => {
-                let kind = match e.kind() {
-                    "checksum" => FailureKind::ChecksumMismatch,
-                    "download" => FailureKind::Download,
-                    "disk" => FailureKind::Disk,
-                    _ => FailureKind::InvalidRequest,
-                };
-                // The message says where it failed and that the disk was wiped.
-                let message = chain(&e);
-                Outcome::Failure { kind, message }
-            }
+            // The message says where it failed and that the disk was wiped.
+            Err(e) => Outcome::image_failure(&e),
         }
     }
 }

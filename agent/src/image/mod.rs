@@ -307,7 +307,7 @@ impl ImageError {
 }
 
 /// The expected digest: given, or read from the checksum file.
-async fn expected_digest(
+pub async fn expected_digest(
     client: &reqwest::Client,
     spec: &ImageSpec,
     opts: &WriteOptions,

@@ -7,18 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::info;
 
-use crate::commands::{Context, PowerAction, Runner};
-use crate::config::{self, parse_size};
 use crate::configdrive::{self, ConfigDrive};
 use crate::disk::{self, FileDisk, Hints};
 use crate::image::{self, Algo, Format, ImageSpec};
 use crate::inventory::{self, Inventory};
-use crate::session::{self, End, Refused, Settings};
+use crate::run::{RunArgs, run_agent, seconds};
 use crate::sys;
-use crate::tls::Fingerprint;
 
 /// The Slipway agent: inspects, cleans and images this machine for a Slipway coordinator, and
 /// runs each of those steps alone for operators and tests.
@@ -120,6 +116,15 @@ pub enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Simulate COUNT machines in this one process, for load tests of a coordinator: each
+    /// asks /boot/ipxe for its token, enrols for real, holds its own session, reports
+    /// generated hardware, and answers commands (images are downloaded and verified into a
+    /// disk that only hashes). Prints a status line every 5 s and a summary at the end.
+    Simulate(crate::simulate::SimulateArgs),
+    /// Write the hosts directory for `simulate`: a BareMetalHost (sim-NNNNN, its boot MAC,
+    /// the image, its first generated disk as root device hint) and a userData Secret per
+    /// machine, several hosts per file.
+    SimulateHosts(crate::simulate::HostsArgs),
     /// Add a config-2 partition with first-boot data at the end of DEVICE (after the image
     /// already on it), as provisioning does after writing the image.
     ConfigDrive {
@@ -164,41 +169,6 @@ pub enum ChecksumArg {
     Sha512,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// The coordinator's agent URL, https://HOST:PORT.
-    #[arg(long)]
-    pub coordinator: Option<String>,
-    /// The one-time bootstrap token (`slipway token create HOST`).
-    #[arg(long, env = "SLIPWAY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// SHA-256 fingerprint of the coordinator's CA (`slipway info`).
-    #[arg(long)]
-    pub ca_fingerprint: Option<String>,
-    /// Where the agent keeps its key and certificate.
-    #[arg(long, default_value = "/run/slipway-agent", value_name = "DIR")]
-    pub state_dir: PathBuf,
-    /// Manage only these disks (block devices or plain files) instead of the machine's own.
-    #[arg(long = "disk", value_name = "PATH")]
-    pub disks: Vec<PathBuf>,
-    /// MAC address of the interface the machine booted from.
-    #[arg(long)]
-    pub boot_mac: Option<String>,
-    /// Let reboot and power-off commands act on this machine (always on as the ramdisk's init).
-    #[arg(long)]
-    pub allow_reboot: bool,
-    /// Smallest disk chosen as root disk when the host has no root device hints.
-    #[arg(long, default_value = "4G", value_parser = parse_size)]
-    pub min_root_size: u64,
-    /// Interval of heartbeats to the coordinator.
-    #[arg(long, default_value = "10", value_name = "SECONDS")]
-    pub heartbeat_seconds: u64,
-    /// How long each inventory listens for LLDP frames. Default: 3 s as the ramdisk's init,
-    /// 0 (no listen) as a normal program, where it would delay every hello.
-    #[arg(long, value_name = "SECONDS")]
-    pub lldp_seconds: Option<f64>,
-}
-
 #[derive(Debug, Default, clap::Args)]
 pub struct HintArgs {
     #[arg(long)]
@@ -223,36 +193,22 @@ pub struct HintArgs {
     pub rotational: Option<bool>,
 }
 
-impl RunArgs {
-    /// Everything from the kernel command line, defaults otherwise (the ramdisk's settings).
-    pub fn from_cmdline() -> RunArgs {
-        RunArgs {
-            coordinator: None,
-            token: None,
-            ca_fingerprint: None,
-            state_dir: "/run/slipway-agent".into(),
-            disks: Vec::new(),
-            boot_mac: None,
-            allow_reboot: false,
-            min_root_size: disk::DEFAULT_MIN_ROOT_BYTES,
-            heartbeat_seconds: 10,
-            lldp_seconds: None,
-        }
-    }
-}
-
 pub fn main() -> ExitCode {
     let cli = if crate::init::wanted() {
         Cli { command: None }
     } else {
         Cli::parse()
     };
+    let simulating = matches!(cli.command, Some(Cmd::Simulate(_)));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
+        tracing_subscriber::EnvFilter::new(if simulating {
+            // Thousands of sessions: their lines are counted in the status line instead.
+            "info,slipway_agent::session=error"
+        } else {
             // fatfs warns about FAT layouts other implementations might dislike (kexec reads
             // the images' boot partitions): not the operator's concern.
-            "info,fatfs=error",
-        )
+            "info,fatfs=error"
+        })
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -287,6 +243,20 @@ pub fn main() -> ExitCode {
             }
         };
     }
+    // The load generator sizes its own runtime.
+    let command = match command {
+        Cmd::Simulate(args) => {
+            return match crate::simulate::main(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -411,6 +381,10 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 w.digest
             ))
         }
+        Cmd::Simulate(args) => {
+            bail!("internal error: simulate {args:?} reached the common runtime")
+        }
+        Cmd::SimulateHosts(args) => print(&crate::simulate::write_hosts(args)?),
         Cmd::Kexec { device, dry_run } => {
             let found = crate::kexec::find(&device).map_err(|e| anyhow!(e))?;
             let summary = format!(
@@ -579,111 +553,6 @@ fn only_disk(device: &Path) -> anyhow::Result<disk::SelectedDisk> {
     Ok(disk::select_root_disk(&hints, &inv.disks, 0)?)
 }
 
-/// Enrols and serves the coordinator until a power action. `ramdisk`: this is the ramdisk's
-/// init (reboots and power-offs act on the machine; refusals are retried forever).
-pub async fn run_agent(args: RunArgs, ramdisk: bool) -> anyhow::Result<()> {
-    let cmdline = match std::fs::read_to_string("/proc/cmdline") {
-        Ok(t) => config::parse_cmdline(&t),
-        Err(_) => config::Cmdline::default(),
-    };
-    let coordinator = args.coordinator.or(cmdline.coordinator).ok_or_else(|| {
-        anyhow!(
-            "no coordinator: pass --coordinator https://HOST:PORT or boot with slipway.coordinator="
-        )
-    })?;
-    let ca = args.ca_fingerprint.or(cmdline.ca).ok_or_else(|| {
-        anyhow!(
-            "no CA fingerprint: pass --ca-fingerprint (see `slipway info`) or boot with slipway.ca="
-        )
-    })?;
-    let boot_mac = args.boot_mac.or(cmdline.boot_mac);
-    let settings = Settings {
-        address: session::address_of(&coordinator)?,
-        token: args.token.or(cmdline.token),
-        ca: Fingerprint::parse(&ca).map_err(|e| anyhow!(e))?,
-        state_dir: args.state_dir,
-        boot_mac: boot_mac.clone(),
-        ramdisk,
-        heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
-        exit_on_refusal: !ramdisk,
-    };
-    let base = Context {
-        root: PathBuf::from("/"),
-        inventory: inventory::Options {
-            disks: args.disks,
-            boot_mac,
-            lldp: seconds(args.lldp_seconds.unwrap_or(if ramdisk { 3.0 } else { 0.0 }))?,
-        },
-        min_root_bytes: args.min_root_size,
-        allow_power: ramdisk || args.allow_reboot,
-        extra_ca: Vec::new(),
-    };
-    let mut backoff = Duration::from_secs(1);
-    let mut runner: Option<(Runner, _, _)> = None;
-    loop {
-        let id = match session::identity(&settings).await {
-            Ok(id) => id,
-            Err(e) => {
-                let permanent = e.downcast_ref::<Refused>().is_some_and(|r| r.1);
-                if permanent && settings.exit_on_refusal {
-                    return Err(e.context("enrolment failed"));
-                }
-                warn!("enrolment failed: {e:#}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                continue;
-            }
-        };
-        let (runner, updates, power) = runner.get_or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let ctx = Context {
-                extra_ca: vec![id.ca_der.clone()],
-                ..base.clone()
-            };
-            let (r, power) = Runner::new(ctx, tx);
-            (r, rx, power)
-        });
-        match session::run(&settings, &id, runner, updates, power).await {
-            End::Power(PowerAction::Exit) => {
-                info!(
-                    "done: the coordinator asked to reboot or power off, which this agent may not do here"
-                );
-                return Ok(());
-            }
-            End::Power(action) => {
-                crate::init::milestone(
-                    match action {
-                        PowerAction::Reboot => "rebooting",
-                        PowerAction::Kexec => "kexec",
-                        _ => "powering-off",
-                    },
-                    "",
-                );
-                let e = if action == PowerAction::Kexec {
-                    // Where the kernel refuses at the last moment, the firmware still boots
-                    // the disk.
-                    let e = sys::kexec_reboot();
-                    error!("{e}; rebooting through the firmware");
-                    sys::power(true)
-                } else {
-                    sys::power(action == PowerAction::Reboot)
-                };
-                error!("{e}; staying up");
-                std::future::pending::<()>().await;
-            }
-            End::Refused(reason) => {
-                session::forget_identity(&settings.state_dir);
-                if settings.exit_on_refusal {
-                    bail!("the coordinator refused this agent's certificate: {reason}");
-                }
-                warn!(
-                    "the coordinator refused this agent's certificate ({reason}); enrolling again"
-                );
-            }
-        }
-    }
-}
-
 /// `slipway-agent inventory`.
 fn inventory_cmd(
     output: Output,
@@ -721,12 +590,6 @@ fn inventory_cmd(
         Output::Json => serde_json::to_string_pretty(&inv)? + "\n",
         Output::Yaml => serde_yaml_ng::to_string(&inv)?,
     })
-}
-
-/// A flag's seconds as a duration.
-fn seconds(s: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| anyhow!("{s} is not a number of seconds (0 or more)"))
 }
 
 /// What `slipway-agent disks` prints: every disk, then the choice or why none.

@@ -2,12 +2,11 @@
 //!
 //! Mounts the kernel filesystems, loads the modules the hardware needs, reaps zombies, gets an
 //! address by DHCP on the boot interface, then runs the same enrol-and-serve loop as
-//! `slipway-agent run`, with settings from the kernel command line. It never returns: PID 1
-//! exiting panics the kernel. Every fatal-looking error is shown on the console and retried.
+//! `slipway-agent run` ([`crate::run`]), with settings from the kernel command line. It never
+//! returns: PID 1 exiting panics the kernel. Every fatal-looking error is shown on the console
+//! and retried.
 //!
-//! Each milestone prints one machine-readable line on the console:
-//! `SLIPWAY-EVENT <name> t=<seconds since boot> key=value...`, which the VM tests and the boot
-//! benchmark read from the serial port.
+//! Each milestone prints one `SLIPWAY-EVENT` line on the console ([`crate::console`]).
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,6 +14,8 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use crate::config;
+use crate::console::milestone;
+use crate::run::{RunArgs, run_agent};
 use crate::sys::{self, modules, mount, net};
 
 /// Modules loaded whatever the hardware (filesystems and helpers no modalias asks for).
@@ -30,19 +31,6 @@ const ALWAYS: &[&str] = &[
 /// Modules loaded once another has: `/dev/ipmi0` (`ipmi_devintf`, which no device's modalias
 /// names) when `ipmi_si` found a BMC through ACPI, SMBIOS or a platform device.
 const COMPANIONS: &[(&str, &str)] = &[("ipmi_si", "ipmi_devintf")];
-
-/// Prints a milestone line to the console.
-pub fn milestone(name: &str, fields: &str) {
-    let uptime = std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into());
-    // Straight to stdout (the console), not through the log filter.
-    println!(
-        "SLIPWAY-EVENT {name} t={uptime}{}{fields}",
-        if fields.is_empty() { "" } else { " " }
-    );
-}
 
 /// Runs the ramdisk. Never returns.
 pub fn main() -> ! {
@@ -111,10 +99,10 @@ async fn run() -> anyhow::Result<()> {
         .boot_mac
         .clone()
         .or_else(|| Some(iface.mac_string()));
-    crate::cli::run_agent(
-        crate::cli::RunArgs {
+    run_agent(
+        RunArgs {
             boot_mac,
-            ..crate::cli::RunArgs::from_cmdline()
+            ..RunArgs::from_cmdline()
         },
         true,
     )

@@ -143,7 +143,15 @@ pub fn enroll_config(pin: Fingerprint) -> Result<rustls::ClientConfig, rustls::E
         .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(pin)))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.resumption = one_connection();
     Ok(config)
+}
+
+/// Session resumption off: each configuration serves one connection (a new one is built for
+/// every enrolment and every session), so its resumption cache, 14 KiB of empty slots, would
+/// never be used; the load generator holds thousands of them.
+fn one_connection() -> rustls::client::Resumption {
+    rustls::client::Resumption::disabled()
 }
 
 /// TLS for `Session`: our client certificate, the coordinator CA as the only root.
@@ -159,6 +167,7 @@ pub fn session_config(
         .with_root_certificates(roots)
         .with_client_auth_cert(vec![CertificateDer::from(cert_der.to_vec())], key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.resumption = one_connection();
     Ok(config)
 }
 

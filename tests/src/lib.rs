@@ -496,6 +496,64 @@ pub fn http_get(url: &str) -> (u16, String) {
     (code, body)
 }
 
+impl Coordinator {
+    /// `slipway get hardwaredata NAME -o json`.
+    pub fn hardware_data(&self, name: &str) -> Value {
+        let out = self.cli(&["get", "hardwaredata", name, "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "slipway get hardwaredata {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("hardwaredata json")
+    }
+
+    /// Starts `slipway-agent simulate` against this coordinator (its agent URL, HTTP server
+    /// and CA fingerprint) with `args`; its log (`log`) is printed with the others on
+    /// timeouts.
+    pub fn simulate(&self, args: &[&str], log: &Path) -> Agent {
+        let file = fs::File::create(log).expect("simulate log");
+        let child = Command::new(&bins().agent)
+            .arg("simulate")
+            .arg("--coordinator")
+            .arg(self.agent_url())
+            .arg("--http")
+            .arg(self.http_url())
+            .arg("--ca-fingerprint")
+            .arg(self.ca_fingerprint())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone().expect("simulate log"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn slipway-agent simulate");
+        if let Ok(mut logs) = self.agent_logs.lock() {
+            logs.push(log.to_path_buf());
+        }
+        Agent {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+}
+
+/// Runs `slipway-agent ARGS` to completion (e.g. `simulate-hosts`), asserting it succeeds;
+/// returns its stdout.
+pub fn agent_tool(args: &[&str]) -> String {
+    let out = Command::new(&bins().agent)
+        .args(args)
+        .output()
+        .expect("run slipway-agent");
+    assert!(
+        out.status.success(),
+        "slipway-agent {} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Writes a BareMetalHost document to the coordinator's hosts directory.
 pub fn write_host(hosts: &Path, name: &str, image_url: &str, checksum: &str, device: &str) {
     let doc = format!(
@@ -617,6 +675,17 @@ impl Agent {
         self.child
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Agent {
+    /// Sends SIGTERM (a graceful stop) to the process.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            let pid = libc::pid_t::try_from(c.id()).expect("pid");
+            // SAFETY: kill(2) on our own child's pid, with a valid signal number.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
     }
 }
 

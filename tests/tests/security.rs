@@ -192,6 +192,8 @@ fn host_a_certificate_cannot_speak_for_host_b() {
             ramdisk: false,
             heartbeat: Duration::from_secs(10),
             exit_on_refusal: true,
+            reconnect_jitter: Duration::ZERO,
+            milestones: false,
         };
         let id = slipway_agent::session::identity(&settings).await.unwrap();
         assert_eq!(id.host, "host-a");

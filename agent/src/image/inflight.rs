@@ -7,7 +7,7 @@
 //! this project's loop device over a file, 4 GiB took 1.14-1.39 s with two 4 MiB writes in
 //! flight against 1.45-1.84 s with one 8 MiB write at a time (see ARCHITECTURE.md).
 //!
-//! Only raw data from download buffers goes this way ([`super::pipeline::Sink::write_batch`]):
+//! Only raw data from download buffers goes this way ([`super::sink::Sink::write_batch`]):
 //! each disk offset of a raw image is written once, so writes in flight never overlap each
 //! other or the writer thread's own (zeroing, buffered pieces, the held-back head). The
 //! writer waits for every job before it syncs, and stops the threads before it wipes a
@@ -19,7 +19,7 @@ use std::sync::mpsc as smpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::pipeline::{AlignedBuf, BufPool};
+use super::buf::{AlignedBuf, BufPool};
 use crate::disk::{DiskError, DiskWriter};
 
 /// Writes in flight at most (each one I/O thread).

@@ -3,8 +3,10 @@
 //! - [`source`]: HTTP(S) reads: ranges, checksum files, the resumable stream.
 //! - [`checksum`]: algorithms, the hasher, checksum-file parsing.
 //! - [`qcow2`]: the qcow2 header and tables as pure functions, and the cluster map.
-//! - [`pipeline`]: hash thread, writer thread, decoders (raw, gzip/zstd/xz, qcow2), the sink
-//!   (zero runs, held-back head).
+//! - [`stages`]: the hash thread and the writer thread, and how they are wired.
+//! - [`decode`]: the decoders (raw, gzip/zstd/xz, qcow2) the writer feeds.
+//! - [`sink`]: where decoded bytes go: zero runs, the held-back head, batched direct writes.
+//! - [`buf`]: aligned download buffers and their pool. [`inflight`]: the two I/O threads.
 //!
 //! The order of a write: the checksum (or checksum file), the first 64 KiB by a Range
 //! request (format by magic, cross-checked with the declared one; for qcow2 also the L1 and
@@ -14,12 +16,15 @@
 //! cancellation) the first and last MiB of the disk are zeroed, so it cannot boot a partial
 //! image, and the error names the URL, the byte offset of the download and the device.
 
+pub mod buf;
 pub mod checksum;
+pub mod decode;
 pub mod inflight;
-pub mod pipeline;
 mod plain;
 pub mod qcow2;
+pub mod sink;
 pub mod source;
+pub mod stages;
 
 use std::time::{Duration, Instant};
 
@@ -27,17 +32,18 @@ use sha2::Digest;
 use tokio::sync::mpsc;
 
 pub use checksum::{Algo, Expected, MD5_WARNING};
-pub use pipeline::ProgressFn;
 pub use source::FetchOptions;
+pub use stages::ProgressFn;
 
 use crate::disk::{self, DiskError, DiskWriter};
-use pipeline::{Compressor, Decode, Decompress, Qcow2Stream, RawOut, Sink};
+use decode::{Compressor, Decode, Decompress, Qcow2Stream, RawOut};
+use sink::Sink;
 
 /// Bytes held back and written last.
 pub const HEAD_BYTES: u64 = 1 << 20;
 /// Download buffers queued between download and hashing, and again between hashing and
 /// writing. With [`FetchOptions`]' 4 MiB buffers, the writer's batches (see
-/// [`pipeline::WRITE_BATCH`]) and two of them in flight this keeps the agent's peak RSS
+/// [`stages::WRITE_BATCH`]) and two of them in flight this keeps the agent's peak RSS
 /// under 56 MiB.
 const DEPTH: usize = 2;
 /// Largest checksum file read.
@@ -301,7 +307,7 @@ impl ImageError {
 }
 
 /// The expected digest: given, or read from the checksum file.
-async fn expected_digest(
+pub async fn expected_digest(
     client: &reqwest::Client,
     spec: &ImageSpec,
     opts: &WriteOptions,
@@ -558,9 +564,9 @@ async fn run(
     let total = src.total;
     let (tx, rx) = mpsc::channel(DEPTH);
     let (stx, srx) = std::sync::mpsc::sync_channel(DEPTH);
-    let pool = pipeline::BufPool::default();
-    let hasher = tokio::task::spawn_blocking(move || pipeline::hash_stage(rx, stx, algo));
-    let job = pipeline::WriterJob {
+    let pool = buf::BufPool::default();
+    let hasher = tokio::task::spawn_blocking(move || stages::hash_stage(rx, stx, algo));
+    let job = stages::WriterJob {
         url: url.clone(),
         expected: expected.clone(),
         algo,
@@ -568,7 +574,7 @@ async fn run(
         progress,
         pool: pool.clone(),
     };
-    let writer_task = tokio::task::spawn_blocking(move || pipeline::writer_stage(srx, dec, job));
+    let writer_task = tokio::task::spawn_blocking(move || stages::writer_stage(srx, dec, job));
     let downloaded = src.stream(tx, &pool).await;
     let _ = hasher.await;
     let outcome = writer_task

@@ -1,6 +1,6 @@
 //! qcow2, parsed as plain functions over bytes: the header, the L1 table, the L2 tables, and
 //! the map they describe (which bytes of the file land at which guest offset, and which guest
-//! ranges read as zeros). No I/O here: `pipeline` fetches the tables and streams the file.
+//! ranges read as zeros). No I/O here: `image` fetches the tables and `decode` streams the file.
 //!
 //! Supported: versions 2 and 3, cluster sizes 512 B to 2 MiB, deflate- and zstd-compressed
 //! clusters, extended L2 entries (subclusters), zero clusters, a dirty flag (refcounts are not

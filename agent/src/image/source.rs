@@ -17,7 +17,7 @@ use super::{ImageError, plain};
 /// What the download hands to the hashing stage.
 #[derive(Debug)]
 pub enum Chunk {
-    Data(super::pipeline::AlignedBuf),
+    Data(super::buf::AlignedBuf),
     /// The whole file arrived. Without it (the sender dropped), the write is abandoned.
     End,
 }
@@ -412,7 +412,7 @@ impl Source {
     pub async fn stream(
         &mut self,
         tx: mpsc::Sender<Chunk>,
-        pool: &super::pipeline::BufPool,
+        pool: &super::buf::BufPool,
     ) -> Result<u64, ImageError> {
         let chunk = self.opts.chunk.max(4096);
         let mut sent = 0u64; // bytes handed on (including `buf`)

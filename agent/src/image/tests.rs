@@ -1620,8 +1620,8 @@ impl RecDisk {
 }
 
 /// `data` in 4 KiB-aligned memory, as download buffers are.
-fn aligned(data: &[u8]) -> pipeline::AlignedBuf {
-    let mut b = pipeline::AlignedBuf::new(data.len(), 4096);
+fn aligned(data: &[u8]) -> buf::AlignedBuf {
+    let mut b = buf::AlignedBuf::new(data.len(), 4096);
     b.push(data);
     b
 }
@@ -1664,7 +1664,8 @@ impl DiskWriter for RecDisk {
 
 #[test]
 fn sink_writes_aligned_buffers_in_place_and_everything_else_through_its_buffer() {
-    use pipeline::{AlignedBuf, Sink};
+    use buf::AlignedBuf;
+    use sink::Sink;
     let disk = RecDisk::new(32 * MIB, 7, Duration::ZERO);
     let mut expected = disk.disk.bytes();
     let mut sink = Sink::new(Box::new(disk.clone()), "http://x/img", false);
@@ -1717,7 +1718,7 @@ fn sink_writes_aligned_buffers_in_place_and_everything_else_through_its_buffer()
 
 #[test]
 fn sink_writes_consecutive_parts_as_vectored_runs_between_zero_runs() {
-    use pipeline::Sink;
+    use sink::Sink;
     let disk = RecDisk::new(32 * MIB, 7, Duration::ZERO);
     // Four 2 MiB download buffers from 4 MiB: the second has a zero run inside, the last is
     // all zeros; then a ragged tail that cannot go direct.

@@ -95,3 +95,15 @@ pub fn kexec_reboot() -> std::io::Error {
 pub fn is_init() -> bool {
     std::process::id() == 1
 }
+
+/// Raises this process's soft limit of open files to its hard limit (one process holding
+/// thousands of connections: the load generator). Returns the soft limit before and after.
+pub fn raise_open_files() -> std::io::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    let (now, _) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    Ok((soft, now))
+}

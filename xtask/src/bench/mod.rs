@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 mod boot;
 mod image;
 mod inventory;
+mod scale;
 
 /// One measured comparison.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,6 +56,7 @@ pub const BENCHES: &[Bench] = &[
     ("boot", boot::run),
     ("image", image::bench),
     ("inventory", inventory::run),
+    ("scale", scale::bench),
 ];
 
 /// What a benchmark gets.
@@ -64,6 +66,17 @@ pub struct Ctx<'a> {
     pub runs: usize,
     /// `--size`: the data size for benchmarks that have one (e.g. image: 4G by default).
     pub size: Option<String>,
+    /// Figures a benchmark reports in its own shape, merged into `NAME.json` beside the cases.
+    pub extra: std::cell::RefCell<serde_json::Map<String, Value>>,
+}
+
+impl Ctx<'_> {
+    /// Adds the keys of `v` (an object) to the benchmark's JSON file.
+    pub fn extra(&self, v: Value) {
+        if let Value::Object(m) = v {
+            self.extra.borrow_mut().extend(m);
+        }
+    }
 }
 
 pub fn median(values: &mut [f64]) -> f64 {
@@ -279,16 +292,28 @@ pub fn run(root: &Path, name: &str, runs: usize, size: Option<String>) -> anyhow
             }
         );
     };
-    let cases = f(&Ctx { root, runs, size })?;
+    let ctx = Ctx {
+        root,
+        runs,
+        size,
+        extra: Default::default(),
+    };
+    let cases = f(&ctx)?;
     print!("{}", table(&cases));
+    let mut out = to_json(&cases);
+    if let Value::Object(m) = &mut out {
+        let extra = ctx.extra.into_inner();
+        if !extra.is_empty() {
+            let cases = std::mem::take(m);
+            m.extend(extra);
+            m.insert("cases".into(), Value::Object(cases));
+        }
+    }
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("{name}.json"));
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&to_json(&cases))? + "\n",
-    )
-    .with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
 }

@@ -1,127 +1,20 @@
-//! Runs the coordinator's commands, keeping each by id.
-//!
-//! Commands are idempotent by id: receiving an id again answers with what the command is doing
-//! or how it ended, without running it twice. Commands keep running while the session is down;
-//! their outcomes are reported in the next session's hello. One disk-touching command runs at a
-//! time; another one arriving meanwhile is refused as busy.
+//! The [`Runner`]: commands carried out on this machine (its inventory, its disks, its
+//! power).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use super::{
+    Command, Detail, Execute, FailureKind, Kind, Ledger, Outcome, PowerAction, State, Update,
+    chain, lock, warnings_suffix,
+};
 use crate::configdrive::{self, ConfigDrive};
 use crate::disk::{self, FileDisk, Hints};
-use crate::image::{self, ImageSpec, Progress, Written};
+use crate::image::{self, ImageSpec, Progress};
 use crate::inventory::{self, Inventory};
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum Kind {
-    Inspect,
-    WriteImage {
-        spec: ImageSpec,
-        hints: Hints,
-        /// Written after the image, in a partition at the end of the same disk.
-        config_drive: Option<ConfigDrive>,
-        /// DER certificates of CAs to trust for this image's https URLs, besides the public
-        /// roots and the coordinator's CA (`slipway serve --image-ca`).
-        extra_ca: Vec<Vec<u8>>,
-    },
-    /// Cleaning of every disk: metadata only, or (`full`) every byte zeroed.
-    EraseMetadata {
-        full: bool,
-    },
-    Reboot,
-    /// Boot the OS just written by kexec (a firmware reboot where that cannot be done).
-    Kexec,
-    PowerOff,
-}
-
-impl Kind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Kind::Inspect => "inspect",
-            Kind::WriteImage { .. } => "write-image",
-            Kind::EraseMetadata { full: false } => "erase-metadata",
-            Kind::EraseMetadata { full: true } => "erase-full",
-            Kind::Reboot => "reboot",
-            Kind::Kexec => "kexec",
-            Kind::PowerOff => "power-off",
-        }
-    }
-
-    fn touches_disks(&self) -> bool {
-        matches!(self, Kind::WriteImage { .. } | Kind::EraseMetadata { .. })
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Command {
-    pub id: String,
-    pub kind: Kind,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum Detail {
-    None,
-    Inventory(Box<Inventory>),
-    Written(Written),
-    /// A kexec command loaded the new OS: the power step boots it.
-    KexecLoaded,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailureKind {
-    InvalidRequest,
-    ChecksumMismatch,
-    Download,
-    Disk,
-    Busy,
-    Internal,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    Success { message: String, detail: Detail },
-    Failure { message: String, kind: FailureKind },
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum State {
-    Running(Option<Progress>),
-    Finished(Outcome),
-}
-
-/// Something to tell the coordinator.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Update {
-    Progress {
-        id: String,
-        progress: Progress,
-    },
-    Finished {
-        id: String,
-        outcome: Outcome,
-    },
-    Log {
-        id: String,
-        warning: bool,
-        message: String,
-    },
-}
-
-/// What the agent must do to the machine once the coordinator has heard the result.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PowerAction {
-    Reboot,
-    /// Boot what a kexec command loaded.
-    Kexec,
-    PowerOff,
-    /// Not allowed to touch power (not the ramdisk's init): stop the agent instead.
-    Exit,
-}
 
 /// What commands need from the machine.
 #[derive(Clone, Debug)]
@@ -137,6 +30,7 @@ pub struct Context {
     pub extra_ca: Vec<Vec<u8>>,
 }
 
+/// Runs the coordinator's commands on this machine.
 #[derive(Clone)]
 pub struct Runner {
     inner: Arc<Inner>,
@@ -144,12 +38,54 @@ pub struct Runner {
 
 struct Inner {
     ctx: Context,
-    table: Mutex<BTreeMap<String, State>>,
-    busy: Mutex<Option<String>>,
-    updates: mpsc::UnboundedSender<Update>,
-    power: watch::Sender<Option<PowerAction>>,
+    ledger: Ledger,
     /// The disk of the last image written, which a kexec command boots.
     last_written: Mutex<Option<PathBuf>>,
+}
+
+impl Execute for Runner {
+    /// Collected on a blocking thread, without an LLDP listen: it would delay every
+    /// (re)connection; `inspect` listens.
+    async fn hello_inventory(&self) -> Inventory {
+        collect(&self.inner.ctx, false).await
+    }
+
+    fn statuses(&self) -> Vec<(String, State)> {
+        self.inner.ledger.statuses()
+    }
+
+    fn submit(&self, cmd: Command) {
+        if !self.inner.ledger.admit(&cmd) {
+            return;
+        }
+        let runner = self.clone();
+        tokio::spawn(async move {
+            let id = cmd.id.clone();
+            let name = cmd.kind.name();
+            info!(command = %id, "running {name}");
+            runner.inner.ledger.started(&cmd);
+            let outcome = runner.execute(&cmd).await;
+            match &outcome {
+                Outcome::Success { message, .. } => {
+                    info!(command = %id, "{name} done: {message}");
+                    let event = match &cmd.kind {
+                        Kind::Inspect => "inspected",
+                        Kind::WriteImage { .. } => "image-written",
+                        Kind::EraseMetadata { .. } => "cleaned",
+                        Kind::Reboot | Kind::Kexec | Kind::PowerOff => "power-command",
+                    };
+                    crate::console::milestone(event, &format!("command={id}"));
+                }
+                Outcome::Failure { message, .. } => {
+                    warn!(command = %id, "{name} failed: {message}");
+                }
+            }
+            runner
+                .inner
+                .ledger
+                .finish(&cmd, outcome, runner.inner.ctx.allow_power);
+        });
+    }
 }
 
 impl Runner {
@@ -157,13 +93,10 @@ impl Runner {
         ctx: Context,
         updates: mpsc::UnboundedSender<Update>,
     ) -> (Runner, watch::Receiver<Option<PowerAction>>) {
-        let (power, power_rx) = watch::channel(None);
+        let (ledger, power_rx) = Ledger::new(updates);
         let inner = Inner {
             ctx,
-            table: Mutex::new(BTreeMap::new()),
-            busy: Mutex::new(None),
-            updates,
-            power,
+            ledger,
             last_written: Mutex::new(None),
         };
         (
@@ -178,112 +111,8 @@ impl Runner {
         &self.inner.ctx
     }
 
-    /// Every command received so far, with its state (for the hello after a reconnect).
-    pub fn statuses(&self) -> Vec<(String, State)> {
-        lock(&self.inner.table)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    }
-
-    pub fn submit(&self, cmd: Command) {
-        let known = lock(&self.inner.table).get(&cmd.id).cloned();
-        if let Some(state) = known {
-            // Sent again after a reconnect: answer, do not run twice.
-            if let State::Finished(outcome) = state {
-                self.send(Update::Finished {
-                    id: cmd.id,
-                    outcome,
-                });
-            }
-            return;
-        }
-        if cmd.kind.touches_disks() {
-            let mut busy = lock(&self.inner.busy);
-            if let Some(other) = busy.as_ref() {
-                let outcome = Outcome::Failure {
-                    kind: FailureKind::Busy,
-                    message: format!(
-                        "the agent is still running command {other}; try again when it has finished"
-                    ),
-                };
-                lock(&self.inner.table).insert(cmd.id.clone(), State::Finished(outcome.clone()));
-                self.send(Update::Finished {
-                    id: cmd.id,
-                    outcome,
-                });
-                return;
-            }
-            *busy = Some(cmd.id.clone());
-        }
-        lock(&self.inner.table).insert(cmd.id.clone(), State::Running(None));
-        let runner = self.clone();
-        tokio::spawn(async move {
-            let id = cmd.id.clone();
-            let name = cmd.kind.name();
-            info!(command = %id, "running {name}");
-            runner.send(Update::Log {
-                id: id.clone(),
-                warning: false,
-                message: format!("running {name} ({id})"),
-            });
-            let outcome = runner.execute(&cmd).await;
-            let power = match &cmd.kind {
-                Kind::Reboot => Some(PowerAction::Reboot),
-                Kind::Kexec => Some(match &outcome {
-                    Outcome::Success {
-                        detail: Detail::KexecLoaded,
-                        ..
-                    } => PowerAction::Kexec,
-                    _ => PowerAction::Reboot,
-                }),
-                Kind::PowerOff => Some(PowerAction::PowerOff),
-                _ => None,
-            };
-            match &outcome {
-                Outcome::Success { message, .. } => {
-                    info!(command = %id, "{name} done: {message}");
-                    let event = match &cmd.kind {
-                        Kind::Inspect => "inspected",
-                        Kind::WriteImage { .. } => "image-written",
-                        Kind::EraseMetadata { .. } => "cleaned",
-                        Kind::Reboot | Kind::Kexec | Kind::PowerOff => "power-command",
-                    };
-                    crate::init::milestone(event, &format!("command={id}"));
-                }
-                Outcome::Failure { message, .. } => {
-                    warn!(command = %id, "{name} failed: {message}");
-                    runner.send(Update::Log {
-                        id: id.clone(),
-                        warning: true,
-                        message: format!("{name} failed: {message}"),
-                    });
-                }
-            }
-            lock(&runner.inner.table).insert(id.clone(), State::Finished(outcome.clone()));
-            if cmd.kind.touches_disks() {
-                *lock(&runner.inner.busy) = None;
-            }
-            runner.send(Update::Finished { id, outcome });
-            if let Some(action) = power {
-                let action = if runner.inner.ctx.allow_power {
-                    action
-                } else {
-                    PowerAction::Exit
-                };
-                let _ = runner.inner.power.send(Some(action));
-            }
-        });
-    }
-
     fn send(&self, update: Update) {
-        if let Update::Progress { id, progress } = &update
-            && let Some(state) = lock(&self.inner.table).get_mut(id)
-            && matches!(state, State::Running(_))
-        {
-            *state = State::Running(Some(progress.clone()));
-        }
-        let _ = self.inner.updates.send(update);
+        self.inner.ledger.send(update);
     }
 
     async fn execute(&self, cmd: &Command) -> Outcome {
@@ -469,12 +298,7 @@ impl Runner {
         let inv = collect(ctx, false).await;
         let target = match disk::select_root_disk(hints, &inv.disks, ctx.min_root_bytes) {
             Ok(t) => t,
-            Err(e) => {
-                return Outcome::Failure {
-                    kind: FailureKind::InvalidRequest,
-                    message: e.0,
-                };
-            }
+            Err(none) => return none.into(),
         };
         let device = target.disk().name.clone();
         if let Some(drive) = config_drive
@@ -579,24 +403,11 @@ impl Runner {
                     disk::human((w.bytes as f64 / w.seconds.max(1e-3)) as u64),
                     w.algo,
                     placed_text
-                ) + &w
-                    .warnings
-                    .iter()
-                    .map(|x| format!("; warning: {x}"))
-                    .collect::<String>(),
+                ) + &warnings_suffix(&w),
                 detail: Detail::Written(w),
             },
-            Err(e) => {
-                let kind = match e.kind() {
-                    "checksum" => FailureKind::ChecksumMismatch,
-                    "download" => FailureKind::Download,
-                    "disk" => FailureKind::Disk,
-                    _ => FailureKind::InvalidRequest,
-                };
-                // The message says where it failed and that the disk was wiped.
-                let message = chain(&e);
-                Outcome::Failure { kind, message }
-            }
+            // The message says where it failed and that the disk was wiped.
+            Err(e) => Outcome::image_failure(&e),
         }
     }
 }
@@ -613,9 +424,3 @@ async fn collect(ctx: &Context, lldp: bool) -> Inventory {
         .await
         .unwrap_or_default()
 }
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-pub use crate::error_chain as chain;

@@ -225,7 +225,7 @@ fn simulated_machines_are_provisioned_and_a_wrong_checksum_is_reported() {
     let log = sim.log_text();
     assert!(
         log.contains("19 of 20 machines provisioned")
-            && log.contains(&format!("host {}", name(BAD)))
+            && log.contains(&format!("host default/{}", name(BAD)))
             && log.contains("checksum mismatch"),
         "the summary names the machine that did not finish and why:\n{log}"
     );

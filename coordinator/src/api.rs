@@ -183,7 +183,9 @@ impl pb::agent_service_server::AgentService for Api {
             .inventory
             .as_ref()
             .map(|inv| Box::new(hardware_of(inv)));
-        let inventory = hello_hardware.as_ref().map(|h| hardware::details(h));
+        let inventory = hello_hardware
+            .as_ref()
+            .map(|h| Arc::new(hardware::details(h)));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<Outgoing>();
         let session = {
             let host = host.clone();
@@ -395,7 +397,7 @@ fn command_result(r: &pb::CommandResult) -> Option<AgentReport> {
         pb::command_result::Outcome::Success(s) => Outcome::Success(CommandSuccess {
             message: s.message.clone(),
             hardware: match &s.detail {
-                Some(pb::success::Detail::Inventory(inv)) => Some(hardware_details(inv)),
+                Some(pb::success::Detail::Inventory(inv)) => Some(Arc::new(hardware_details(inv))),
                 _ => None,
             },
         }),

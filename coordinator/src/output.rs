@@ -767,7 +767,7 @@ mod tests {
                 address: "10.0.0.9:4000".into(),
                 ..Default::default()
             });
-            st.hardware = Some(HardwareDetails {
+            st.hardware = Some(std::sync::Arc::new(HardwareDetails {
                 ram_mebibytes: 2048,
                 storage: vec![Storage {
                     name: "/dev/vda".into(),
@@ -778,16 +778,16 @@ mod tests {
                     ..Default::default()
                 }],
                 ..Default::default()
-            });
+            }));
             st.operation_history.register.start = Some(now() - SignedDuration::from_secs(100));
             st.operation_history.register.end = Some(now() - SignedDuration::from_secs(99));
         }
-        v.events.push(EventRecord {
+        v.events.push(std::sync::Arc::new(EventRecord {
             time: now() - SignedDuration::from_secs(10),
             warning: true,
             reason: "Error".into(),
             message: "provisioning error: checksum mismatch".into(),
-        });
+        }));
         expect![[r#"
             Name:         worker-1
             Source:       hosts/worker-1.yaml

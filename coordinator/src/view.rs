@@ -19,8 +19,8 @@ pub struct HostView {
     /// Where the declaration came from (a file path, `discovered`).
     pub source: String,
     pub deleted: bool,
-    /// Recent events, oldest first.
-    pub events: Vec<EventRecord>,
+    /// Recent events, oldest first (shared with the engine's copy).
+    pub events: Vec<Arc<EventRecord>>,
 }
 
 impl HostView {

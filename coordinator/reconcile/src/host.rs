@@ -320,7 +320,8 @@ pub struct HostStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hardware: Option<HardwareDetails>,
+    /// Shared (`Arc`): the same summary is held by the status, its stored copy and the view.
+    pub hardware: Option<std::sync::Arc<HardwareDetails>>,
     #[serde(default)]
     pub provisioning: ProvisionStatus,
     #[serde(default)]

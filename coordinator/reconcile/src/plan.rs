@@ -79,7 +79,7 @@ pub struct Observed<'a> {
     /// What the agent says about `status.current_command`.
     pub command: CommandView<'a>,
     /// The hardware the live agent reported when it connected (its hello).
-    pub inventory: Option<&'a HardwareDetails>,
+    pub inventory: Option<&'a std::sync::Arc<HardwareDetails>>,
     /// Whether the host may start an operation that takes a slot (inspection, cleaning, an
     /// image write): the fleet-wide bound on concurrent provisioning work.
     pub slot: Slot,
@@ -119,7 +119,7 @@ pub enum CommandView<'a> {
 pub struct CommandSuccess {
     pub message: String,
     /// Present in the result of `inspect`.
-    pub hardware: Option<HardwareDetails>,
+    pub hardware: Option<std::sync::Arc<HardwareDetails>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -63,7 +63,7 @@ struct Case {
     agent: Option<AgentLink>,
     view: View,
     now: Timestamp,
-    inventory: Option<HardwareDetails>,
+    inventory: Option<std::sync::Arc<HardwareDetails>>,
     slot: Slot,
 }
 
@@ -104,7 +104,7 @@ fn baseline(state: S) -> Case {
         ..Default::default()
     });
     if state >= S::Preparing {
-        status.hardware = Some(hardware());
+        status.hardware = Some(std::sync::Arc::new(hardware()));
     }
     if matches!(state, S::Provisioning | S::Provisioned) {
         status.provisioning.image = Some(image());
@@ -156,10 +156,10 @@ const EVENTS: &[Event] = &[
         c.now = t0() + SignedDuration::from_mins(11);
     }),
     ("agent inventory", |c| {
-        c.inventory = Some(HardwareDetails {
+        c.inventory = Some(std::sync::Arc::new(HardwareDetails {
             hostname: "reported".into(),
             ..hardware()
-        })
+        }))
     }),
     ("progress", |c| {
         c.view = View::Running(Some(Progress {
@@ -173,7 +173,7 @@ const EVENTS: &[Event] = &[
     ("command succeeds", |c| {
         c.view = View::Succeeded(CommandSuccess {
             message: "done".into(),
-            hardware: Some(hardware()),
+            hardware: Some(std::sync::Arc::new(hardware())),
         })
     }),
     ("command fails", |c| {
@@ -447,7 +447,7 @@ fn new_host_with_image_reaches_provisioned() {
     let log = drive(&spec, &mut status, t0(), |_| {
         View::Succeeded(CommandSuccess {
             message: "ok".into(),
-            hardware: Some(hardware()),
+            hardware: Some(std::sync::Arc::new(hardware())),
         })
     });
     assert_eq!(
@@ -461,7 +461,7 @@ fn new_host_with_image_reaches_provisioned() {
             "provisioning -> provisioned",
         ]
     );
-    assert_eq!(status.hardware, Some(hardware()));
+    assert_eq!(status.hardware, Some(std::sync::Arc::new(hardware())));
     assert_eq!(status.provisioning.image, Some(image()));
     assert!(status.powered_on);
     assert!(status.error_type.is_none());
@@ -482,7 +482,7 @@ fn checksum_failure_is_a_provisioning_error_with_backoff() {
         }),
         _ => View::Succeeded(CommandSuccess {
             message: "ok".into(),
-            hardware: Some(hardware()),
+            hardware: Some(std::sync::Arc::new(hardware())),
         }),
     });
     assert_eq!(

@@ -126,7 +126,7 @@ impl Engine {
         peer: &str,
         agent: &AgentInfo,
         reports: Vec<AgentReport>,
-        inventory: Option<HardwareDetails>,
+        inventory: Option<std::sync::Arc<HardwareDetails>>,
         commands: CommandSender,
         now: Timestamp,
     ) -> Result<u64, Refusal> {

@@ -31,7 +31,7 @@ pub(super) struct Session {
     /// The latest report per command id.
     pub reports: HashMap<String, AgentReport>,
     /// The hardware reported in the hello.
-    pub inventory: Option<HardwareDetails>,
+    pub inventory: Option<std::sync::Arc<HardwareDetails>>,
 }
 
 /// Changes of a host not yet handed to the store.
@@ -130,8 +130,8 @@ pub(super) struct Held {
 pub(super) struct Entry {
     pub record: HostRecord,
     pub status: HostStatus,
-    /// Recent events, oldest first, with their sequence numbers.
-    pub events: VecDeque<(u64, EventRecord)>,
+    /// Recent events, oldest first, with their sequence numbers (shared with the view).
+    pub events: VecDeque<(u64, std::sync::Arc<EventRecord>)>,
     pub next_event: u64,
     pub session: Option<Session>,
     pub wake_at: Option<Timestamp>,
@@ -173,7 +173,8 @@ impl Entry {
     pub fn push_event(&mut self, event: EventRecord) {
         let seq = self.next_event;
         self.next_event += 1;
-        self.events.push_back((seq, event.clone()));
+        self.events
+            .push_back((seq, std::sync::Arc::new(event.clone())));
         while self.events.len() > EVENTS_KEPT {
             self.events.pop_front();
         }

@@ -164,7 +164,11 @@ impl Engine {
         for (key, stored) in loaded.hosts {
             let mut entry = Entry::new(stored.record, stored.status, now);
             entry.next_event = stored.events.last().map_or(0, |(s, _)| s + 1);
-            entry.events = stored.events.into_iter().collect();
+            entry.events = stored
+                .events
+                .into_iter()
+                .map(|(s, e)| (s, Arc::new(e)))
+                .collect();
             engine.add_entry(&key, entry);
         }
         for (hash, token) in loaded.tokens {

@@ -103,7 +103,7 @@ pub enum Msg {
         agent: AgentInfo,
         reports: Vec<AgentReport>,
         /// The hardware the agent reported in its hello.
-        inventory: Option<HardwareDetails>,
+        inventory: Option<std::sync::Arc<HardwareDetails>>,
         commands: CommandSender,
         reply: oneshot::Sender<Result<u64, Refusal>>,
     },

@@ -234,9 +234,11 @@ impl Harness {
 fn ok(hardware: bool) -> Outcome {
     Outcome::Success(CommandSuccess {
         message: "done".into(),
-        hardware: hardware.then(|| slipway_reconcile::host::HardwareDetails {
-            hostname: "h".into(),
-            ..Default::default()
+        hardware: hardware.then(|| {
+            Arc::new(slipway_reconcile::host::HardwareDetails {
+                hostname: "h".into(),
+                ..Default::default()
+            })
         }),
     })
 }

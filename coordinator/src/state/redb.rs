@@ -46,6 +46,8 @@ const V1_TOKENS: Table = TableDefinition::new("tokens");
 const V1_HARDWARE: Table = TableDefinition::new("hardware");
 
 const FORMAT_KEY: &str = "format";
+/// redb's page cache.
+const CACHE_BYTES: usize = 16 << 20;
 const FORMAT: &[u8] = b"2";
 
 /// The redb store. Clones share the database (the engine writes, the admin API reads).
@@ -63,13 +65,20 @@ impl RedbStore {
     /// Opens (or creates) `dir/slipway.redb`, migrating an older format.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         let path = dir.join("slipway.redb");
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
-            e => StoreError::Open {
-                path: path.clone(),
-                source: Box::new(e.into()),
-            },
-        })?;
+        // redb caches pages it read or wrote, 1 GiB by default; the engine reads everything
+        // once at start and then only writes, so a small cache keeps RSS for the fleet.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StoreError::InUse { path: path.clone() }
+                }
+                e => StoreError::Open {
+                    path: path.clone(),
+                    source: Box::new(e.into()),
+                },
+            })?;
         let store = RedbStore {
             db: Arc::new(db),
             path,

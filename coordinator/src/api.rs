@@ -186,7 +186,7 @@ impl pb::agent_service_server::AgentService for Api {
         let inventory = hello_hardware
             .as_ref()
             .map(|h| Arc::new(hardware::details(h)));
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<Outgoing>();
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<Box<Outgoing>>();
         let session = {
             let host = host.clone();
             let peer = peer.clone();

@@ -532,10 +532,10 @@ impl Engine {
                     _ => None,
                 };
                 info!(command = %cmd.id, "sending {} to the agent", cmd.kind.name());
-                let _ = s.commands.send(Outgoing {
+                let _ = s.commands.send(Box::new(Outgoing {
                     record: cmd,
                     config_drive,
-                });
+                }));
             }
         }
     }

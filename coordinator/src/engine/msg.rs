@@ -68,8 +68,9 @@ pub struct Outgoing {
     pub config_drive: Option<ConfigDriveData>,
 }
 
-/// A command on its way to an agent session.
-pub type CommandSender = mpsc::UnboundedSender<Outgoing>;
+/// A command on its way to an agent session. Boxed: a channel allocates its slots 32 at a
+/// time, and 32 unboxed commands made 17 KiB per session (a third of a session's memory).
+pub type CommandSender = mpsc::UnboundedSender<Box<Outgoing>>;
 
 /// What a booting machine gets.
 #[derive(Clone, Debug, PartialEq)]

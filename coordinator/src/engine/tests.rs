@@ -32,7 +32,7 @@ struct Harness {
 struct Agent {
     key: HostKey,
     session: u64,
-    commands: mpsc::UnboundedReceiver<Outgoing>,
+    commands: mpsc::UnboundedReceiver<Box<Outgoing>>,
 }
 
 fn spec(mac: &str, image: bool) -> HostSpec {
@@ -244,7 +244,7 @@ fn ok(hardware: bool) -> Outcome {
 }
 
 fn next(agent: &mut Agent) -> Option<Outgoing> {
-    agent.commands.try_recv().ok()
+    agent.commands.try_recv().ok().map(|b| *b)
 }
 
 /// Answers the host's commands from `first` on until it is provisioned.

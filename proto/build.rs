@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Small starting buffers per stream (see `slipway_proto::Codec`).
+        .codec_path("crate::Codec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -30,7 +30,7 @@ use crate::engine::Msg;
 use crate::hardware::HardwareData;
 use crate::sources::Problem;
 use crate::state::HardwareStore;
-use crate::view::{self, HostView, SharedView};
+use crate::view::{self, HostView, SharedHost, SharedView};
 
 /// `GET /v1/hosts`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -116,7 +116,7 @@ fn error(status: StatusCode, message: String) -> Response {
 
 async fn list_hosts(State(s): State<AppState>) -> Response {
     // Clone the handles under the lock; serialise outside it.
-    let (hosts, problems): (Vec<Arc<HostView>>, _) = {
+    let (hosts, problems): (Vec<Arc<SharedHost>>, _) = {
         let view = s.view.read().unwrap_or_else(|p| p.into_inner());
         (
             view.hosts.values().cloned().collect(),
@@ -125,7 +125,7 @@ async fn list_hosts(State(s): State<AppState>) -> Response {
     };
     #[derive(Serialize)]
     struct Out<'a> {
-        hosts: Vec<&'a HostView>,
+        hosts: Vec<&'a SharedHost>,
         problems: Vec<Problem>,
     }
     Json(Out {
@@ -136,7 +136,7 @@ async fn list_hosts(State(s): State<AppState>) -> Response {
 }
 
 /// The host a request names, from the view.
-fn lookup(s: &AppState, ns: &Ns, name: &str) -> Result<Arc<HostView>, Box<Response>> {
+fn lookup(s: &AppState, ns: &Ns, name: &str) -> Result<Arc<SharedHost>, Box<Response>> {
     let view = s.view.read().unwrap_or_else(|p| p.into_inner());
     view::find(&view.hosts, ns.namespace.as_deref(), name)
         .map(|(_, h)| h.clone())

@@ -407,7 +407,7 @@ pub fn details(h: &Hardware) -> HardwareDetails {
             arch: h.cpu.arch.clone(),
             model: h.cpu.model.clone(),
             clock_megahertz: h.cpu.clock_megahertz,
-            flags: h.cpu.flags.clone(),
+            flags: h.cpu.flags.clone().into(),
             count: h.cpu.count,
         },
         hostname: h.hostname.clone(),

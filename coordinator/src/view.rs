@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
-use slipway_reconcile::host::{BareMetalHost, HostKey};
+use slipway_reconcile::host::{BareMetalHost, HostKey, HostSpec, HostStatus, ObjectMeta};
 
 use crate::sources::Problem;
-use crate::state::EventRecord;
+use crate::state::{EventRecord, HostRecord};
 
+/// A host as the admin API sends it and the CLI reads it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HostView {
@@ -29,9 +30,60 @@ impl HostView {
     }
 }
 
+/// A host in the view: the engine's own record, status and events, shared rather than copied
+/// (the engine replaces them when they change). Serialises as a [`HostView`].
+#[derive(Clone, Debug)]
+pub struct SharedHost {
+    pub record: Arc<HostRecord>,
+    pub status: Arc<HostStatus>,
+    pub events: Vec<Arc<EventRecord>>,
+}
+
+impl SharedHost {
+    pub fn key(&self) -> HostKey {
+        HostKey::of(&self.record.host.metadata)
+    }
+}
+
+impl Serialize for SharedHost {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Host<'a> {
+            api_version: &'a str,
+            kind: &'a str,
+            metadata: &'a ObjectMeta,
+            spec: &'a HostSpec,
+            status: &'a HostStatus,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct View<'a> {
+            host: Host<'a>,
+            source: &'a str,
+            deleted: bool,
+            events: &'a [Arc<EventRecord>],
+        }
+        let h = &self.record.host;
+        View {
+            host: Host {
+                api_version: &h.api_version,
+                kind: &h.kind,
+                metadata: &h.metadata,
+                spec: &h.spec,
+                status: &self.status,
+            },
+            source: &self.record.origin,
+            deleted: self.record.deleted,
+            events: &self.events,
+        }
+        .serialize(s)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct View {
-    pub hosts: BTreeMap<HostKey, Arc<HostView>>,
+    pub hosts: BTreeMap<HostKey, Arc<SharedHost>>,
     /// The source's problems (documents that do not parse, ...).
     pub problems: Vec<Problem>,
     /// The engine has loaded its state and the source has listed every host once.
@@ -77,6 +129,39 @@ pub fn find<'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_host_serialises_as_a_host_view() {
+        let mut record = HostRecord {
+            origin: "hosts/a.yaml".into(),
+            ..Default::default()
+        };
+        record.host.api_version = "metal3.io/v1alpha1".into();
+        record.host.kind = "BareMetalHost".into();
+        record.host.metadata.name = "a".into();
+        record.host.spec.online = true;
+        let status = HostStatus {
+            error_count: 2,
+            ..Default::default()
+        };
+        let shared = SharedHost {
+            record: Arc::new(record.clone()),
+            status: Arc::new(status.clone()),
+            events: vec![Arc::new(EventRecord {
+                time: jiff::Timestamp::UNIX_EPOCH,
+                warning: false,
+                reason: "R".into(),
+                message: "m".into(),
+            })],
+        };
+        let json = serde_json::to_value(&shared).unwrap();
+        let back: HostView = serde_json::from_value(json).unwrap();
+        let mut host = record.host;
+        host.status = Some(status);
+        assert_eq!(back.host, host);
+        assert_eq!(back.source, "hosts/a.yaml");
+        assert_eq!(back.events[0].message, "m");
+    }
 
     #[test]
     fn bare_names_resolve_when_unique() {

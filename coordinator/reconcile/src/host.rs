@@ -729,10 +729,69 @@ pub struct Cpu {
     pub model: String,
     #[serde(default)]
     pub clock_megahertz: f64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub flags: Vec<String>,
+    #[serde(default, skip_serializing_if = "SharedList::is_empty")]
+    pub flags: SharedList,
     #[serde(default)]
     pub count: u32,
+}
+
+/// A list of strings held once for every host that has the same one: a machine's CPU flags
+/// are the same hundred-odd strings on every machine of its model, and 10,000 private copies
+/// were 50 MiB of a coordinator's memory. Serialises as a plain list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SharedList(std::sync::Arc<[String]>);
+
+/// How many distinct lists are shared at most; beyond it (hostile agents inventing lists),
+/// lists are kept privately, so the table cannot grow without bound.
+const SHARED_LISTS: usize = 1024;
+
+impl SharedList {
+    pub fn new(items: Vec<String>) -> SharedList {
+        use std::collections::HashSet;
+        use std::sync::{Arc, Mutex, OnceLock};
+        static TABLE: OnceLock<Mutex<HashSet<Arc<[String]>>>> = OnceLock::new();
+        let list: Arc<[String]> = items.into();
+        let mut table = TABLE
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = table.get(&list) {
+            return SharedList(known.clone());
+        }
+        if table.len() < SHARED_LISTS {
+            table.insert(list.clone());
+        }
+        SharedList(list)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::ops::Deref for SharedList {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl From<Vec<String>> for SharedList {
+    fn from(v: Vec<String>) -> SharedList {
+        SharedList::new(v)
+    }
+}
+
+impl Serialize for SharedList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SharedList, D::Error> {
+        Vec::<String>::deserialize(d).map(SharedList::new)
+    }
 }
 
 #[cfg(test)]
@@ -911,6 +970,16 @@ impl<'de> Deserialize<'de> for HostKey {
 #[cfg(test)]
 mod key_tests {
     use super::*;
+
+    #[test]
+    fn equal_lists_are_held_once_and_read_back_as_lists() {
+        let a = SharedList::new(vec!["sse".into(), "avx".into()]);
+        let b: SharedList = serde_json::from_str(r#"["sse","avx"]"#).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a.0, &b.0), "shared");
+        assert_eq!(serde_json::to_string(&b).unwrap(), r#"["sse","avx"]"#);
+        assert_eq!(b.len(), 2);
+        assert!(SharedList::default().is_empty());
+    }
 
     #[test]
     fn keys_read_and_print_with_the_default_namespace_for_bare_names() {

@@ -91,7 +91,7 @@ impl Engine {
         used.used_by = Some(peer.to_string());
         self.tokens.insert(hash.clone(), used.clone());
         entry.pending.tokens.push((hash, Some(used)));
-        entry.record.agent_cert_sha256 = Some(cert.sha256.clone());
+        std::sync::Arc::make_mut(&mut entry.record).agent_cert_sha256 = Some(cert.sha256.clone());
         entry.pending.record = true;
         // A session on an older certificate is over.
         if entry.session.take().is_some() {
@@ -143,6 +143,11 @@ impl Engine {
                  replaced it, or the host was re-created); enrol again with a new token"
             )));
         }
+        // The hello's hardware is usually what inspection stored: share it.
+        let inventory = match (inventory, &entry.status.hardware) {
+            (Some(seen), Some(known)) if seen == *known => Some(known.clone()),
+            (seen, _) => seen,
+        };
         let id = self.next_session;
         self.next_session += 1;
         let reports: HashMap<String, AgentReport> = reports

@@ -3,6 +3,7 @@
 //! it and sorts the plan's effects into writes and actions.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use jiff::Timestamp;
@@ -41,7 +42,7 @@ pub(super) struct Pending {
     pub record: bool,
     pub status: bool,
     pub events: Vec<(u64, EventRecord)>,
-    pub hardware: Option<HardwareData>,
+    pub hardware: Option<Box<HardwareData>>,
     pub tokens: Vec<(String, Option<TokenRecord>)>,
 }
 
@@ -63,7 +64,7 @@ impl Pending {
         self.status = failed.status.is_some() || later.status;
         self.events = failed.events;
         self.events.extend(later.events);
-        self.hardware = later.hardware.or(failed.hardware);
+        self.hardware = later.hardware.or(failed.hardware.map(Box::new));
         self.tokens = failed.tokens;
         self.tokens.extend(later.tokens);
     }
@@ -128,10 +129,12 @@ pub(super) struct Held {
 }
 
 pub(super) struct Entry {
-    pub record: HostRecord,
-    pub status: HostStatus,
+    /// Shared with the view (changed copy-on-write, `Arc::make_mut`).
+    pub record: Arc<HostRecord>,
+    /// Shared with the view and, once stored, with `saved_status`.
+    pub status: Arc<HostStatus>,
     /// Recent events, oldest first, with their sequence numbers (shared with the view).
-    pub events: VecDeque<(u64, std::sync::Arc<EventRecord>)>,
+    pub events: VecDeque<(u64, Arc<EventRecord>)>,
     pub next_event: u64,
     pub session: Option<Session>,
     pub wake_at: Option<Timestamp>,
@@ -139,7 +142,7 @@ pub(super) struct Entry {
     /// The batch in flight holding the host's latest change.
     pub inflight: Option<u64>,
     /// The status as last handed to the store.
-    pub saved_status: HostStatus,
+    pub saved_status: Arc<HostStatus>,
     /// When a status was last handed to the store (progress-only changes wait for 30 s).
     pub status_saved_at: Timestamp,
     pub held: Vec<Held>,
@@ -152,8 +155,9 @@ pub(super) struct Entry {
 
 impl Entry {
     pub fn new(record: HostRecord, status: HostStatus, now: Timestamp) -> Entry {
+        let status = Arc::new(status);
         Entry {
-            record,
+            record: Arc::new(record),
             saved_status: status.clone(),
             status,
             events: VecDeque::new(),
@@ -340,8 +344,12 @@ impl Engine {
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
 
-        let old = std::mem::replace(&mut entry.status, status);
-        let changed = entry.status != old;
+        let changed = *entry.status != status;
+        let old = if changed {
+            std::mem::replace(&mut entry.status, Arc::new(status))
+        } else {
+            entry.status.clone()
+        };
         if changed {
             self.view_dirty.insert(key.clone());
             if significant(&entry.status, &entry.saved_status) {
@@ -351,7 +359,7 @@ impl Engine {
         }
         // Progress alone becomes durable after PROGRESS_DURABLE_EVERY.
         let mut wake_at = wake_at;
-        if !entry.pending.status && entry.status != entry.saved_status {
+        if !entry.pending.status && !Arc::ptr_eq(&entry.status, &entry.saved_status) {
             let due = entry
                 .status_saved_at
                 .checked_add(PROGRESS_DURABLE_EVERY)
@@ -406,6 +414,13 @@ impl Engine {
         }
         let (holds, delayed) = entry.slot_use();
         self.slots.update(key, holds, delayed);
+        // Only the current command's report and sending matter from now on (an inspect
+        // result carries an inventory: keeping every old one cost kilobytes per session).
+        if let Some(s) = entry.session.as_mut() {
+            let current = entry.status.current_command.as_ref().map(|c| c.id.as_str());
+            s.reports.retain(|id, _| Some(id.as_str()) == current);
+            s.sent.retain(|id| Some(id.as_str()) == current);
+        }
 
         // Timers.
         if let Some(w) = entry.wake_at.take() {
@@ -542,14 +557,11 @@ impl Engine {
         }
     }
 
-    /// The status and events of every host as the view shows them.
-    pub(super) fn host_view(entry: &Entry) -> crate::view::HostView {
-        let mut host = entry.record.host.clone();
-        host.status = Some(entry.status.clone());
-        crate::view::HostView {
-            host,
-            source: entry.record.origin.clone(),
-            deleted: entry.record.deleted,
+    /// The host as the view shows it: the entry's own record, status and events, shared.
+    pub(super) fn host_view(entry: &Entry) -> crate::view::SharedHost {
+        crate::view::SharedHost {
+            record: entry.record.clone(),
+            status: entry.status.clone(),
             events: entry.events.iter().map(|(_, e)| e.clone()).collect(),
         }
     }

@@ -91,7 +91,8 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     view: SharedView,
 
-    hosts: BTreeMap<HostKey, Entry>,
+    /// Boxed: an entry is several KiB, and map nodes hold eleven.
+    hosts: BTreeMap<HostKey, Box<Entry>>,
     /// Boot MAC (normalised) -> the hosts that declare it.
     macs: HashMap<String, BTreeSet<HostKey>>,
     tokens: HashMap<String, TokenRecord>,
@@ -201,7 +202,7 @@ impl Engine {
                 state: entry.status.provisioning.state.to_string(),
             })
             .inc();
-        self.hosts.insert(key.clone(), entry);
+        self.hosts.insert(key.clone(), Box::new(entry));
         self.to_plan.insert(key.clone());
         self.view_dirty.insert(key.clone());
     }
@@ -341,11 +342,11 @@ impl Engine {
             let status = p.status.then(|| {
                 entry.saved_status = entry.status.clone();
                 entry.status_saved_at = now;
-                entry.status.clone()
+                (*entry.status).clone()
             });
             let change = HostChange {
                 remove: p.remove,
-                record: (p.record && !entry.forgotten).then(|| entry.record.clone()),
+                record: (p.record && !entry.forgotten).then(|| (*entry.record).clone()),
                 status: status.filter(|_| !entry.forgotten),
                 events: if entry.forgotten {
                     Vec::new()
@@ -353,7 +354,7 @@ impl Engine {
                     p.events
                 },
                 events_keep_from: entry.events_keep_from(),
-                hardware: p.hardware,
+                hardware: p.hardware.map(|h| *h),
                 tokens: p.tokens,
             };
             entry.inflight = Some(id);
@@ -705,8 +706,8 @@ impl Engine {
             return;
         }
         debug!(host = %key, by, "full inventory received; storing it");
-        entry.pending.hardware = Some(HardwareData::new(key, hardware, now, by));
-        entry.record.hardware_sha256 = Some(digest);
+        entry.pending.hardware = Some(Box::new(HardwareData::new(key, hardware, now, by)));
+        Arc::make_mut(&mut entry.record).hardware_sha256 = Some(digest);
         entry.pending.record = true;
         self.unsaved.insert(key.clone());
     }

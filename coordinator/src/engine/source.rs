@@ -96,7 +96,7 @@ impl Engine {
             }
             let old_mac = entry.boot_mac();
             let old_refs = secret_refs(&key, &entry.record.host.spec);
-            let r = &mut entry.record;
+            let r = std::sync::Arc::make_mut(&mut entry.record);
             r.host.spec = host.spec;
             r.host.metadata = host.metadata;
             r.origin = origin;
@@ -143,7 +143,7 @@ impl Engine {
 
     /// A declared host whose MAC a discovered machine had: the discovered record goes.
     fn claim_discovered(&mut self, key: &HostKey) {
-        let Some(mac) = self.hosts.get(key).and_then(Entry::boot_mac) else {
+        let Some(mac) = self.hosts.get(key).and_then(|e| e.boot_mac()) else {
             return;
         };
         let others: Vec<HostKey> = self
@@ -157,7 +157,7 @@ impl Engine {
             };
             if e.record.origin == DISCOVERED && !e.record.deleted && !e.forgotten {
                 info!(host = %other, "a declared host now has this discovered host's MAC: dropping the discovered record");
-                e.record.deleted = true;
+                std::sync::Arc::make_mut(&mut e.record).deleted = true;
                 e.pending.record = true;
                 self.unsaved.insert(other.clone());
                 self.to_plan.insert(other.clone());
@@ -174,7 +174,7 @@ impl Engine {
             return;
         }
         info!(host = %key, "host no longer declared: deleting it");
-        entry.record.deleted = true;
+        std::sync::Arc::make_mut(&mut entry.record).deleted = true;
         entry.pending.record = true;
         self.unsaved.insert(key.clone());
         self.to_plan.insert(key.clone());

@@ -553,7 +553,7 @@ fn progress_is_shown_at_once_and_stored_every_30_s_or_on_a_phase_change() {
         h.settle();
         let view = h.engine.view();
         let v = view.read().unwrap();
-        let shown = v.hosts[&a].host.status.as_ref().unwrap().progress.clone();
+        let shown = v.hosts[&a].status.progress.clone();
         assert_eq!(
             shown.map(|p| p.bytes_done),
             Some(done),

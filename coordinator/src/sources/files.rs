@@ -23,21 +23,21 @@ use tokio::sync::mpsc;
 
 use super::{Problem, Secret, SecretKey, SecretSource, SourceEvent};
 
-/// A host as declared, with where it was declared.
+/// A host as declared, with where it was declared (borrowed from the source's memory).
 #[derive(Clone, Debug, PartialEq)]
-pub struct SourcedHost {
-    pub host: BareMetalHost,
-    pub path: PathBuf,
+pub struct SourcedHost<'a> {
+    pub host: &'a BareMetalHost,
+    pub path: &'a Path,
     /// 1-based document number in the file.
     pub document: usize,
 }
 
-/// Everything the directory declares now (internal to this source: the engine gets the
-/// differences, see [`Differ`]).
+/// Everything the directory declares now, borrowed from the source (internal to this source:
+/// the engine gets the differences, see [`Differ`]).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Snapshot {
-    pub hosts: BTreeMap<HostKey, SourcedHost>,
-    pub secrets: BTreeMap<SecretKey, Secret>,
+pub struct Snapshot<'a> {
+    pub hosts: BTreeMap<HostKey, SourcedHost<'a>>,
+    pub secrets: BTreeMap<SecretKey, &'a Secret>,
     pub problems: Vec<Problem>,
 }
 
@@ -138,7 +138,7 @@ impl FilesSource {
         changed
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> Snapshot<'_> {
         let mut snap = Snapshot::default();
         snap.problems.extend(self.dir_problem.clone());
         for (path, state) in &self.files {
@@ -166,14 +166,14 @@ impl FilesSource {
                         snap.hosts.insert(
                             key,
                             SourcedHost {
-                                host: host.clone(),
-                                path: path.clone(),
+                                host,
+                                path,
                                 document: *document,
                             },
                         );
                     }
                     Doc::Secret(secret) => {
-                        snap.secrets.insert(secret.key(), secret.clone());
+                        snap.secrets.insert(secret.key(), secret);
                     }
                 }
             }
@@ -183,20 +183,37 @@ impl FilesSource {
 }
 
 /// Turns successive snapshots into the events the engine takes: what changed since the last
-/// snapshot, host by host and Secret by Secret.
+/// snapshot, host by host and Secret by Secret. It remembers a digest of each host it sent,
+/// not the host (10,000 copies of every declaration cost tens of MiB).
 #[derive(Debug, Default)]
 pub struct Differ {
-    hosts: BTreeMap<HostKey, (BareMetalHost, String)>,
+    hosts: BTreeMap<HostKey, [u8; 32]>,
     secrets: BTreeMap<SecretKey, Secret>,
     problems: Vec<Problem>,
 }
 
+/// SHA-256 of a declaration and its origin.
+fn digest(host: &BareMetalHost, origin: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(serde_json::to_vec(host).unwrap_or_default());
+    h.update([0]);
+    h.update(origin.as_bytes());
+    h.finalize().into()
+}
+
 impl Differ {
+    /// The Secrets as of the last diff.
+    pub fn secrets(&self) -> &BTreeMap<SecretKey, Secret> {
+        &self.secrets
+    }
+
     /// The events that take the engine from the previous snapshot to `snap`. Secrets come
     /// first, so a host that needs a new Secret finds it declared.
-    pub fn diff(&mut self, snap: &Snapshot) -> Vec<SourceEvent> {
+    pub fn diff(&mut self, snap: &Snapshot<'_>) -> Vec<SourceEvent> {
         let mut out = Vec::new();
         for (key, secret) in &snap.secrets {
+            let secret = *secret;
             if self.secrets.get(key) != Some(secret) {
                 // A change of contents alone is sent too: the hosts using the Secret plan
                 // again (one that failed on contents that did not parse retries at once).
@@ -219,13 +236,9 @@ impl Differ {
         }
         for (key, sourced) in &snap.hosts {
             let origin = sourced.path.display().to_string();
-            let same = self
-                .hosts
-                .get(key)
-                .is_some_and(|(h, o)| h == &sourced.host && o == &origin);
-            if !same {
-                self.hosts
-                    .insert(key.clone(), (sourced.host.clone(), origin.clone()));
+            let d = digest(sourced.host, &origin);
+            if self.hosts.get(key) != Some(&d) {
+                self.hosts.insert(key.clone(), d);
                 out.push(SourceEvent::Declared {
                     key: key.clone(),
                     host: Box::new(sourced.host.clone()),
@@ -278,25 +291,30 @@ pub async fn spawn(
         let mut first = true;
         loop {
             let scanned = tokio::task::spawn_blocking(move || {
-                let changed = source.scan();
-                let events = changed.then(|| source.snapshot());
-                (source, events)
+                let events = if source.scan() {
+                    differ.diff(&source.snapshot())
+                } else {
+                    Vec::new()
+                };
+                (source, differ, events)
             })
             .await;
-            let Ok((back, snapshot)) = scanned else {
+            let Ok((back, back_differ, events)) = scanned else {
                 tracing::error!("the hosts directory watcher failed; restart slipway serve");
                 return;
             };
             source = back;
-            if let Some(snap) = snapshot {
-                {
-                    let mut m = shared.0.write().unwrap_or_else(|p| p.into_inner());
-                    *m = snap.secrets.clone();
-                }
-                for event in differ.diff(&snap) {
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
+            differ = back_differ;
+            if events
+                .iter()
+                .any(|e| matches!(e, SourceEvent::Secret { .. }))
+            {
+                let mut m = shared.0.write().unwrap_or_else(|p| p.into_inner());
+                *m = differ.secrets().clone();
+            }
+            for event in events {
+                if tx.send(event).await.is_err() {
+                    return;
                 }
             }
             if first {

@@ -44,6 +44,26 @@ pub enum StoreError {
         path.display()
     )]
     InUse { path: PathBuf },
+    #[error(
+        "the state database {} is empty (0 bytes): it was truncated, by a full filesystem or \
+         an interrupted copy. Restore it from a backup; or, to start over with every host \
+         registering again (provisioned disks are not touched until their hosts are \
+         inspected), move it away",
+        path.display()
+    )]
+    Empty { path: PathBuf },
+    #[error(
+        "the state database {} is damaged and cannot be read. Restore it from a backup; or, \
+         to start over with every host registering again, move it away",
+        path.display()
+    )]
+    Damaged { path: PathBuf },
+    #[error(
+        "the state database {} is being reopened after an I/O error (a full filesystem?); \
+         writes resume once it opens",
+        path.display()
+    )]
+    Reopening { path: PathBuf },
     #[error("the state database {} refused a {action}", path.display())]
     Db {
         action: &'static str,

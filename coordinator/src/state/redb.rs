@@ -16,6 +16,12 @@
 //!
 //! A batch is one transaction, so either every host of it is stored or none is; redb commits
 //! are durable (fsync), so a SIGKILL loses at most the batch in flight, never half a record.
+//!
+//! It fails loud: an empty (zero-byte) file or one redb cannot read is refused at open with a
+//! message naming the file and the way out, never started as an empty store and never a
+//! panic. After an I/O error (a full filesystem), redb refuses every later operation until the
+//! database is checked; the next commit does that check, so writes resume by themselves once
+//! space is back.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,8 +59,33 @@ const FORMAT: &[u8] = b"2";
 /// The redb store. Clones share the database (the engine writes, the admin API reads).
 #[derive(Clone)]
 pub struct RedbStore {
-    db: Arc<Database>,
+    /// Read-locked for every transaction; write-locked only to reopen the database after an
+    /// I/O error (`None` while that fails).
+    db: Arc<std::sync::RwLock<Option<Database>>>,
     path: PathBuf,
+    /// An I/O error happened: check the database before the next write.
+    needs_check: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A read lock on the open database.
+struct DbGuard<'a>(std::sync::RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for DbGuard<'_> {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        self.0.as_ref().expect("checked when the guard was made")
+    }
+}
+
+/// Opens (or creates) the file; `Err` when redb panicked on a damaged file.
+fn open_db(path: &Path) -> std::thread::Result<Result<Database, redb::DatabaseError>> {
+    std::panic::catch_unwind(|| {
+        // redb caches pages it read or wrote, 1 GiB by default; the engine reads everything
+        // once at start and then only writes, so a small cache keeps RSS for the fleet.
+        redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+    })
 }
 
 fn event_key(key: &str, seq: u64) -> String {
@@ -65,26 +96,80 @@ impl RedbStore {
     /// Opens (or creates) `dir/slipway.redb`, migrating an older format.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
         let path = dir.join("slipway.redb");
-        // redb caches pages it read or wrote, 1 GiB by default; the engine reads everything
-        // once at start and then only writes, so a small cache keeps RSS for the fleet.
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => {
-                    StoreError::InUse { path: path.clone() }
-                }
-                e => StoreError::Open {
-                    path: path.clone(),
+        if let Ok(meta) = std::fs::metadata(&path)
+            && meta.len() == 0
+        {
+            // redb would make a new, empty database of it: every host would start over.
+            return Err(StoreError::Empty { path });
+        }
+        // A damaged file can make redb panic; that is an error here, not a crash.
+        let db = match open_db(&path) {
+            Ok(Ok(db)) => db,
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                return Err(StoreError::InUse { path });
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Open {
+                    path,
                     source: Box::new(e.into()),
-                },
-            })?;
-        let store = RedbStore {
-            db: Arc::new(db),
-            path,
+                });
+            }
+            Err(_) => return Err(StoreError::Damaged { path }),
         };
-        store.prepare()?;
+        let store = RedbStore {
+            db: Arc::new(std::sync::RwLock::new(Some(db))),
+            path,
+            needs_check: Default::default(),
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.prepare())) {
+            Ok(r) => r?,
+            Err(_) => return Err(StoreError::Damaged { path: store.path }),
+        }
         Ok(store)
+    }
+
+    /// The open database, for one transaction.
+    fn db(&self) -> Result<DbGuard<'_>, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(StoreError::Reopening {
+                path: self.path.clone(),
+            });
+        }
+        Ok(DbGuard(guard))
+    }
+
+    /// After an I/O error redb refuses everything until the database is closed and opened
+    /// again (which repairs a half-written transaction): do that now.
+    fn reopen_after_io_error(&self) -> Result<(), StoreError> {
+        if !self.needs_check.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // Closed first: redb holds a lock on the file.
+        *db = None;
+        let opened = match open_db(&self.path) {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                return Err(StoreError::Open {
+                    path: self.path.clone(),
+                    source: Box::new(e.into()),
+                });
+            }
+            Err(_) => {
+                return Err(StoreError::Damaged {
+                    path: self.path.clone(),
+                });
+            }
+        };
+        *db = Some(opened);
+        self.needs_check
+            .store(false, std::sync::atomic::Ordering::Release);
+        tracing::info!(
+            "the state database {} was reopened after an I/O error; writing again",
+            self.path.display()
+        );
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -111,7 +196,8 @@ impl RedbStore {
     /// Creates the tables, so readers never meet a missing one, and migrates format 1.
     fn prepare(&self) -> Result<(), StoreError> {
         let err = self.db_err("write");
-        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(|e| err(e.into()))?;
         let format = {
             let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
             meta.get(FORMAT_KEY)
@@ -272,7 +358,8 @@ impl RedbStore {
 
     fn read_table(&self, def: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let err = self.db_err("read");
-        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(|e| err(e.into()))?;
         let t = txn.open_table(def).map_err(|e| err(e.into()))?;
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| err(e.into()))? {
@@ -283,8 +370,21 @@ impl RedbStore {
     }
 
     fn write_batch(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.reopen_after_io_error()?;
+        let result = self.try_write_batch(batch);
+        if let Err(StoreError::Db { source, .. }) = &result
+            && matches!(**source, redb::Error::Io(_) | redb::Error::PreviousIo)
+        {
+            self.needs_check
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        result
+    }
+
+    fn try_write_batch(&self, batch: &Batch) -> Result<(), StoreError> {
         let err = self.db_err("write");
-        let txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(|e| err(e.into()))?;
         {
             let mut hosts = txn.open_table(HOSTS).map_err(|e| err(e.into()))?;
             let mut status = txn.open_table(STATUS).map_err(|e| err(e.into()))?;
@@ -338,26 +438,8 @@ impl RedbStore {
     }
 }
 
-fn json<T: serde::Serialize>(v: &T, key: &str, s: &RedbStore) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(s.corrupt(key))
-}
-
-/// Writes `value` as JSON under `key`.
-fn put<T: serde::Serialize>(
-    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
-    key: &str,
-    value: &T,
-    s: &RedbStore,
-) -> Result<(), StoreError> {
-    let bytes = json(value, key, s)?;
-    table
-        .insert(key, bytes.as_slice())
-        .map(|_| ())
-        .map_err(|e| (s.db_err("write"))(e.into()))
-}
-
-impl StateStore for RedbStore {
-    fn load(&mut self) -> Result<Loaded, StoreError> {
+impl RedbStore {
+    fn load_all(&self) -> Result<Loaded, StoreError> {
         let mut hosts = std::collections::BTreeMap::<String, StoredHost>::new();
         for (k, v) in self.read_table(HOSTS)? {
             let record: HostRecord = serde_json::from_slice(&v).map_err(self.corrupt(&k))?;
@@ -403,9 +485,45 @@ impl StateStore for RedbStore {
         }
         Ok(out)
     }
+}
+
+fn json<T: serde::Serialize>(v: &T, key: &str, s: &RedbStore) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(s.corrupt(key))
+}
+
+/// Writes `value` as JSON under `key`.
+fn put<T: serde::Serialize>(
+    table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    key: &str,
+    value: &T,
+    s: &RedbStore,
+) -> Result<(), StoreError> {
+    let bytes = json(value, key, s)?;
+    table
+        .insert(key, bytes.as_slice())
+        .map(|_| ())
+        .map_err(|e| (s.db_err("write"))(e.into()))
+}
+
+impl StateStore for RedbStore {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load_all())) {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Damaged {
+                path: self.path.clone(),
+            }),
+        }
+    }
 
     fn commit(&mut self, batch: &Batch) -> Result<(), Failed> {
-        self.write_batch(batch).map_err(|e| {
+        let written =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_batch(batch)))
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Damaged {
+                        path: self.path.clone(),
+                    })
+                });
+        written.map_err(|e| {
             let reason = crate::error_chain(&e);
             batch
                 .hosts
@@ -419,7 +537,8 @@ impl StateStore for RedbStore {
 impl HardwareStore for RedbStore {
     fn hardware(&self, key: &HostKey) -> Result<Option<HardwareData>, StoreError> {
         let err = self.db_err("read");
-        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(|e| err(e.into()))?;
         let t = txn.open_table(HARDWARE).map_err(|e| err(e.into()))?;
         let k = key.to_string();
         let Some(v) = t.get(k.as_str()).map_err(|e| err(e.into()))? else {
@@ -625,5 +744,62 @@ mod tests {
         // Opening again finds format 2 and changes nothing.
         let mut again = RedbStore::open(dir.path()).unwrap();
         assert_eq!(again.load().unwrap().hosts.len(), 2);
+    }
+
+    /// A zero-byte or damaged file is refused with a message naming it: never an empty
+    /// store, never a panic.
+    #[test]
+    fn empty_and_damaged_files_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slipway.redb");
+        std::fs::write(&path, b"").unwrap();
+        let e = RedbStore::open(dir.path()).err().expect("refused");
+        let text = crate::error_chain(&e);
+        assert!(
+            text.contains("slipway.redb")
+                && text.contains("empty (0 bytes)")
+                && text.contains("backup"),
+            "{text}"
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
+
+        // A store with hosts, then garbage over every page after the header.
+        std::fs::remove_file(&path).unwrap();
+        {
+            let mut store = RedbStore::open(dir.path()).unwrap();
+            let hosts = (0..200)
+                .map(|i| {
+                    (
+                        HostKey::default_ns(format!("h{i}")),
+                        HostChange {
+                            record: Some(record(&format!("h{i}"), None)),
+                            status: Some(HostStatus::default()),
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect();
+            store.commit(&Batch { id: 1, hosts }).unwrap();
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut x = 7u64;
+        for b in bytes.iter_mut().skip(4096) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let outcome = std::panic::catch_unwind(|| match RedbStore::open(dir.path()) {
+            Err(e) => Err(crate::error_chain(&e)),
+            Ok(mut s) => s
+                .load()
+                .map(|l| l.hosts.len())
+                .map_err(|e| crate::error_chain(&e)),
+        });
+        let text = outcome
+            .expect("no panic")
+            .expect_err("a damaged store is not read as good");
+        assert!(text.contains("slipway.redb"), "{text}");
     }
 }

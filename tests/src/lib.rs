@@ -90,6 +90,14 @@ pub fn bins() -> &'static Bins {
     })
 }
 
+/// Runs `slipway ARGS` (no coordinator needed, e.g. a `serve` expected to refuse to start).
+pub fn slipway(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(&bins().slipway)
+        .args(args)
+        .output()
+        .expect("run slipway")
+}
+
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -89,12 +89,18 @@ fn a_zero_byte_store_refuses_to_start_naming_the_file() {
     fs::create_dir_all(&state).unwrap();
     fs::write(state.join("slipway.redb"), b"").unwrap();
     fs::create_dir_all(dir.path().join("hosts")).unwrap();
-    let out = std::process::Command::new(&slipway_tests::bins().slipway)
-        .args(["--state", &state.display().to_string(), "serve", "--hosts"])
-        .arg(dir.path().join("hosts"))
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let hosts = dir.path().join("hosts");
+    let out = slipway_tests::slipway(&[
+        "--state".as_ref(),
+        state.as_os_str(),
+        "serve".as_ref(),
+        "--hosts".as_ref(),
+        hosts.as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--http-listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

@@ -165,7 +165,7 @@ impl pb::agent_service_server::AgentService for Api {
             } else {
                 hello.namespace.as_str()
             },
-            hello.host.clone(),
+            crate::log::escape(&hello.host).into_owned(),
         );
         if said != host {
             warn!(
@@ -217,6 +217,7 @@ impl pb::agent_service_server::AgentService for Api {
 
         let tx = self.tx.clone();
         let metrics = self.metrics.clone();
+        let mut log_limit = LogLimit::new(std::time::Instant::now());
         tokio::spawn(async move {
             let reason = loop {
                 let next = tokio::time::timeout(SILENCE_LIMIT, inbound.message()).await;
@@ -270,12 +271,17 @@ impl pb::agent_service_server::AgentService for Api {
                             None => continue,
                         }
                     }
-                    pb::agent_event::Event::Log(l) => Msg::AgentLog {
-                        host: host.clone(),
-                        session,
-                        warning: l.level >= pb::log_line::Level::Warn as i32,
-                        message: l.message,
-                    },
+                    pb::agent_event::Event::Log(l) => {
+                        let Some(message) = log_limit.admit(l.message) else {
+                            continue;
+                        };
+                        Msg::AgentLog {
+                            host: host.clone(),
+                            session,
+                            warning: l.level >= pb::log_line::Level::Warn as i32,
+                            message,
+                        }
+                    }
                     pb::agent_event::Event::Heartbeat(_) => {
                         metrics.heartbeats.inc();
                         continue;
@@ -356,6 +362,61 @@ fn explain_tls(e: &std::io::Error) -> String {
         ) => "the client certificate has expired; the agent must enrol again".into(),
         E::InvalidCertificate(other) => format!("bad client certificate: {other:?}"),
         other => other.to_string(),
+    }
+}
+
+/// The longest agent log line kept; longer ones are cut, with a marker.
+pub const LOG_LINE_BYTES: usize = 2048;
+/// Agent log lines admitted per session: a burst of this many, refilled at one a second.
+pub const LOG_BURST: u32 = 30;
+
+/// Size and rate limits on one session's log lines: an agent (or an impostor holding a
+/// certificate) cannot grow the store or flood the log. Dropped lines are counted and said.
+pub struct LogLimit {
+    tokens: f64,
+    last: std::time::Instant,
+    dropped: u64,
+}
+
+impl LogLimit {
+    pub fn new(now: std::time::Instant) -> LogLimit {
+        LogLimit {
+            tokens: f64::from(LOG_BURST),
+            last: now,
+            dropped: 0,
+        }
+    }
+
+    /// The line to pass on, cut to [`LOG_LINE_BYTES`], or `None` when over the rate.
+    pub fn admit(&mut self, line: String) -> Option<String> {
+        self.admit_at(line, std::time::Instant::now())
+    }
+
+    fn admit_at(&mut self, mut line: String, now: std::time::Instant) -> Option<String> {
+        let secs = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + secs).min(f64::from(LOG_BURST));
+        if self.tokens < 1.0 {
+            self.dropped += 1;
+            return None;
+        }
+        self.tokens -= 1.0;
+        if line.len() > LOG_LINE_BYTES {
+            let mut cut = LOG_LINE_BYTES;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let extra = line.len() - cut;
+            line.truncate(cut);
+            line.push_str(&format!(" [... {extra} more bytes cut by the coordinator]"));
+        }
+        if self.dropped > 0 {
+            line = format!(
+                "[{} earlier log lines dropped: more than {LOG_BURST} at once] {line}",
+                std::mem::take(&mut self.dropped)
+            );
+        }
+        Some(line)
     }
 }
 
@@ -663,5 +724,37 @@ fn hints_to_proto(h: &RootDeviceHints) -> pb::RootDeviceHints {
         wwn_with_extension: h.wwn_with_extension.clone(),
         wwn_vendor_extension: h.wwn_vendor_extension.clone(),
         rotational: h.rotational,
+    }
+}
+
+#[cfg(test)]
+mod log_limit_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn long_lines_are_cut_and_floods_dropped_and_counted() {
+        let t0 = Instant::now();
+        let mut l = LogLimit::new(t0);
+        let long = "x".repeat(4 << 20);
+        let cut = l.admit_at(long, t0).unwrap();
+        assert!(cut.len() < LOG_LINE_BYTES + 100, "{}", cut.len());
+        assert!(
+            cut.ends_with("cut by the coordinator]"),
+            "{}",
+            &cut[cut.len() - 60..]
+        );
+        let mut passed = 1;
+        for _ in 0..100 {
+            passed += usize::from(l.admit_at("y".into(), t0).is_some());
+        }
+        assert_eq!(passed, LOG_BURST as usize);
+        // Ten seconds later, ten more, the first saying how many were dropped.
+        let later = t0 + Duration::from_secs(10);
+        let first = l.admit_at("z".into(), later).unwrap();
+        assert!(
+            first.starts_with("[71 earlier log lines dropped"),
+            "{first}"
+        );
     }
 }

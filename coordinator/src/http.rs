@@ -91,9 +91,50 @@ pub fn router(
         // CPU than the copy, and the coordinator shares its cores with many downloads.
         .nest_service(
             "/images",
-            ServeDir::new(images).with_buf_chunk_size(IMAGE_READ_CHUNK),
+            tower::ServiceBuilder::new()
+                .layer(axum::middleware::from_fn_with_state(
+                    images.clone(),
+                    images_inside,
+                ))
+                .service(ServeDir::new(images).with_buf_chunk_size(IMAGE_READ_CHUNK)),
         )
         .with_state(state)
+}
+
+/// Images are served only from inside the images directory: a symlink there that resolves
+/// elsewhere (the CA key, the store) is refused, saying so.
+async fn images_inside(
+    State(images): State<PathBuf>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let rel = req
+        .uri()
+        .path()
+        .strip_prefix('/')
+        .and_then(crate::sendfile::relative);
+    if let Some(rel) = rel {
+        let dir = images.clone();
+        let check = rel.clone();
+        let outside = tokio::task::spawn_blocking(move || crate::sendfile::escapes(&dir, &check))
+            .await
+            .ok()
+            .flatten();
+        if outside.is_some() {
+            tracing::warn!(
+                "refused /images/{}: a symlink to a file outside the images directory",
+                crate::log::escape(&rel.display().to_string())
+            );
+            return text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "/images/{} resolves outside the images directory: refused\n",
+                    rel.display()
+                ),
+            );
+        }
+    }
+    next.run(req).await
 }
 
 fn text(status: StatusCode, body: String) -> Response {

@@ -25,6 +25,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod hardware;
 pub mod http;
+pub mod log;
 pub mod metrics;
 pub mod output;
 pub mod pki;

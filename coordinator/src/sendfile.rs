@@ -352,9 +352,17 @@ fn parse_range(v: &str) -> Option<Range> {
     (last >= first).then_some(Range::From(first, Some(last)))
 }
 
+/// Whether `images/rel`, symlinks resolved, is still inside the images directory (a link
+/// inside it must not serve the CA key or the store). `None` when it does not exist.
+pub(crate) fn escapes(images: &Path, rel: &Path) -> Option<PathBuf> {
+    let target = std::fs::canonicalize(images.join(rel)).ok()?;
+    let root = std::fs::canonicalize(images).ok()?;
+    (!target.starts_with(&root)).then_some(target)
+}
+
 /// The percent-decoded path under the images directory, if it stays there: plain names only
 /// (no `..`, `.`, empty segments, NUL or backslash).
-fn relative(encoded: &str) -> Option<PathBuf> {
+pub(crate) fn relative(encoded: &str) -> Option<PathBuf> {
     let decoded = percent_encoding::percent_decode_str(encoded)
         .decode_utf8()
         .ok()?;
@@ -383,6 +391,9 @@ struct Answer {
 
 /// Opens the file an image request names and works out the answer, if this module gives it.
 fn open(images: &Path, a: Ask) -> Option<(Ask, File, Answer)> {
+    if escapes(images, &a.rel).is_some() {
+        return None; // the router refuses it, saying why
+    }
     let path = images.join(&a.rel);
     let file = File::open(&path).ok()?;
     let meta = file.metadata().ok()?;

@@ -18,6 +18,7 @@ use crate::tokens::{self, TokenSecret};
 impl Engine {
     pub(super) fn boot(&mut self, mac: &str, reply: oneshot::Sender<BootDecision>, now: Timestamp) {
         let decision = self.decide_boot(mac, now);
+        let mac = crate::log::escape(mac);
         match &decision {
             BootDecision::Ramdisk { host, .. } => {
                 info!(host = %host, mac = %mac, "boot: serving the ramdisk")
@@ -25,7 +26,9 @@ impl Engine {
             BootDecision::LocalDisk { host, .. } => {
                 info!(host = %host, mac = %mac, "boot: local disk")
             }
-            BootDecision::Refuse(reason) => warn!(mac = %mac, "boot refused: {reason}"),
+            BootDecision::Refuse(reason) => {
+                warn!(mac = %mac, "boot refused: {}", crate::log::escape(reason))
+            }
         }
         match &decision {
             // The token (and a discovered host) must be stored before the script is answered.

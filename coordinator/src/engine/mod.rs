@@ -643,6 +643,7 @@ impl Engine {
                     .is_some_and(|s| s.id == session);
                 if current {
                     let _span = info_span!("agent", host = %host).entered();
+                    let message = crate::log::escape(&message).into_owned();
                     if warning {
                         warn!("{message}");
                         self.event(&host, true, "AgentLog", message);

@@ -32,9 +32,9 @@ impl Engine {
             SourceEvent::Problems(problems) => {
                 for p in problems.iter().filter(|p| !self.problems.contains(p)) {
                     if p.warning {
-                        info!("hosts source: {p}");
+                        info!("hosts source: {}", crate::log::escape(&p.to_string()));
                     } else {
-                        warn!("hosts source: {p}");
+                        warn!("hosts source: {}", crate::log::escape(&p.to_string()));
                     }
                 }
                 self.problems = problems;

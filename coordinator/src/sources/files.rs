@@ -107,31 +107,44 @@ impl FilesSource {
                 changed = true;
             }
         }
-        for (path, stamp) in listing {
+        for (path, entry) in listing {
             let state = self.files.entry(path.clone()).or_default();
+            let stamp = match entry {
+                Ok(stamp) => stamp,
+                Err(why) => {
+                    // Keep what the file declared; say why it cannot be read now.
+                    let problem = keep_problem(&path, &state.good, &why);
+                    if state.stamp.is_some() || state.problems != [problem.clone()] {
+                        state.stamp = None;
+                        state.problems = vec![problem];
+                        changed = true;
+                    }
+                    continue;
+                }
+            };
             if state.stamp == Some(stamp) {
                 continue;
             }
             changed = true;
             state.stamp = Some(stamp);
-            match fs::read(&path) {
-                Ok(bytes) => {
-                    let text = String::from_utf8_lossy(&bytes);
+            match read_checked(&path) {
+                Ok(text) if text.trim().is_empty() && !state.good.is_empty() => {
+                    // An editor that truncates before it writes leaves this for a moment.
+                    state.stamp = None; // look again next scan
+                    state.problems = vec![keep_problem(
+                        &path,
+                        &state.good,
+                        "the file is empty (an editor saving it?)",
+                    )];
+                }
+                Ok(text) => {
                     let (good, problems) = parse_file(&path, &text, &state.good);
                     state.good = good;
                     state.problems = problems;
                 }
-                Err(e) => {
+                Err(why) => {
                     state.stamp = None; // try again next scan
-                    state.problems = vec![Problem {
-                        path: path.clone(),
-                        document: 0,
-                        host: None,
-                        warning: false,
-                        message: format!(
-                            "cannot read the file ({e}); keeping its hosts as last read"
-                        ),
-                    }];
+                    state.problems = vec![keep_problem(&path, &state.good, &why)];
                 }
             }
         }
@@ -190,6 +203,8 @@ pub struct Differ {
     hosts: BTreeMap<HostKey, [u8; 32]>,
     secrets: BTreeMap<SecretKey, Secret>,
     problems: Vec<Problem>,
+    /// Hosts missing from the last snapshot: removed if the next one lacks them too.
+    missing: std::collections::BTreeSet<HostKey>,
 }
 
 /// SHA-256 of a declaration and its origin.
@@ -203,6 +218,11 @@ fn digest(host: &BareMetalHost, origin: &str) -> [u8; 32] {
 }
 
 impl Differ {
+    /// Whether a host missing from the last snapshot waits for the next scan to confirm it.
+    pub fn pending(&self) -> bool {
+        !self.missing.is_empty()
+    }
+
     /// The Secrets as of the last diff.
     pub fn secrets(&self) -> &BTreeMap<SecretKey, Secret> {
         &self.secrets
@@ -246,16 +266,24 @@ impl Differ {
                 });
             }
         }
+        // A host is removed only when two scans in a row miss it: a file being rewritten
+        // by an editor that truncates first, or a mount being swapped, must not delete it.
         let gone: Vec<HostKey> = self
             .hosts
             .keys()
             .filter(|k| !snap.hosts.contains_key(*k))
             .cloned()
             .collect();
+        let mut missing = std::collections::BTreeSet::new();
         for key in gone {
-            self.hosts.remove(&key);
-            out.push(SourceEvent::Undeclared { key });
+            if self.missing.contains(&key) {
+                self.hosts.remove(&key);
+                out.push(SourceEvent::Undeclared { key });
+            } else {
+                missing.insert(key);
+            }
         }
+        self.missing = missing;
         if snap.problems != self.problems {
             self.problems = snap.problems.clone();
             out.push(SourceEvent::Problems(snap.problems.clone()));
@@ -291,7 +319,8 @@ pub async fn spawn(
         let mut first = true;
         loop {
             let scanned = tokio::task::spawn_blocking(move || {
-                let events = if source.scan() {
+                let changed = source.scan();
+                let events = if changed || differ.pending() {
                     differ.diff(&source.snapshot())
                 } else {
                     Vec::new()
@@ -329,8 +358,13 @@ pub async fn spawn(
     secrets
 }
 
-fn list_dir(dir: &Path) -> io::Result<BTreeMap<PathBuf, (SystemTime, u64)>> {
+/// A file's modification time and length, or why it cannot be used.
+type Listed = Result<(SystemTime, u64), String>;
+
+fn list_dir(dir: &Path) -> io::Result<BTreeMap<PathBuf, Listed>> {
     let mut out = BTreeMap::new();
+    // Files may be symlinks (ConfigMap mounts are), but only to files inside the directory.
+    let root = fs::canonicalize(dir)?;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
@@ -341,17 +375,112 @@ fn list_dir(dir: &Path) -> io::Result<BTreeMap<PathBuf, (SystemTime, u64)>> {
             continue;
         }
         let path = entry.path();
-        // Follow symlinks (ConfigMap mounts are symlinks).
-        let Ok(meta) = fs::metadata(&path) else {
-            continue;
+        let listed = match fs::metadata(&path) {
+            Err(e) => Err(format!(
+                "cannot stat the file ({e}; a symlink whose target is gone?)"
+            )),
+            Ok(meta) if meta.is_dir() => continue,
+            Ok(meta) if !meta.is_file() => Err("not a regular file".to_string()),
+            Ok(meta) => match fs::canonicalize(&path) {
+                Ok(target) if !target.starts_with(&root) => Err(format!(
+                    "it is a symlink to {}, outside the hosts directory {}: refused (copy the \
+                     file in, or link to a file inside the directory)",
+                    target.display(),
+                    root.display()
+                )),
+                Err(e) => Err(format!("cannot resolve the file ({e})")),
+                Ok(_) => Ok((
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    meta.len(),
+                )),
+            },
         };
-        if !meta.is_file() {
-            continue;
-        }
-        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        out.insert(path, (mtime, meta.len()));
+        out.insert(path, listed);
     }
     Ok(out)
+}
+
+/// The largest hosts file read.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+/// The deepest flow nesting (`[` / `{`) accepted in a hosts file.
+pub const MAX_NESTING: usize = 64;
+/// The deepest indentation (columns) accepted in a hosts file.
+pub const MAX_INDENT: usize = 256;
+
+/// A problem that keeps the file's hosts as last read.
+fn keep_problem(path: &Path, good: &[(usize, Doc)], why: &str) -> Problem {
+    let hosts = good
+        .iter()
+        .filter(|(_, d)| matches!(d, Doc::Host(_)))
+        .count();
+    Problem {
+        path: path.to_path_buf(),
+        document: 0,
+        host: None,
+        warning: false,
+        message: format!(
+            "{why}; keeping the {hosts} host(s) it declared as last read (delete the file to \
+             remove them)"
+        ),
+    }
+}
+
+/// Reads a hosts file within the size and nesting limits, which are checked before any
+/// parsing (a YAML parser is quadratic in the nesting of some inputs).
+fn read_checked(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let f = fs::File::open(path).map_err(|e| format!("cannot read the file ({e})"))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the file ({e})"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "the file is larger than {} MiB, the limit for a hosts file: split it",
+            MAX_FILE_BYTES >> 20
+        ));
+    }
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    nesting(&text)?;
+    Ok(text)
+}
+
+/// Refuses flow nesting deeper than [`MAX_NESTING`] and indentation deeper than
+/// [`MAX_INDENT`], naming the line. Quoted scalars and comments are skipped.
+fn nesting(text: &str) -> Result<(), String> {
+    let mut depth = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        if indent > MAX_INDENT {
+            return Err(format!(
+                "line {}: indented {indent} columns, beyond the limit of {MAX_INDENT} for a \
+                 hosts file; refused before parsing",
+                n + 1
+            ));
+        }
+        let mut quote: Option<char> = None;
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Err(format!(
+                            "line {}: nested deeper than {MAX_NESTING} levels of [ and {{, the \
+                             limit for a hosts file; refused before parsing",
+                            n + 1
+                        ));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parses every document of a file. `previous` is what the file's documents were last time;
@@ -793,8 +922,15 @@ mod tests {
         fs::remove_file(dir.path().join("b.yaml")).unwrap();
         src.scan();
         let events = differ.diff(&src.snapshot());
-        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(
+            events.len(),
+            2,
+            "b is not removed on the first scan that misses it: {events:?}"
+        );
         assert!(matches!(&events[0], SourceEvent::Secret { keys: None, .. }));
+        assert!(differ.pending());
+        let mut events = events;
+        events.extend(differ.diff(&src.snapshot()));
         assert!(
             matches!(&events[1], SourceEvent::Declared { key, host, .. } if key.name == "a" && !host.spec.online)
         );
@@ -818,5 +954,96 @@ mod tests {
         assert_eq!(snap.problems, vec![]);
         let keys: Vec<String> = snap.hosts.keys().map(ToString::to_string).collect();
         assert_eq!(keys, ["default/a", "other/a"]);
+    }
+
+    fn problem_of(src: &FilesSource, file: &str) -> String {
+        src.snapshot()
+            .problems
+            .iter()
+            .find(|p| p.path.ends_with(file))
+            .map(ToString::to_string)
+            .unwrap_or_else(|| panic!("no problem for {file}"))
+    }
+
+    #[test]
+    fn an_emptied_file_keeps_its_hosts_until_it_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", &format!("{HOST_A}---\n{HOST_B}"));
+        let mut src = FilesSource::new(dir.path());
+        src.scan();
+        write(dir.path(), "a.yaml", "");
+        assert!(src.scan());
+        assert_eq!(src.snapshot().hosts.len(), 2, "kept");
+        let p = problem_of(&src, "a.yaml");
+        assert!(
+            p.contains("empty") && p.contains("keeping the 2 host(s)"),
+            "{p}"
+        );
+        // Written again: the problem goes.
+        write(dir.path(), "a.yaml", HOST_A);
+        src.scan();
+        assert!(src.snapshot().problems.is_empty());
+        assert_eq!(src.snapshot().hosts.len(), 1);
+    }
+
+    #[test]
+    fn dangling_and_outside_symlinks_keep_the_hosts_and_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        fs::create_dir(&hosts).unwrap();
+        write(&hosts, "real.yaml", HOST_A);
+        std::os::unix::fs::symlink(hosts.join("real.yaml"), hosts.join("link.yaml")).unwrap();
+        write(dir.path(), "outside.yaml", HOST_B);
+        let mut src = FilesSource::new(&hosts);
+        src.scan();
+        assert!(src.snapshot().hosts.contains_key(&k("a")));
+        // The link's target goes away: the link cannot be stat'ed.
+        fs::remove_file(hosts.join("real.yaml")).unwrap();
+        src.scan();
+        let snap = src.snapshot();
+        assert!(
+            snap.hosts.contains_key(&k("a")),
+            "kept while the link dangles"
+        );
+        let p = problem_of(&src, "link.yaml");
+        assert!(
+            p.contains("cannot stat") && p.contains("keeping the 1 host(s)"),
+            "{p}"
+        );
+        // A link to a file outside the directory is refused, even though it parses.
+        std::os::unix::fs::symlink(dir.path().join("outside.yaml"), hosts.join("out.yaml"))
+            .unwrap();
+        src.scan();
+        assert!(!src.snapshot().hosts.contains_key(&k("b")));
+        let p = problem_of(&src, "out.yaml");
+        assert!(p.contains("outside the hosts directory"), "{p}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing_and_quickly() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", HOST_A);
+        let mut src = FilesSource::new(dir.path());
+        src.scan();
+        write(dir.path(), "a.yaml", &"[".repeat(200 * 1024));
+        let t = std::time::Instant::now();
+        src.scan();
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(
+            src.snapshot().hosts.contains_key(&k("a")),
+            "the last good version stays"
+        );
+        let p = problem_of(&src, "a.yaml");
+        assert!(
+            p.contains("nested deeper than 64") && p.contains("line 1"),
+            "{p}"
+        );
+        // Quoted brackets and comments are not nesting.
+        assert!(nesting(&format!("a: \"{}\" # {}", "[".repeat(100), "{".repeat(100))).is_ok());
+        assert!(nesting(&format!("{}x: 1", " ".repeat(300))).is_err());
     }
 }

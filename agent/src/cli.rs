@@ -632,4 +632,27 @@ mod tests {
     fn cli_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// A base64url token may begin with '-' (1 in 32 do): it is still the token. CI once
+    /// failed on a token "-G...", refused as an unknown option.
+    #[test]
+    fn a_token_that_begins_with_a_hyphen_is_the_token() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "slipway-agent",
+            "run",
+            "--token",
+            "-Gx2kq_9",
+            "--coordinator",
+            "https://127.0.0.1:1",
+        ])
+        .expect("parsed");
+        match cli.command {
+            Some(Cmd::Run(args)) => {
+                assert_eq!(args.token.as_deref(), Some("-Gx2kq_9"));
+                assert_eq!(args.coordinator.as_deref(), Some("https://127.0.0.1:1"));
+            }
+            _ => panic!("not run"),
+        }
+    }
 }

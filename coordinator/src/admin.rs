@@ -6,7 +6,9 @@
 //!
 //! Routes: `GET /v1/hosts`, `GET /v1/hosts/{name}`, `GET /v1/hosts/{name}/hardwaredata` (the
 //! host's `HardwareData` document, `null` before its agent reported), `GET /v1/hardwaredata`
-//! (every host's), `POST /v1/hosts/{name}/tokens` (`{"ttlSeconds": N}`), `GET /v1/info`.
+//! (every host's), `POST /v1/hosts/{name}/tokens` (`{"ttlSeconds": N}`), `POST
+//! /v1/hosts/{name}/iso` (a virtual-media ISO for one boot: its capability URL), `DELETE
+//! /v1/hosts/{name}` (a discovered host), `GET /v1/info`.
 //! `{name}` is `NAME` (unique across namespaces, else an error naming them) or
 //! `NAMESPACE%2FNAME`; `?namespace=NS` narrows a bare name.
 
@@ -57,6 +59,30 @@ pub struct TokenResponse {
     pub agent_command: String,
 }
 
+/// `POST /v1/hosts/{name}/iso` response.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IsoResponse {
+    pub host: String,
+    /// The ISO's capability URL, for the BMC's virtual media (or a download).
+    pub url: String,
+    pub expires_at: Timestamp,
+}
+
+/// `DELETE /v1/hosts/{name}` response.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Deleted {
+    pub message: String,
+}
+
+/// What the admin API needs to make virtual-media ISOs.
+#[derive(Clone)]
+pub struct Boot {
+    pub isos: Arc<crate::iso::Isos>,
+    /// Validity of the token in an ISO.
+    pub ttl: SignedDuration,
+}
+
 /// `GET /v1/info`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -78,6 +104,7 @@ struct AppState {
     tx: mpsc::Sender<Msg>,
     info: Info,
     hardware: Arc<dyn HardwareStore>,
+    boot: Boot,
 }
 
 /// `?namespace=NS`.
@@ -91,10 +118,12 @@ pub fn router(
     tx: mpsc::Sender<Msg>,
     info: Info,
     hardware: Arc<dyn HardwareStore>,
+    boot: Boot,
 ) -> Router {
     Router::new()
         .route("/v1/hosts", get(list_hosts))
-        .route("/v1/hosts/{name}", get(get_host))
+        .route("/v1/hosts/{name}", get(get_host).delete(delete_host))
+        .route("/v1/hosts/{name}/iso", post(boot_iso))
         .route("/v1/hosts/{name}/hardwaredata", get(get_hardware))
         .route("/v1/hardwaredata", get(list_hardware))
         .route("/v1/hosts/{name}/tokens", post(create_token))
@@ -107,6 +136,7 @@ pub fn router(
             tx,
             info,
             hardware,
+            boot,
         })
 }
 
@@ -210,7 +240,8 @@ async fn create_token(
         );
     }
     match rx.await {
-        Ok(Ok((token, expires_at))) => {
+        Ok(Ok(issued)) => {
+            let (token, expires_at) = (issued.token, issued.expires_at);
             let agent_command = format!(
                 "slipway-agent run --coordinator {} --token {} --ca-fingerprint {}",
                 s.info.agent_url,
@@ -226,6 +257,98 @@ async fn create_token(
             .into_response()
         }
         Ok(Err(message)) => error(StatusCode::NOT_FOUND, message),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the coordinator is shutting down".into(),
+        ),
+    }
+}
+
+async fn boot_iso(
+    State(s): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Query(ns): Query<Ns>,
+) -> Response {
+    let key = match lookup(&s, &ns, &name) {
+        Ok(h) => h.key(),
+        Err(r) => return *r,
+    };
+    let (reply, rx) = oneshot::channel();
+    let msg = Msg::BootToken {
+        host: key.clone(),
+        ttl: s.boot.ttl,
+        reply,
+    };
+    if s.tx.send(msg).await.is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the coordinator is shutting down".into(),
+        );
+    }
+    let issued = match rx.await {
+        Ok(Ok(issued)) => issued,
+        Ok(Err(message)) => return error(StatusCode::CONFLICT, message),
+        Err(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the coordinator is shutting down".into(),
+            );
+        }
+    };
+    let urls = crate::boot::Urls {
+        http: s.info.http_url.clone(),
+        agent: s.info.agent_url.clone(),
+        ca_fingerprint: s.info.ca_fingerprint.clone(),
+    };
+    // Virtual media: the host's bootMACAddress, when it declares one, is the NIC the ramdisk
+    // configures and the MAC its agent says at enrolment; without one it tries every NIC.
+    let args =
+        crate::boot::kernel_args(&urls, issued.token.expose(), issued.boot_mac.as_deref(), "");
+    match s
+        .boot
+        .isos
+        .make(&key, &issued.token.fingerprint(), args, issued.expires_at)
+        .await
+    {
+        Ok(capability) => Json(IsoResponse {
+            host: key.to_string(),
+            url: format!("{}/boot/iso/{capability}.iso", s.info.http_url),
+            expires_at: issued.expires_at,
+        })
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e)),
+    }
+}
+
+async fn delete_host(
+    State(s): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Query(ns): Query<Ns>,
+) -> Response {
+    let key = match lookup(&s, &ns, &name) {
+        Ok(h) => h.key(),
+        Err(r) => return *r,
+    };
+    let (reply, rx) = oneshot::channel();
+    if s.tx
+        .send(Msg::DeleteHost {
+            host: key.clone(),
+            reply,
+        })
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the coordinator is shutting down".into(),
+        );
+    }
+    match rx.await {
+        Ok(Ok(message)) => {
+            s.boot.isos.forget(&key);
+            Json(Deleted { message }).into_response()
+        }
+        Ok(Err(message)) => error(StatusCode::CONFLICT, message),
         Err(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the coordinator is shutting down".into(),

@@ -33,9 +33,7 @@ use crate::metrics::Metrics;
 use crate::pki;
 use crate::tokens::TokenSecret;
 
-/// How long an agent may stay silent before its session is dropped (it sends a heartbeat every
-/// 10 s).
-pub const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+pub use crate::engine::SILENCE_LIMIT;
 /// How long a TLS handshake may take.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(15);
 /// How long after connecting an agent has to say hello.
@@ -186,6 +184,8 @@ impl pb::agent_service_server::AgentService for Api {
         let inventory = hello_hardware
             .as_ref()
             .map(|h| Arc::new(hardware::details(h)));
+        let identity = hello_hardware.as_deref().map(hardware::Identity::of);
+        let alive = Arc::new(std::sync::atomic::AtomicI64::new(now_ms()));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel::<Box<Outgoing>>();
         let session = {
             let host = host.clone();
@@ -197,6 +197,8 @@ impl pb::agent_service_server::AgentService for Api {
                 agent,
                 reports,
                 inventory,
+                identity,
+                alive: alive.clone(),
                 commands: cmd_tx,
                 reply,
             })
@@ -222,7 +224,10 @@ impl pb::agent_service_server::AgentService for Api {
             let reason = loop {
                 let next = tokio::time::timeout(SILENCE_LIMIT, inbound.message()).await;
                 let event = match next {
-                    Ok(Ok(Some(pb::AgentEvent { event: Some(e) }))) => e,
+                    Ok(Ok(Some(pb::AgentEvent { event: Some(e) }))) => {
+                        alive.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+                        e
+                    }
                     Ok(Ok(Some(_))) => continue,
                     Ok(Ok(None)) => break "the agent closed the session".to_string(),
                     Ok(Err(status)) => break format!("stream error: {}", status.message()),
@@ -363,6 +368,11 @@ fn explain_tls(e: &std::io::Error) -> String {
         E::InvalidCertificate(other) => format!("bad client certificate: {other:?}"),
         other => other.to_string(),
     }
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
 }
 
 /// The longest agent log line kept; longer ones are cut, with a marker.

@@ -82,6 +82,16 @@ pub fn local_boot_script(host: &str, state: &str) -> String {
 }
 
 /// Declines to boot a machine, with the reason on its console.
+/// Asks again after `seconds` (the host's agent is connected now; a machine that rebooted
+/// gets its ramdisk once the old session has lapsed).
+pub fn wait_script(urls: &Urls, reason: &str, seconds: u32) -> String {
+    let reason = reason.replace(['\n', '\r'], " ");
+    format!(
+        "#!ipxe\necho Slipway: {reason}\necho Slipway: asking again in {seconds} s\nsleep {seconds}\nchain --autofree {}/boot/ipxe?mac=${{mac:hexhyp}} || exit\n",
+        urls.http
+    )
+}
+
 pub fn refusal_script(reason: &str) -> String {
     let reason = reason.replace(['\n', '\r'], " ");
     format!("#!ipxe\necho Slipway: {reason}\nexit\n")

@@ -52,6 +52,11 @@ pub enum Command {
         #[command(subcommand)]
         what: DescribeWhat,
     },
+    /// Remove a discovered host (declared hosts go when their document is removed).
+    Delete {
+        #[command(subcommand)]
+        what: DeleteWhat,
+    },
     /// Bootstrap tokens for agents.
     Token {
         #[command(subcommand)]
@@ -97,6 +102,13 @@ pub enum DescribeWhat {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum DeleteWhat {
+    /// A discovered host (`discovered-MAC`): its record, inventory, tokens and certificate.
+    #[command(alias = "hosts", alias = "bmh")]
+    Host { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TokenCmd {
     /// Create a one-time bootstrap token for HOST and print it with the agent command line.
     Create {
@@ -111,6 +123,15 @@ pub enum TokenCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum BootCmd {
+    /// Make a virtual-media ISO of the ramdisk for one boot of HOST and print its URL (a
+    /// capability: unguessable, valid as long as the token inside, at most one per host).
+    /// Attach it to the machine's BMC as virtual media, or download it. Refused while the
+    /// host's agent is connected.
+    Iso {
+        host: String,
+        #[arg(short, long, value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
     /// Print a dnsmasq configuration that PXE-boots machines into this coordinator's ramdisk:
     /// `--mode proxy` next to the site's DHCP server (ProxyDHCP), `--mode full` as the DHCP
     /// server. URLs come from the running coordinator (or --http-url).
@@ -313,6 +334,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )),
                 Format::Json => print(&encode(&t, false)?),
                 Format::Yaml => print(&encode(&t, true)?),
+            }
+        }
+        Command::Delete {
+            what: DeleteWhat::Host { name },
+        } => {
+            let d: admin::Deleted = admin::call(
+                &socket,
+                http::Method::DELETE,
+                &host_path(&name, ns, ""),
+                None,
+            )
+            .await?;
+            print(&format!("{}\n", d.message))
+        }
+        Command::Boot {
+            what: BootCmd::Iso { host, output },
+        } => {
+            let iso: admin::IsoResponse = admin::call(
+                &socket,
+                http::Method::POST,
+                &host_path(&host, ns, "/iso"),
+                None,
+            )
+            .await?;
+            match output {
+                Format::Text => print(&format!(
+                    "virtual-media ISO for host {} (one boot; valid until {}):\n  {}\n",
+                    iso.host, iso.expires_at, iso.url
+                )),
+                Format::Json => print(&encode(&iso, false)?),
+                Format::Yaml => print(&encode(&iso, true)?),
             }
         }
         Command::Boot {

@@ -64,6 +64,105 @@ impl HardwareData {
     }
 }
 
+/// What identifies a machine: its SMBIOS system UUID and serial number, and the MACs of its
+/// network cards (permanent ones where the driver knows them). An agent whose machine does
+/// not match the one inspected for its host is refused before it gets any command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    #[serde(default)]
+    pub uuid: String,
+    #[serde(default)]
+    pub serial: String,
+    /// The MACs of the NICs on a PCI (or other physical) bus, lower case, sorted.
+    #[serde(default)]
+    pub macs: std::collections::BTreeSet<String>,
+    /// Every MAC the machine shows (virtual interfaces included), for the boot MAC check.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub all_macs: std::collections::BTreeSet<String>,
+}
+
+impl Identity {
+    pub fn of(h: &Hardware) -> Identity {
+        let mac = |n: &Nic| {
+            if n.permanent_mac.is_empty() {
+                n.mac.to_ascii_lowercase()
+            } else {
+                n.permanent_mac.to_ascii_lowercase()
+            }
+        };
+        let mut all_macs = std::collections::BTreeSet::new();
+        for n in &h.nics {
+            for m in [&n.mac, &n.permanent_mac] {
+                if !m.is_empty() {
+                    all_macs.insert(m.to_ascii_lowercase());
+                }
+            }
+        }
+        Identity {
+            uuid: h.system_vendor.uuid.to_ascii_lowercase(),
+            serial: h.system_vendor.serial_number.clone(),
+            macs: h
+                .nics
+                .iter()
+                .filter(|n| !n.pci_address.is_empty())
+                .map(mac)
+                .filter(|m| !m.is_empty())
+                .collect(),
+            all_macs,
+        }
+    }
+
+    /// What differs from `recorded`, in words; empty when it is the same machine.
+    pub fn differences(&self, recorded: &Identity) -> Vec<String> {
+        let mut out = Vec::new();
+        if !recorded.uuid.is_empty() && self.uuid != recorded.uuid {
+            out.push(format!(
+                "system UUID {} (inspected: {})",
+                shown(&self.uuid),
+                recorded.uuid
+            ));
+        }
+        if !recorded.serial.is_empty() && self.serial != recorded.serial {
+            out.push(format!(
+                "serial number {} (inspected: {})",
+                shown(&self.serial),
+                recorded.serial
+            ));
+        }
+        if !recorded.macs.is_empty() && self.macs != recorded.macs {
+            let missing: Vec<&str> = recorded
+                .macs
+                .difference(&self.macs)
+                .map(String::as_str)
+                .collect();
+            let new: Vec<&str> = self
+                .macs
+                .difference(&recorded.macs)
+                .map(String::as_str)
+                .collect();
+            out.push(format!(
+                "network cards: {} missing, {} new",
+                if missing.is_empty() {
+                    "none".into()
+                } else {
+                    missing.join(", ")
+                },
+                if new.is_empty() {
+                    "none".into()
+                } else {
+                    new.join(", ")
+                },
+            ));
+        }
+        out
+    }
+}
+
+fn shown(v: &str) -> &str {
+    if v.is_empty() { "(none)" } else { v }
+}
+
 /// Hex SHA-256 of the hardware's JSON: equal for equal inventories whenever they were taken.
 pub fn digest(hardware: &Hardware) -> String {
     use sha2::Digest;

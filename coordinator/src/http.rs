@@ -5,35 +5,37 @@
 //! - `GET /boot/ipxe?mac=MAC`: the machine's own script: the ramdisk with a fresh one-time token,
 //!   its disk if provisioned, or a refusal (unknown MACs, by `--unknown-hosts`).
 //! - `GET /boot/vmlinuz`, `GET /boot/initramfs`: the ramdisk (from `--boot-dir`).
-//! - `GET /boot/iso/HOST.iso`: the ISO template with HOST's kernel arguments, for virtual media.
-//! - `GET /boot/iso/NAMESPACE/HOST.iso`: the same for a host of another namespace.
+//! - `GET /boot/iso/CAPABILITY.iso`: a virtual-media ISO made for one boot of one host
+//!   (`slipway boot iso HOST`; see `iso`). There is no ISO by host name.
 //! - `GET /images/FILE`: OS images (Range supported, so downloads resume).
 //! - `GET /healthz`: the process answers. `GET /readyz`: the engine has loaded its state
 //!   and the hosts source has been read in full (503 until then).
 //! - `GET /metrics`: Prometheus text format (see `metrics`).
 //!
-//! Scripts and ISOs carry bootstrap tokens: the provisioning network must be one that only
-//! the machines being provisioned reach (as with Ironic), and tokens are single-use and short.
+//! Scripts and ISOs carry bootstrap tokens, so both are rate-limited per source address
+//! (`--boot-rate`, `--boot-burst`). A script carries a token only when the coordinator means
+//! the host to boot the ramdisk, the same one until it is used; tokens are single-use and
+//! expire, and an enrolment never displaces a live agent (README: trust model).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use axum::Router;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use jiff::SignedDuration;
+use std::net::SocketAddr;
 use tokio::sync::{mpsc, oneshot};
 use tower_http::services::{ServeDir, ServeFile};
 
 use std::sync::Arc;
 
-use slipway_reconcile::host::HostKey;
-
 use crate::boot::{self, Urls};
 use crate::engine::{BootDecision, Msg};
+use crate::iso::Isos;
 use crate::metrics::Metrics;
+use crate::ratelimit::PerAddress;
 use crate::view::SharedView;
 
 /// Bytes per read when serving an image file.
@@ -43,9 +45,9 @@ const IMAGE_READ_CHUNK: usize = 1 << 20;
 struct BootState {
     tx: mpsc::Sender<Msg>,
     urls: Urls,
-    dir: PathBuf,
     console: String,
-    iso_token_ttl: SignedDuration,
+    isos: Arc<Isos>,
+    boot_limit: Arc<PerAddress>,
     metrics: Arc<Metrics>,
     view: SharedView,
 }
@@ -53,9 +55,25 @@ struct BootState {
 /// What the HTTP server needs besides its directories.
 pub struct Shared {
     pub tx: mpsc::Sender<Msg>,
-    pub iso_token_ttl: SignedDuration,
+    pub isos: Arc<Isos>,
+    /// Boot scripts and ISOs per source address.
+    pub boot_limit: Arc<PerAddress>,
     pub metrics: Arc<Metrics>,
     pub view: SharedView,
+}
+
+/// The peer of an HTTP connection, for the per-address limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, crate::sendfile::Listener>,
+    > for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, crate::sendfile::Listener>) -> Peer {
+        Peer(*s.remote_addr())
+    }
 }
 
 pub fn router(
@@ -68,9 +86,9 @@ pub fn router(
     let state = BootState {
         tx: shared.tx,
         urls,
-        dir: boot_dir.clone(),
         console,
-        iso_token_ttl: shared.iso_token_ttl,
+        isos: shared.isos,
+        boot_limit: shared.boot_limit,
         metrics: shared.metrics,
         view: shared.view,
     };
@@ -81,7 +99,6 @@ pub fn router(
         .route("/boot/boot.ipxe", get(entry))
         .route("/boot/ipxe", get(per_host))
         .route("/boot/iso/{file}", get(iso))
-        .route("/boot/iso/{namespace}/{file}", get(iso_in))
         .route_service("/boot/vmlinuz", ServeFile::new(boot_dir.join("vmlinuz")))
         .route_service(
             "/boot/initramfs",
@@ -170,10 +187,29 @@ async fn entry(State(s): State<BootState>) -> Response {
     text(StatusCode::OK, boot::entry_script(&s.urls))
 }
 
+/// Too many boot requests from one address: refused for now, saying so.
+fn too_many(s: &BootState, peer: &Peer, what: &str) -> Option<Response> {
+    if s.boot_limit.admit(peer.0.ip(), std::time::Instant::now()) {
+        return None;
+    }
+    s.metrics.boot_rate_limited.inc();
+    Some(text(
+        StatusCode::TOO_MANY_REQUESTS,
+        boot::refusal_script(&format!(
+            "too many {what} requests from {}; try again in a few seconds",
+            peer.0.ip()
+        )),
+    ))
+}
+
 async fn per_host(
     State(s): State<BootState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
+    if let Some(refused) = too_many(&s, &peer, "boot script") {
+        return refused;
+    }
     let Some(mac) = q.get("mac") else {
         return text(
             StatusCode::OK,
@@ -203,64 +239,36 @@ async fn per_host(
             boot::local_boot_script(&host.to_string(), &state)
         }
         Ok(BootDecision::Refuse(reason)) => boot::refusal_script(&reason),
+        Ok(BootDecision::Wait(reason)) => boot::wait_script(&s.urls, &reason, 15),
         Err(_) => boot::refusal_script("the coordinator is shutting down"),
     };
     text(StatusCode::OK, script)
 }
 
-async fn iso(state: State<BootState>, UrlPath(file): UrlPath<String>) -> Response {
-    iso_for(state, slipway_reconcile::host::DEFAULT_NAMESPACE, &file).await
-}
-
-async fn iso_in(
-    state: State<BootState>,
-    UrlPath((namespace, file)): UrlPath<(String, String)>,
+async fn iso(
+    State(s): State<BootState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(file): UrlPath<String>,
+    req: axum::extract::Request,
 ) -> Response {
-    iso_for(state, &namespace, &file).await
-}
-
-async fn iso_for(State(s): State<BootState>, namespace: &str, file: &str) -> Response {
-    let Some(host) = file.strip_suffix(".iso") else {
-        return text(StatusCode::NOT_FOUND, "ask for /boot/iso/HOST.iso\n".into());
-    };
-    let template = match tokio::fs::read(s.dir.join("slipway.iso")).await {
-        Ok(t) => t,
-        Err(e) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "no ISO template at {} ({e}); build it with cargo xtask ramdisk\n",
-                    s.dir.join("slipway.iso").display()
-                ),
-            );
-        }
-    };
-    let (reply, rx) = oneshot::channel();
-    let msg = Msg::CreateToken {
-        host: HostKey::new(namespace, host),
-        ttl: s.iso_token_ttl,
-        reply,
-    };
-    if s.tx.send(msg).await.is_err() {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the coordinator is shutting down\n".into(),
-        );
+    if let Some(refused) = too_many(&s, &peer, "ISO") {
+        return refused;
     }
-    let token = match rx.await {
-        Ok(Ok((token, _))) => token,
-        Ok(Err(message)) => return text(StatusCode::NOT_FOUND, format!("{message}\n")),
-        Err(_) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the coordinator is shutting down\n".into(),
-            );
-        }
+    let found = file
+        .strip_suffix(".iso")
+        .and_then(|cap| s.isos.find(cap, jiff::Timestamp::now()));
+    let Some(path) = found else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "no such ISO: virtual-media ISOs are made for one boot of one host (slipway boot \
+             iso HOST) and expire with the token inside\n"
+                .into(),
+        );
     };
-    // Virtual media: no BOOTIF; the ramdisk tries every NIC.
-    let args = boot::kernel_args(&s.urls, token.expose(), None, "");
-    match boot::patch_iso(&template, args.trim()) {
-        Ok(iso) => ([(header::CONTENT_TYPE, "application/x-iso9660-image")], iso).into_response(),
+    use tower::ServiceExt;
+    // ServeFile answers Range requests (and types .iso by its extension).
+    match ServeFile::new(&path).oneshot(req).await {
+        Ok(r) => r.into_response(),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
 }

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub commit_hosts: Histogram,
     pub event_to_durable_seconds: Histogram,
     pub heartbeats: Counter,
+    /// Boot scripts and ISOs refused by the per-address rate limit.
+    pub boot_rate_limited: Counter,
+    /// Enrolments and sessions refused as possible impostors.
+    pub possible_impostors: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -71,6 +75,8 @@ impl Metrics {
             commit_hosts: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             event_to_durable_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 20)),
             heartbeats: Counter::default(),
+            boot_rate_limited: Counter::default(),
+            possible_impostors: Counter::default(),
         };
         m.registry
             .register("hosts", "Hosts per provisioning state", m.hosts.clone());
@@ -127,6 +133,16 @@ impl Metrics {
             "agent_heartbeats",
             "Heartbeats received from agents",
             m.heartbeats.clone(),
+        );
+        m.registry.register(
+            "boot_rate_limited",
+            "Boot script and ISO requests refused by the per-address rate limit",
+            m.boot_rate_limited.clone(),
+        );
+        m.registry.register(
+            "possible_impostors",
+            "Enrolments and agent sessions refused as possible impostors",
+            m.possible_impostors.clone(),
         );
         Arc::new(m)
     }

@@ -17,7 +17,9 @@ use tracing::{info, warn};
 
 use crate::admin::{self, Info};
 use crate::api::{self, Api};
-use crate::engine::{DEFAULT_PROVISIONING_LIMIT, Engine, Msg, Settings, UnknownHosts};
+use crate::engine::{
+    DEFAULT_DISCOVERED_LIMIT, DEFAULT_PROVISIONING_LIMIT, Engine, Msg, Settings, UnknownHosts,
+};
 use crate::metrics::Metrics;
 use crate::pki::Ca;
 use crate::state::redb::RedbStore;
@@ -77,6 +79,22 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_PROVISIONING_LIMIT as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub provisioning_limit: u32,
+    /// Boot scripts and ISOs answered per second to one source address (bursts of
+    /// --boot-burst); beyond it, 429. A machine asks a few times per boot. 0: no limit (a load
+    /// generator whose machines all come from one address).
+    #[arg(long, value_name = "PER_SECOND", default_value_t = 2.0)]
+    pub boot_rate: f64,
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub boot_burst: u32,
+    /// Discovered hosts kept at most (undeclared machines that PXE-booted, with
+    /// --unknown-hosts discover). Past it, the oldest that never enrolled makes room, else new
+    /// machines are refused; `slipway delete host` removes one.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_DISCOVERED_LIMIT)]
+    pub discovered_limit: usize,
+    /// A discovered host whose agent enrolled is removed after this long unseen (no boot,
+    /// no session); one that never enrolled, after --boot-token-ttl.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub discovered_ttl: SignedDuration,
 }
 
 /// The `--image-ca` file: PEM text with at least one certificate, all of them parseable.
@@ -151,6 +169,8 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         unknown_hosts: args.unknown_hosts,
         boot_token_ttl: args.boot_token_ttl,
         provisioning_limit: args.provisioning_limit as usize,
+        discovered_limit: args.discovered_limit,
+        discovered_ttl: args.discovered_ttl,
     };
     let metrics = Metrics::new();
     let (tx, rx) = mpsc::channel::<Msg>(4096);
@@ -231,16 +251,26 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         hosts_dir: args.hosts.clone(),
         state_dir: state.clone(),
     };
+    // HTTP: boot files, scripts, ISOs and images.
+    let boot_dir = args.boot_dir.clone().unwrap_or_else(|| state.join("boot"));
+    let isos = crate::iso::Isos::new(state.join("iso"), boot_dir.join("slipway.iso"))
+        .context("cannot prepare the directory of virtual-media ISOs")?;
     let admin_task = tokio::spawn(
         axum::serve(
             admin,
-            admin::router(view.clone(), tx.clone(), info.clone(), Arc::new(store)),
+            admin::router(
+                view.clone(),
+                tx.clone(),
+                info.clone(),
+                Arc::new(store),
+                admin::Boot {
+                    isos: isos.clone(),
+                    ttl: args.boot_token_ttl,
+                },
+            ),
         )
         .into_future(),
     );
-
-    // HTTP: boot files, scripts, ISOs and images.
-    let boot_dir = args.boot_dir.clone().unwrap_or_else(|| state.join("boot"));
     let console = ramdisk_console(&boot_dir);
     if !boot_dir.join("initramfs").exists() {
         warn!(
@@ -260,7 +290,11 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         console,
         crate::http::Shared {
             tx: tx.clone(),
-            iso_token_ttl: args.boot_token_ttl,
+            isos,
+            boot_limit: Arc::new(crate::ratelimit::PerAddress::new(
+                args.boot_rate,
+                args.boot_burst,
+            )),
             metrics,
             view,
         },
@@ -268,7 +302,13 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
     // Image downloads are answered with sendfile in front of the router (`sendfile`).
     let http = crate::sendfile::listen(http, images)
         .with_context(|| format!("cannot serve HTTP on {http_addr}"))?;
-    let http_task = tokio::spawn(async move { axum::serve(http, router).await });
+    let http_task = tokio::spawn(async move {
+        axum::serve(
+            http,
+            router.into_make_service_with_connect_info::<crate::http::Peer>(),
+        )
+        .await
+    });
     drop(tx);
 
     info!(

@@ -480,9 +480,33 @@ impl Drop for Coordinator {
 /// `GET url` (plain http, `http://HOST:PORT/PATH`) with a short-lived connection: the status
 /// code and the body.
 pub fn http_get(url: &str) -> (u16, String) {
+    http_get_from(None, url)
+}
+
+/// A TCP connection to `to` from the loopback address `from` (e.g. 127.0.0.2: the whole of
+/// 127.0.0.0/8 is this machine), so a test can play a second machine on the network.
+pub fn connect_from(
+    from: std::net::IpAddr,
+    to: std::net::SocketAddr,
+) -> std::io::Result<TcpStream> {
+    assert!(
+        from.is_loopback() && to.ip().is_loopback(),
+        "tests talk to loopback only"
+    );
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&std::net::SocketAddr::new(from, 0).into())?;
+    s.connect(&to.into())?;
+    Ok(s.into())
+}
+
+/// [`http_get`] from source address `from`.
+pub fn http_get_from(from: Option<std::net::IpAddr>, url: &str) -> (u16, String) {
     let rest = url.strip_prefix("http://").expect("an http:// URL");
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = TcpStream::connect(host).expect("connect");
+    let mut s = match from {
+        Some(ip) => connect_from(ip, host.parse().expect("an IP:PORT URL")).expect("connect"),
+        None => TcpStream::connect(host).expect("connect"),
+    };
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
     write!(
         s,

@@ -23,7 +23,11 @@ fn name(i: u32) -> String {
 fn simulated_machines_are_provisioned_and_a_wrong_checksum_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     // Unknown MACs are refused (the last part checks how the generator takes that).
-    let c = Coordinator::start(dir.path(), &["--unknown-hosts", "refuse"]);
+    // Every simulated machine asks for its boot script from 127.0.0.1: no per-address limit.
+    let c = Coordinator::start(
+        dir.path(),
+        &["--unknown-hosts", "refuse", "--boot-rate", "0"],
+    );
     let image = pattern((4 << 20) + 4321, 7);
     fs::write(c.images.join("sim.raw"), &image).unwrap();
     let good = sha256_hex(&image);

@@ -443,7 +443,20 @@ fn iso_boot(uefi: bool, name: &str, mac: &str, with_bmc: bool) {
         ),
     );
     c.wait_state(name, "inspecting", Duration::from_secs(10));
-    let iso = vm::http_get(&format!("{}/boot/iso/{name}.iso", c.http_url()));
+    // ISOs are made for one boot (a capability URL), not served by host name.
+    let by_name = slipway_tests::http_get(&format!("{}/boot/iso/{name}.iso", c.http_url()));
+    assert_eq!(by_name.0, 404, "{}", by_name.1);
+    let made = c.cli(&["boot", "iso", name, "-o", "json"]);
+    assert!(made.status.success(), "{made:?}");
+    let made: serde_json::Value = serde_json::from_slice(&made.stdout).unwrap();
+    // The URL names the advertised address (the VM's view); fetch the same path locally.
+    let url = made["url"].as_str().unwrap();
+    let path = &url[url.find("/boot/iso/").expect("an ISO path")..];
+    assert!(
+        path.len() > "/boot/iso/.iso".len() + 40,
+        "unguessable: {path}"
+    );
+    let iso = vm::http_get(&format!("{}{path}", c.http_url()));
     let template = fs::metadata(art.dir.join("slipway.iso")).unwrap().len();
     assert_eq!(
         iso.len() as u64,

@@ -103,5 +103,16 @@ fn install(missing: &[&str]) -> anyhow::Result<()> {
     cmd::run("apt-get", &["update", "-q"], None)?;
     let mut args = vec!["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q"];
     args.extend(missing);
+    // A machine image may carry qemu-utils from bookworm-backports, which Breaks bookworm's
+    // qemu-system-common: bookworm's qemu-utils comes with it.
+    if missing.contains(&"qemu-system-x86") && backports_qemu_utils() {
+        args.extend(["--allow-downgrades", "qemu-utils/bookworm"]);
+    }
     cmd::run("apt-get", &args, None)
+}
+
+/// Whether the installed qemu-utils is a backport (`~bpo`).
+fn backports_qemu_utils() -> bool {
+    cmd::output("dpkg-query", &["-W", "-f=${Version}", "qemu-utils"], &[])
+        .is_ok_and(|v| v.contains("bpo"))
 }

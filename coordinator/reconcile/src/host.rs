@@ -343,6 +343,22 @@ pub struct HostStatus {
     /// After a failure, the earliest time of the next attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<Timestamp>,
+    /// The last time something tried to act as this host's agent and was refused because it
+    /// could be an impostor (a second enrolment while the agent is connected, a machine whose
+    /// hardware is not the one inspected). Kept until an agent enrols for the host again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub possible_impostor: Option<ImpostorAlert>,
+}
+
+/// Something refused as a possible impostor.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImpostorAlert {
+    pub at: Timestamp,
+    /// Its address, as the coordinator saw it.
+    pub peer: String,
+    /// What was refused, and why.
+    pub what: String,
 }
 
 impl HostStatus {

@@ -29,6 +29,9 @@ impl Engine {
             BootDecision::Refuse(reason) => {
                 warn!(mac = %mac, "boot refused: {}", crate::log::escape(reason))
             }
+            BootDecision::Wait(reason) => {
+                warn!(mac = %mac, "boot deferred: {}", crate::log::escape(reason))
+            }
         }
         match &decision {
             // The token (and a discovered host) must be stored before the script is answered.
@@ -55,6 +58,9 @@ impl Engine {
         });
         let host = match found {
             Some((key, state)) => {
+                if let Some(e) = self.hosts.get_mut(&key) {
+                    e.seen_at = now;
+                }
                 use ProvisioningState as S;
                 match state {
                     S::Provisioned | S::ExternallyProvisioned => {
@@ -76,27 +82,227 @@ impl Engine {
                          --unknown-hosts discover"
                     ));
                 }
-                UnknownHosts::Discover => self.discovered(&mac, now),
+                UnknownHosts::Discover => match self.discovered(&mac, now) {
+                    Ok(key) => key,
+                    Err(why) => return BootDecision::Refuse(why),
+                },
             },
         };
-        match self.create_token(&host, self.settings.boot_token_ttl, now) {
-            Ok((token, _)) => {
-                self.event(
-                    &host,
-                    false,
-                    "BootRamdisk",
-                    format!("{mac} asked how to boot: sent the Slipway ramdisk"),
-                );
+        match self.boot_token(&host, self.settings.boot_token_ttl, now) {
+            Ok(Some((token, fresh))) => {
+                if fresh {
+                    self.event(
+                        &host,
+                        false,
+                        "BootRamdisk",
+                        format!("{mac} asked how to boot: sent the Slipway ramdisk"),
+                    );
+                }
                 BootDecision::Ramdisk { host, token, mac }
+            }
+            Ok(None) => {
+                let address = self
+                    .hosts
+                    .get(&host)
+                    .and_then(|e| e.session.as_ref())
+                    .map(|s| s.link.address.clone())
+                    .unwrap_or_default();
+                BootDecision::Wait(format!(
+                    "host {host}'s agent is connected (from {address}); no token is given while \
+                     it is. A machine that rebooted is answered once the old session has been \
+                     silent for {}s",
+                    super::SILENCE_LIMIT.as_secs()
+                ))
             }
             Err(e) => BootDecision::Refuse(e),
         }
     }
 
-    /// The record of an undeclared machine, created on its first boot.
-    fn discovered(&mut self, mac: &str, now: Timestamp) -> HostKey {
+    /// The token a boot script carries: none while the host's agent is live; the one already
+    /// handed out for this boot while it is unused and valid; else a new one, revoking any
+    /// other unused boot token of the host (one outstanding per host). `(token, new)`.
+    fn boot_token(
+        &mut self,
+        host: &HostKey,
+        ttl: SignedDuration,
+        now: Timestamp,
+    ) -> Result<Option<(TokenSecret, bool)>, String> {
+        let Some(entry) = self.hosts.get(host) else {
+            return Err(format!("host {host} is not declared"));
+        };
+        if entry.session.as_ref().is_some_and(|s| s.live(now)) {
+            return Ok(None);
+        }
+        if let Some(t) = &entry.boot_token
+            && self
+                .tokens
+                .get(&t.hash())
+                .is_some_and(|r| r.used_at.is_none() && r.expires_at > now)
+        {
+            return Ok(Some((t.clone(), false)));
+        }
+        let stale: Vec<String> = self
+            .tokens_by_host
+            .get(host)
+            .map(|hashes| {
+                hashes
+                    .iter()
+                    .filter(|h| {
+                        self.tokens
+                            .get(*h)
+                            .is_some_and(|r| r.boot && r.used_at.is_none())
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (token, _) = self.mint(host, ttl, true, now)?;
+        for hash in stale {
+            self.tokens.remove(&hash);
+            if let Some(set) = self.tokens_by_host.get_mut(host) {
+                set.remove(&hash);
+            }
+            if let Some(e) = self.hosts.get_mut(host) {
+                e.pending.tokens.push((hash, None));
+            }
+        }
+        if let Some(e) = self.hosts.get_mut(host) {
+            e.boot_token = Some(token.clone());
+        }
+        Ok(Some((token, true)))
+    }
+
+    /// The token of a boot by virtual media (`slipway boot iso`): the host's one outstanding
+    /// boot token, refused while its agent is connected.
+    pub(super) fn iso_token(
+        &mut self,
+        host: &HostKey,
+        ttl: SignedDuration,
+        now: Timestamp,
+    ) -> Result<(TokenSecret, Timestamp), String> {
+        if self
+            .hosts
+            .get(host)
+            .is_none_or(|e| e.record.deleted || e.forgotten)
+        {
+            return Err(format!("host {host} is not declared"));
+        }
+        match self.boot_token(host, ttl, now)? {
+            Some((token, fresh)) => {
+                let expires_at = self.tokens.get(&token.hash()).map_or(now, |r| r.expires_at);
+                if fresh {
+                    self.event(
+                        host,
+                        false,
+                        "BootIso",
+                        "a virtual-media ISO of the Slipway ramdisk was made for the host".into(),
+                    );
+                }
+                Ok((token, expires_at))
+            }
+            None => Err(format!(
+                "host {host}'s agent is connected; no boot token is given while it is (it is \
+                 given once the session has been silent for {}s)",
+                super::SILENCE_LIMIT.as_secs()
+            )),
+        }
+    }
+
+    /// The discovered hosts still kept, oldest seen first.
+    fn discovered_hosts(&mut self) -> Vec<HostKey> {
+        let hosts = &self.hosts;
+        self.discovered.retain(|k| {
+            hosts
+                .get(k)
+                .is_some_and(|e| !e.forgotten && !e.record.deleted)
+        });
+        let mut keys: Vec<HostKey> = self.discovered.iter().cloned().collect();
+        keys.sort_by_key(|k| self.hosts.get(k).map(|e| e.seen_at));
+        keys
+    }
+
+    /// Removes a discovered host, with its record, tokens and certificate.
+    fn drop_discovered(&mut self, key: &HostKey, why: &str) {
+        let Some(e) = self.hosts.get_mut(key) else {
+            return;
+        };
+        info!(host = %key, "removing the discovered host: {why}");
+        std::sync::Arc::make_mut(&mut e.record).deleted = true;
+        e.pending.record = true;
+        self.discovered.remove(key);
+        self.unsaved.insert(key.clone());
+        self.to_plan.insert(key.clone());
+        self.view_dirty.insert(key.clone());
+    }
+
+    /// `slipway delete host`: only discovered hosts; declared ones go with their document.
+    pub(super) fn delete_discovered(&mut self, key: &HostKey) -> Result<String, String> {
+        let Some(e) = self
+            .hosts
+            .get(key)
+            .filter(|e| !e.forgotten && !e.record.deleted)
+        else {
+            return Err(format!("no host {key}"));
+        };
+        if e.record.origin != DISCOVERED {
+            return Err(format!(
+                "host {key} is declared in {}: remove its document there to delete it (a \
+                 provisioned host is then deprovisioned first)",
+                e.record.origin
+            ));
+        }
+        self.drop_discovered(key, "deleted by the operator");
+        Ok(format!("discovered host {key} deleted"))
+    }
+
+    /// Discovered hosts not seen for long enough go: after the boot token's validity for one
+    /// whose agent never enrolled, after `discovered_ttl` for one that did.
+    pub(super) fn sweep_discovered(&mut self, now: Timestamp) {
+        for key in self.discovered_hosts() {
+            let Some(e) = self.hosts.get(&key) else {
+                continue;
+            };
+            if e.session.as_ref().is_some_and(|s| s.live(now)) {
+                continue;
+            }
+            let ttl = if e.record.agent_cert_sha256.is_some() {
+                self.settings.discovered_ttl
+            } else {
+                self.settings.boot_token_ttl
+            };
+            if now.duration_since(e.seen_at) > ttl {
+                self.drop_discovered(&key, "not seen again");
+            }
+        }
+    }
+
+    /// The record of an undeclared machine, created on its first boot. At the limit, the
+    /// oldest discovered host that never enrolled (and was last seen over two minutes ago)
+    /// makes room; else the machine is refused.
+    fn discovered(&mut self, mac: &str, now: Timestamp) -> Result<HostKey, String> {
         let key = HostKey::default_ns(format!("discovered-{}", mac.replace(':', "")));
         if self.hosts.get(&key).is_none_or(|e| e.forgotten) {
+            let kept = self.discovered_hosts();
+            if kept.len() >= self.settings.discovered_limit {
+                let room = kept.iter().find(|k| {
+                    self.hosts.get(*k).is_some_and(|e| {
+                        e.record.agent_cert_sha256.is_none()
+                            && e.session.is_none()
+                            && now.duration_since(e.seen_at) > SignedDuration::from_mins(2)
+                    })
+                });
+                match room.cloned() {
+                    Some(old) => self.drop_discovered(&old, "making room for a newer one"),
+                    None => {
+                        return Err(format!(
+                            "{} discovered hosts are kept already (--discovered-limit): declare \
+                             this machine ({mac}), or remove discovered ones with slipway \
+                             delete host",
+                            kept.len()
+                        ));
+                    }
+                }
+            }
             info!(host = %key, mac = %mac, "an undeclared machine booted: registering it as discovered");
             let mut host = BareMetalHost {
                 api_version: API_VERSION.into(),
@@ -127,13 +333,24 @@ impl Engine {
             self.add_entry(&key, entry);
             self.unsaved.insert(key.clone());
         }
-        key
+        Ok(key)
     }
 
+    /// A token an operator asked for (`slipway token create`).
     pub(super) fn create_token(
         &mut self,
         host: &HostKey,
         ttl: SignedDuration,
+        now: Timestamp,
+    ) -> Result<(TokenSecret, Timestamp), String> {
+        self.mint(host, ttl, false, now)
+    }
+
+    fn mint(
+        &mut self,
+        host: &HostKey,
+        ttl: SignedDuration,
+        boot: bool,
         now: Timestamp,
     ) -> Result<(TokenSecret, Timestamp), String> {
         let Some(entry) = self
@@ -154,6 +371,7 @@ impl Engine {
             expires_at,
             used_at: None,
             used_by: None,
+            boot,
         };
         entry
             .pending

@@ -20,8 +20,7 @@ use super::{Engine, PROGRESS_DURABLE_EVERY};
 use crate::hardware::HardwareData;
 use crate::metrics::{ErrorLabel, StateLabel, TransitionLabels};
 use crate::sources::SecretKey;
-use crate::state::{EVENTS_KEPT, EventRecord, HostChange, HostRecord, TokenRecord};
-use crate::tokens::TokenSecret;
+use crate::state::{EventRecord, HostChange, HostRecord, TokenRecord};
 
 pub(super) struct Session {
     pub id: u64,
@@ -33,6 +32,16 @@ pub(super) struct Session {
     pub reports: HashMap<String, AgentReport>,
     /// The hardware reported in the hello.
     pub inventory: Option<std::sync::Arc<HardwareDetails>>,
+    /// When the API last heard from this agent (Unix milliseconds).
+    pub alive: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Session {
+    /// Heard from within [`super::SILENCE_LIMIT`].
+    pub fn live(&self, now: Timestamp) -> bool {
+        let heard = self.alive.load(std::sync::atomic::Ordering::Relaxed);
+        now.as_millisecond() - heard < super::SILENCE_LIMIT.as_millis() as i64
+    }
 }
 
 /// Changes of a host not yet handed to the store.
@@ -42,6 +51,8 @@ pub(super) struct Pending {
     pub record: bool,
     pub status: bool,
     pub events: Vec<(u64, EventRecord)>,
+    /// Stored events dropped since (see [`crate::state::event_to_drop`]).
+    pub events_dropped: Vec<u64>,
     pub hardware: Option<Box<HardwareData>>,
     pub tokens: Vec<(String, Option<TokenRecord>)>,
 }
@@ -52,6 +63,7 @@ impl Pending {
             && !self.record
             && !self.status
             && self.events.is_empty()
+            && self.events_dropped.is_empty()
             && self.hardware.is_none()
             && self.tokens.is_empty()
     }
@@ -64,6 +76,10 @@ impl Pending {
         self.status = failed.status.is_some() || later.status;
         self.events = failed.events;
         self.events.extend(later.events);
+        self.events_dropped = failed.events_dropped;
+        self.events_dropped.extend(later.events_dropped);
+        let dropped = &self.events_dropped;
+        self.events.retain(|(s, _)| !dropped.contains(s));
         self.hardware = later.hardware.or(failed.hardware.map(Box::new));
         self.tokens = failed.tokens;
         self.tokens.extend(later.tokens);
@@ -77,8 +93,8 @@ pub(super) enum Reply {
         Result<Enrolled, Refusal>,
     ),
     Token(
-        oneshot::Sender<Result<(TokenSecret, Timestamp), String>>,
-        Result<(TokenSecret, Timestamp), String>,
+        oneshot::Sender<Result<super::msg::Issued, String>>,
+        Result<super::msg::Issued, String>,
     ),
 }
 
@@ -151,6 +167,12 @@ pub(super) struct Entry {
     /// Since when the host has a significant change not yet durable (for the metric).
     pub dirty_since: Option<Instant>,
     pub sealed_since: Option<Instant>,
+    /// The boot token handed out for the host's current boot (memory only: a restart mints
+    /// a new one and revokes the old), given again to a repeated fetch until it is used.
+    pub boot_token: Option<crate::tokens::TokenSecret>,
+    /// When the machine was last heard of (a boot request, a session; memory only, so a
+    /// restart counts as seen), for the expiry of discovered hosts.
+    pub seen_at: Timestamp,
 }
 
 impl Entry {
@@ -171,21 +193,30 @@ impl Entry {
             forgotten: false,
             dirty_since: None,
             sealed_since: None,
+            boot_token: None,
+            seen_at: now,
         }
     }
 
     pub fn push_event(&mut self, event: EventRecord) {
         let seq = self.next_event;
         self.next_event += 1;
+        let kind = event.reason.clone();
         self.events
             .push_back((seq, std::sync::Arc::new(event.clone())));
-        while self.events.len() > EVENTS_KEPT {
-            self.events.pop_front();
-        }
         self.pending.events.push((seq, event));
-        self.pending
-            .events
-            .retain(|(s, _)| *s + EVENTS_KEPT as u64 > seq);
+        let drop = crate::state::event_to_drop(
+            self.events.iter().map(|(s, e)| (*s, e.reason.as_str())),
+            &kind,
+        );
+        if let Some(drop) = drop {
+            self.events.retain(|(s, _)| *s != drop);
+            let before = self.pending.events.len();
+            self.pending.events.retain(|(s, _)| *s != drop);
+            if self.pending.events.len() == before {
+                self.pending.events_dropped.push(drop);
+            }
+        }
     }
 
     /// The oldest event sequence the store keeps for this host.
@@ -236,6 +267,7 @@ pub(super) fn significant(new: &HostStatus, saved: &HostStatus) -> bool {
         agent,
         current_command,
         retry_after,
+        possible_impostor,
     } = new;
     let same_progress = match (progress, &saved.progress) {
         (None, None) => true,
@@ -255,7 +287,8 @@ pub(super) fn significant(new: &HostStatus, saved: &HostStatus) -> bool {
         && *operation_history == saved.operation_history
         && *agent == saved.agent
         && *current_command == saved.current_command
-        && *retry_after == saved.retry_after)
+        && *retry_after == saved.retry_after
+        && *possible_impostor == saved.possible_impostor)
 }
 
 /// The Secret references of a spec, resolved in the host's namespace.

@@ -56,6 +56,8 @@ pub const PROGRESS_DURABLE_EVERY: SignedDuration = SignedDuration::from_secs(30)
 /// Default bound on hosts inspecting, cleaning or writing images at once (see
 /// `slipway serve --provisioning-limit`).
 pub const DEFAULT_PROVISIONING_LIMIT: usize = 100;
+/// Discovered hosts kept at most, by default (`--discovered-limit`).
+pub const DEFAULT_DISCOVERED_LIMIT: usize = 256;
 
 /// Settings of the engine.
 #[derive(Clone, Debug)]
@@ -68,6 +70,12 @@ pub struct Settings {
     pub boot_token_ttl: SignedDuration,
     /// Hosts inspecting, cleaning or writing images at once.
     pub provisioning_limit: usize,
+    /// Discovered hosts kept at most (undeclared machines that booted): past it, the oldest
+    /// that never enrolled makes room, else new machines are refused.
+    pub discovered_limit: usize,
+    /// A discovered host whose agent enrolled goes after this long unseen (no boot request,
+    /// no live session); one that never enrolled, after the boot token's validity.
+    pub discovered_ttl: SignedDuration,
 }
 
 impl Default for Settings {
@@ -78,6 +86,8 @@ impl Default for Settings {
             unknown_hosts: UnknownHosts::Discover,
             boot_token_ttl: SignedDuration::from_hours(1),
             provisioning_limit: DEFAULT_PROVISIONING_LIMIT,
+            discovered_limit: DEFAULT_DISCOVERED_LIMIT,
+            discovered_ttl: SignedDuration::from_hours(24),
         }
     }
 }
@@ -120,6 +130,8 @@ pub struct Engine {
     view_dirty: BTreeSet<HostKey>,
     problems_dirty: bool,
     last_sweep: Timestamp,
+    /// Discovered hosts (they may since have been removed: checked where used).
+    discovered: BTreeSet<HostKey>,
 }
 
 impl Engine {
@@ -161,6 +173,7 @@ impl Engine {
             view_dirty: BTreeSet::new(),
             problems_dirty: true,
             last_sweep: now,
+            discovered: BTreeSet::new(),
         };
         for (key, stored) in loaded.hosts {
             let mut entry = Entry::new(stored.record, stored.status, now);
@@ -185,6 +198,9 @@ impl Engine {
 
     /// Indexes a new entry (MAC, Secrets, slots, metrics) and plans it soon.
     fn add_entry(&mut self, key: &HostKey, entry: Entry) {
+        if entry.record.origin == msg::DISCOVERED && !entry.record.deleted {
+            self.discovered.insert(key.clone());
+        }
         if let Some(mac) = entry.boot_mac() {
             self.index_mac(&mac, key);
         }
@@ -313,6 +329,7 @@ impl Engine {
         if now.duration_since(self.last_sweep) >= SignedDuration::from_secs(60) {
             self.last_sweep = now;
             self.sweep_tokens(now);
+            self.sweep_discovered(now);
         }
         self.publish();
     }
@@ -354,6 +371,11 @@ impl Engine {
                     p.events
                 },
                 events_keep_from: entry.events_keep_from(),
+                events_dropped: if entry.forgotten {
+                    Vec::new()
+                } else {
+                    p.events_dropped
+                },
                 hardware: p.hardware.map(|h| *h),
                 tokens: p.tokens,
             };
@@ -595,6 +617,8 @@ impl Engine {
                 agent,
                 reports,
                 inventory,
+                identity,
+                alive,
                 commands,
                 reply,
             } => {
@@ -605,6 +629,8 @@ impl Engine {
                     &agent,
                     reports,
                     inventory,
+                    identity,
+                    alive,
                     commands,
                     now,
                 );
@@ -669,18 +695,44 @@ impl Engine {
                 if entry.session.as_ref().is_some_and(|s| s.id == session) {
                     info!(host = %host, session, "agent session ended: {reason}");
                     entry.session = None;
+                    entry.seen_at = now;
                     self.metrics.sessions.dec();
                     self.to_plan.insert(host);
                 }
             }
             Msg::Boot { mac, reply } => self.boot(&mac, reply, now),
             Msg::CreateToken { host, ttl, reply } => {
-                let result = self.create_token(&host, ttl, now);
+                let boot_mac = self.hosts.get(&host).and_then(|e| e.boot_mac());
+                let result = self
+                    .create_token(&host, ttl, now)
+                    .map(|(token, expires_at)| Issued {
+                        token,
+                        expires_at,
+                        boot_mac,
+                    });
                 if result.is_ok() {
                     self.hold_or_act(&host, Act::Reply(host::Reply::Token(reply, result)));
                 } else {
                     let _ = reply.send(result);
                 }
+            }
+            Msg::BootToken { host, ttl, reply } => {
+                let boot_mac = self.hosts.get(&host).and_then(|e| e.boot_mac());
+                let result = self
+                    .iso_token(&host, ttl, now)
+                    .map(|(token, expires_at)| Issued {
+                        token,
+                        expires_at,
+                        boot_mac,
+                    });
+                if result.is_ok() {
+                    self.hold_or_act(&host, Act::Reply(host::Reply::Token(reply, result)));
+                } else {
+                    let _ = reply.send(result);
+                }
+            }
+            Msg::DeleteHost { host, reply } => {
+                let _ = reply.send(self.delete_discovered(&host));
             }
         }
     }
@@ -700,6 +752,17 @@ impl Engine {
         if entry.session.as_ref().is_none_or(|s| s.id != session) {
             debug!(host = %key, session, "inventory from a replaced session ignored");
             return;
+        }
+        // Inspection says which machine the host is; a host inspected before identities were
+        // kept takes it from its agent's first report.
+        let inspected = by == "inspect" || entry.status.hardware.is_some();
+        if inspected && (by == "inspect" || entry.record.identity.is_none()) {
+            let identity = crate::hardware::Identity::of(&hardware);
+            if entry.record.identity.as_ref() != Some(&identity) {
+                Arc::make_mut(&mut entry.record).identity = Some(identity);
+                entry.pending.record = true;
+                self.unsaved.insert(key.clone());
+            }
         }
         let digest = crate::hardware::digest(&hardware);
         if entry.record.hardware_sha256.as_deref() == Some(digest.as_str()) {

@@ -72,6 +72,14 @@ pub struct Outgoing {
 /// time, and 32 unboxed commands made 17 KiB per session (a third of a session's memory).
 pub type CommandSender = mpsc::UnboundedSender<Box<Outgoing>>;
 
+/// How long an agent may stay silent before its session is dropped (it sends a heartbeat
+/// every 10 s); while a session has been heard from within this, it is live and no second
+/// agent may take the host.
+pub const SILENCE_LIMIT: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// The annotation that accepts a replaced machine: its new system UUID (or serial number).
+pub const ACCEPT_HARDWARE_ANNOTATION: &str = "slipway.io/accept-hardware";
+
 /// What a booting machine gets.
 #[derive(Clone, Debug, PartialEq)]
 pub enum BootDecision {
@@ -83,6 +91,8 @@ pub enum BootDecision {
     },
     /// Its own disk (the host is provisioned).
     LocalDisk { host: HostKey, state: String },
+    /// Not now (the host's agent is connected): ask again later. The reason is shown.
+    Wait(String),
     /// Nothing; the reason is shown on the machine's console.
     Refuse(String),
 }
@@ -105,6 +115,11 @@ pub enum Msg {
         reports: Vec<AgentReport>,
         /// The hardware the agent reported in its hello.
         inventory: Option<std::sync::Arc<HardwareDetails>>,
+        /// The machine the hello describes.
+        identity: Option<crate::hardware::Identity>,
+        /// When the session last heard from the agent (Unix milliseconds), kept current by
+        /// the API as messages arrive.
+        alive: std::sync::Arc<std::sync::atomic::AtomicI64>,
         commands: CommandSender,
         reply: oneshot::Sender<Result<u64, Refusal>>,
     },
@@ -139,7 +154,20 @@ pub enum Msg {
     CreateToken {
         host: HostKey,
         ttl: SignedDuration,
-        reply: oneshot::Sender<Result<(TokenSecret, Timestamp), String>>,
+        reply: oneshot::Sender<Result<Issued, String>>,
+    },
+    /// The token for a boot of the host's ramdisk by virtual media (`slipway boot iso`): the
+    /// host's one outstanding boot token, as a boot script would carry it.
+    BootToken {
+        host: HostKey,
+        ttl: SignedDuration,
+        reply: oneshot::Sender<Result<Issued, String>>,
+    },
+    /// Removes a discovered host (`slipway delete host`); a declared one is refused, naming
+    /// the file that declares it. The answer says what was done.
+    DeleteHost {
+        host: HostKey,
+        reply: oneshot::Sender<Result<String, String>>,
     },
 }
 
@@ -147,6 +175,15 @@ impl From<SourceEvent> for Msg {
     fn from(e: SourceEvent) -> Msg {
         Msg::Source(e)
     }
+}
+
+/// A token created for a host, with what its agent must say at enrolment.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub token: TokenSecret,
+    pub expires_at: Timestamp,
+    /// The host's bootMACAddress, which the agent must give as the MAC it booted from.
+    pub boot_mac: Option<String>,
 }
 
 /// What happens to machines whose MAC no host declares.

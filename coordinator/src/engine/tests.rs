@@ -156,7 +156,7 @@ impl Harness {
             reply: tx,
         });
         self.settle();
-        rx.try_recv().expect("token answered").expect("token").0
+        rx.try_recv().expect("token answered").expect("token").token
     }
 
     /// Enrols and connects an agent for `key`, the real way: token, CSR, certificate.
@@ -208,6 +208,8 @@ impl Harness {
             agent: AgentInfo::default(),
             reports,
             inventory: None,
+            identity: None,
+            alive: live(),
             commands: cmd_tx,
             reply: tx,
         });
@@ -229,6 +231,13 @@ impl Harness {
             },
         });
     }
+}
+
+/// A session just heard from.
+fn live() -> Arc<std::sync::atomic::AtomicI64> {
+    Arc::new(std::sync::atomic::AtomicI64::new(
+        Timestamp::now().as_millisecond(),
+    ))
 }
 
 fn ok(hardware: bool) -> Outcome {
@@ -495,6 +504,8 @@ fn a_restarted_engine_resumes_the_command_in_flight_without_a_new_one() {
         agent: AgentInfo::default(),
         reports: vec![],
         inventory: None,
+        identity: None,
+        alive: live(),
         commands: cmd_tx,
         reply: tx,
     });
@@ -599,6 +610,8 @@ fn two_namespaces_may_each_have_the_same_host_name() {
         agent: AgentInfo::default(),
         reports: vec![],
         inventory: None,
+        identity: None,
+        alive: live(),
         commands: cmd_tx,
         reply: tx,
     });
@@ -673,4 +686,428 @@ fn hosts_stored_but_no_longer_declared_are_deleted_once_the_source_has_synced() 
     assert!(h.store.host(&b).is_none(), "b was deleted");
     assert!(h.store.host(&a).is_some());
     assert!(h.engine.view().read().unwrap().ready);
+}
+
+/// Enrols with a fresh operator token and key; the answer.
+fn try_enrol(h: &mut Harness, key: &HostKey, mac: &str, peer: &str) -> Result<Enrolled, Refusal> {
+    let token = h.token(key);
+    enrol_with(h, token, mac, peer)
+}
+
+/// Enrols with `token` and a fresh key; the answer.
+fn enrol_with(
+    h: &mut Harness,
+    token: TokenSecret,
+    mac: &str,
+    peer: &str,
+) -> Result<Enrolled, Refusal> {
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&pair)
+        .unwrap();
+    let (tx, mut rx) = oneshot::channel();
+    h.send(Msg::Enroll {
+        token,
+        csr_der: csr.der().to_vec(),
+        agent: AgentInfo {
+            version: "test".into(),
+            boot_mac: mac.into(),
+            ramdisk: true,
+        },
+        peer: peer.into(),
+        reply: tx,
+    });
+    h.settle();
+    rx.try_recv().expect("answered")
+}
+
+fn machine(uuid: &str, macs: &[&str]) -> crate::hardware::Identity {
+    crate::hardware::Identity {
+        uuid: uuid.into(),
+        serial: "SN1".into(),
+        macs: macs.iter().map(|m| m.to_string()).collect(),
+        all_macs: macs.iter().map(|m| m.to_string()).collect(),
+    }
+}
+
+fn connect_as(
+    h: &mut Harness,
+    key: &HostKey,
+    cert: &[u8],
+    identity: crate::hardware::Identity,
+) -> Result<u64, Refusal> {
+    let (cmd_tx, _commands) = mpsc::unbounded_channel();
+    let (tx, mut rx) = oneshot::channel();
+    h.send(Msg::Connect {
+        host: key.clone(),
+        cert_sha256: crate::pki::sha256_hex(cert),
+        peer: "10.0.0.66:4000".into(),
+        agent: AgentInfo::default(),
+        reports: vec![],
+        inventory: None,
+        identity: Some(identity),
+        alive: live(),
+        commands: cmd_tx,
+        reply: tx,
+    });
+    rx.try_recv().expect("answered")
+}
+
+#[test]
+fn a_second_enrolment_never_displaces_a_live_agent_and_is_raised_as_an_impostor() {
+    let mut h = Harness::new(Settings::default());
+    let a = HostKey::default_ns("a");
+    h.declare(&a, spec(MAC_A, false));
+    h.settle();
+    let agent = h.agent(&a, MAC_A);
+    h.settle();
+    let refused = try_enrol(&mut h, &a, MAC_A, "10.0.0.66:4000").unwrap_err();
+    assert!(
+        refused.0.contains("10.0.0.66:4000") && refused.0.contains("is connected"),
+        "{}",
+        refused.0
+    );
+    let stored = h.store.host(&a).unwrap();
+    let alert = stored
+        .status
+        .possible_impostor
+        .expect("raised in the status");
+    assert_eq!(alert.peer, "10.0.0.66:4000");
+    assert!(
+        stored
+            .events
+            .iter()
+            .any(|(_, e)| e.reason == "PossibleImpostor" && e.warning)
+    );
+    // The real agent's session is still the one.
+    assert_eq!(
+        h.engine.hosts[&a].session.as_ref().unwrap().id,
+        agent.session
+    );
+    // Once the session has been silent past the limit (the machine rebooted), a new
+    // enrolment gets in, and the alert is cleared from the status.
+    h.engine.hosts[&a]
+        .session
+        .as_ref()
+        .unwrap()
+        .alive
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    assert!(try_enrol(&mut h, &a, MAC_A, "10.0.0.5:4000").is_ok());
+    assert!(h.store.host(&a).unwrap().status.possible_impostor.is_none());
+}
+
+#[test]
+fn the_boot_mac_is_required_and_must_be_the_hosts() {
+    let mut h = Harness::new(Settings::default());
+    let a = HostKey::default_ns("a");
+    h.declare(&a, spec(MAC_A, false));
+    h.settle();
+    // The token of a boot script: anyone who asked /boot/ipxe?mac= has it.
+    let boot_token = ramdisk_token(boot(&mut h, MAC_A));
+    let e = enrol_with(&mut h, boot_token.clone(), "", "p").unwrap_err();
+    assert!(
+        e.0.contains("did not say which MAC") && e.0.contains(MAC_A),
+        "{}",
+        e.0
+    );
+    let e = enrol_with(&mut h, boot_token.clone(), MAC_B, "p").unwrap_err();
+    assert!(e.0.contains(MAC_B) && e.0.contains(MAC_A), "{}", e.0);
+    // An operator's token (admin socket) needs no boot MAC, but a wrong one is refused.
+    let e = try_enrol(&mut h, &a, MAC_B, "p").unwrap_err();
+    assert!(e.0.contains(MAC_B), "{}", e.0);
+    let operator = try_enrol(&mut h, &a, "", "p").unwrap().cert_der;
+    assert!(connect_as(&mut h, &a, &operator, machine("u1", &[MAC_B])).is_ok());
+    h.engine.hosts.get_mut(&a).unwrap().session = None;
+    // Enrolled with the boot token and the right MAC, but the machine has no such NIC: the
+    // session is refused.
+    let cert = enrol_with(&mut h, boot_token, MAC_A, "p").unwrap().cert_der;
+    let e = connect_as(&mut h, &a, &cert, machine("u1", &[MAC_B])).unwrap_err();
+    assert!(e.0.contains("no such NIC"), "{}", e.0);
+    assert!(connect_as(&mut h, &a, &cert, machine("u1", &[MAC_A, MAC_B])).is_ok());
+}
+
+#[test]
+fn an_agent_on_other_hardware_than_inspected_is_refused_until_accepted() {
+    let mut h = Harness::new(Settings::default());
+    let a = HostKey::default_ns("a");
+    h.declare(&a, spec(MAC_A, false));
+    h.settle();
+    let cert = try_enrol(&mut h, &a, MAC_A, "p").unwrap().cert_der;
+    let session = connect_as(&mut h, &a, &cert, machine("uuid-1", &[MAC_A])).unwrap();
+    // Inspection records the machine.
+    let mut hw = crate::hardware::Hardware::default();
+    hw.system_vendor.uuid = "UUID-1".into();
+    hw.system_vendor.serial_number = "SN1".into();
+    hw.nics.push(crate::hardware::Nic {
+        mac: MAC_A.into(),
+        pci_address: "0000:00:03.0".into(),
+        ..Default::default()
+    });
+    h.send(Msg::Inventory {
+        host: a.clone(),
+        session,
+        hardware: Box::new(hw),
+        by: "inspect",
+    });
+    h.settle();
+    assert_eq!(
+        h.store.host(&a).unwrap().record.identity.unwrap().uuid,
+        "uuid-1"
+    );
+    // Another machine with the same certificate (copied) and the host's MAC: refused, naming
+    // what differs and how to accept a replacement.
+    let e = connect_as(&mut h, &a, &cert, machine("uuid-2", &[MAC_A])).unwrap_err();
+    assert!(
+        e.0.contains("system UUID uuid-2 (inspected: uuid-1)")
+            && e.0.contains("slipway.io/accept-hardware: \"uuid-2\""),
+        "{}",
+        e.0
+    );
+    assert!(h.engine.hosts[&a].status.possible_impostor.is_some());
+    // The operator accepts the replaced machine.
+    let mut s = spec(MAC_A, false);
+    s.online = true;
+    let mut d = doc(&a, s);
+    d.metadata
+        .annotations
+        .insert(ACCEPT_HARDWARE_ANNOTATION.into(), "uuid-2".into());
+    h.send(Msg::Source(SourceEvent::Declared {
+        key: a.clone(),
+        host: Box::new(d),
+        origin: "hosts/a.yaml".into(),
+    }));
+    h.settle();
+    assert!(connect_as(&mut h, &a, &cert, machine("uuid-2", &[MAC_A])).is_ok());
+    h.settle();
+    assert_eq!(
+        h.store.host(&a).unwrap().record.identity.unwrap().uuid,
+        "uuid-2"
+    );
+}
+
+fn boot(h: &mut Harness, mac: &str) -> BootDecision {
+    let (tx, mut rx) = oneshot::channel();
+    h.send(Msg::Boot {
+        mac: mac.into(),
+        reply: tx,
+    });
+    h.settle();
+    rx.try_recv().expect("answered")
+}
+
+fn ramdisk_token(d: BootDecision) -> TokenSecret {
+    match d {
+        BootDecision::Ramdisk { token, .. } => token,
+        other => panic!("not the ramdisk: {other:?}"),
+    }
+}
+
+#[test]
+fn a_boot_script_carries_one_token_per_boot_and_none_while_the_agent_is_live() {
+    let mut h = Harness::new(Settings::default());
+    let a = HostKey::default_ns("a");
+    h.declare(&a, spec(MAC_A, false));
+    h.settle();
+    let first = ramdisk_token(boot(&mut h, MAC_A));
+    let again = ramdisk_token(boot(&mut h, MAC_A));
+    assert_eq!(first, again, "a repeated fetch gets the same token");
+    let boot_tokens = |h: &Harness| {
+        h.store
+            .tokens()
+            .iter()
+            .filter(|(_, t)| t.host == a && t.boot && t.used_at.is_none())
+            .count()
+    };
+    assert_eq!(boot_tokens(&h), 1);
+    // Used by the agent, whose session is live: nothing for anyone else.
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&pair)
+        .unwrap();
+    let (tx, mut rx) = oneshot::channel();
+    h.send(Msg::Enroll {
+        token: first.clone(),
+        csr_der: csr.der().to_vec(),
+        agent: AgentInfo {
+            version: "t".into(),
+            boot_mac: MAC_A.into(),
+            ramdisk: true,
+        },
+        peer: "p".into(),
+        reply: tx,
+    });
+    h.settle();
+    let cert = rx.try_recv().unwrap().unwrap().cert_der;
+    let agent = h.connect(&a, &cert, vec![]);
+    match boot(&mut h, MAC_A) {
+        BootDecision::Wait(why) => assert!(why.contains("connected"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(boot_tokens(&h), 0);
+    // The machine rebooted (its session went silent): a new token for the new boot.
+    h.engine.hosts[&a]
+        .session
+        .as_ref()
+        .unwrap()
+        .alive
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    let next = ramdisk_token(boot(&mut h, MAC_A));
+    assert_ne!(next, first);
+    drop(agent);
+    // A restarted coordinator does not know the secret: it mints a new one and revokes the
+    // unused old one, so there is still only one.
+    let mut h = h.restart();
+    h.declare(&a, spec(MAC_A, false));
+    h.send(Msg::Source(SourceEvent::Synced));
+    h.settle();
+    let after = ramdisk_token(boot(&mut h, MAC_A));
+    assert_ne!(after, next);
+    assert_eq!(boot_tokens(&h), 1);
+}
+
+fn mac(n: u32) -> String {
+    format!("52:54:00:99:{:02x}:{:02x}", n >> 8, n & 0xff)
+}
+
+fn discovered_key(n: u32) -> HostKey {
+    HostKey::default_ns(format!("discovered-{}", mac(n).replace(':', "")))
+}
+
+fn kept(h: &Harness, key: &HostKey) -> bool {
+    h.engine
+        .hosts
+        .get(key)
+        .is_some_and(|e| !e.forgotten && !e.record.deleted)
+}
+
+#[test]
+fn discovered_hosts_are_capped_expire_unseen_and_can_be_deleted() {
+    let mut h = Harness::new(Settings {
+        discovered_limit: 3,
+        ..Settings::default()
+    });
+    for n in 0..3 {
+        ramdisk_token(boot(&mut h, &mac(n)));
+    }
+    assert!((0..3).all(|n| kept(&h, &discovered_key(n))));
+    // At the limit, with every discovered host just seen: refused, saying what to do.
+    match boot(&mut h, &mac(3)) {
+        BootDecision::Refuse(why) => {
+            assert!(
+                why.contains("--discovered-limit") && why.contains("slipway delete host"),
+                "{why}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!kept(&h, &discovered_key(3)));
+    // One that never enrolled and was last seen ten minutes ago makes room.
+    h.engine.hosts.get_mut(&discovered_key(0)).unwrap().seen_at =
+        Timestamp::now() - SignedDuration::from_mins(10);
+    ramdisk_token(boot(&mut h, &mac(3)));
+    h.settle();
+    assert!(!kept(&h, &discovered_key(0)) && kept(&h, &discovered_key(3)));
+    assert!(
+        h.store.host(&discovered_key(0)).is_none(),
+        "removed from the store"
+    );
+    // Unseen for longer than the boot token's validity: swept.
+    h.engine.hosts.get_mut(&discovered_key(1)).unwrap().seen_at =
+        Timestamp::now() - SignedDuration::from_hours(2);
+    h.engine.sweep_discovered(Timestamp::now());
+    h.settle();
+    assert!(!kept(&h, &discovered_key(1)) && kept(&h, &discovered_key(2)));
+    // The operator deletes one; a declared host is refused, naming its file.
+    let (tx, mut rx) = oneshot::channel();
+    h.send(Msg::DeleteHost {
+        host: discovered_key(2),
+        reply: tx,
+    });
+    assert!(rx.try_recv().unwrap().is_ok());
+    h.settle();
+    assert!(!kept(&h, &discovered_key(2)));
+    assert!(h.store.host(&discovered_key(2)).is_none());
+    let a = HostKey::default_ns("a");
+    h.declare(&a, spec(MAC_A, false));
+    h.settle();
+    let (tx, mut rx) = oneshot::channel();
+    h.send(Msg::DeleteHost { host: a, reply: tx });
+    let e = rx.try_recv().unwrap().unwrap_err();
+    assert!(e.contains("hosts/a.yaml"), "{e}");
+}
+
+#[test]
+fn an_impostor_flood_cannot_erase_the_hosts_other_events() {
+    let mut h = Harness::new(Settings::default());
+    let a = HostKey::default_ns("a");
+    h.declare(&a, spec(MAC_A, false));
+    h.settle();
+    let _agent = h.agent(&a, MAC_A);
+    h.settle();
+    let before: Vec<String> = h
+        .store
+        .host(&a)
+        .unwrap()
+        .events
+        .iter()
+        .map(|(_, e)| e.reason.clone())
+        .collect();
+    assert!(!before.is_empty());
+    for i in 0..200 {
+        assert!(try_enrol(&mut h, &a, MAC_A, &format!("10.0.0.66:{i}")).is_err());
+    }
+    h.settle();
+    let events = h.store.host(&a).unwrap().events;
+    let impostors = events
+        .iter()
+        .filter(|(_, e)| e.reason == "PossibleImpostor")
+        .count();
+    assert_eq!(impostors, crate::state::EVENTS_PER_KIND);
+    for reason in &before {
+        assert!(
+            events.iter().any(|(_, e)| &e.reason == reason),
+            "{reason} was pushed out"
+        );
+    }
+    // The newest attempt is the one kept, in the engine and in the store.
+    assert!(events.last().unwrap().1.message.contains("10.0.0.66:199"));
+    assert_eq!(h.engine.hosts[&a].events.len(), events.len());
+}
+
+#[test]
+fn an_iso_token_is_the_hosts_one_boot_token_and_none_while_its_agent_is_live() {
+    let mut h = Harness::new(Settings::default());
+    let a = HostKey::default_ns("a");
+    h.declare(&a, spec(MAC_A, false));
+    h.settle();
+    let iso = |h: &mut Harness| {
+        let (tx, mut rx) = oneshot::channel();
+        h.send(Msg::BootToken {
+            host: a.clone(),
+            ttl: SignedDuration::from_mins(10),
+            reply: tx,
+        });
+        h.settle();
+        rx.try_recv().expect("answered")
+    };
+    let first = iso(&mut h).unwrap();
+    assert_eq!(first.boot_mac.as_deref(), Some(MAC_A));
+    // The boot script of the same boot carries the same token.
+    assert_eq!(ramdisk_token(boot(&mut h, MAC_A)), first.token);
+    assert_eq!(iso(&mut h).unwrap().token, first.token);
+    let cert = enrol_with(&mut h, first.token, MAC_A, "p")
+        .unwrap()
+        .cert_der;
+    let _agent = h.connect(&a, &cert, vec![]);
+    let e = iso(&mut h).unwrap_err();
+    assert!(e.contains("connected"), "{e}");
+    let (tx, mut rx) = oneshot::channel();
+    h.send(Msg::BootToken {
+        host: HostKey::default_ns("nobody"),
+        ttl: SignedDuration::from_mins(10),
+        reply: tx,
+    });
+    assert!(rx.try_recv().unwrap().is_err());
 }

@@ -168,13 +168,21 @@ fn server_with(blocking: usize) -> Server {
             "console=ttyS0".into(),
             crate::http::Shared {
                 tx,
-                iso_token_ttl: jiff::SignedDuration::from_mins(5),
+                isos: crate::iso::Isos::new(dir.path().join("iso"), dir.path().join("t.iso"))
+                    .unwrap(),
+                boot_limit: Arc::new(crate::ratelimit::PerAddress::new(0.0, 1)),
                 metrics: crate::metrics::Metrics::new(),
                 view: Default::default(),
             },
         );
         let listener = listen(tcp, images).unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await });
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<crate::http::Peer>(),
+            )
+            .await
+        });
         addr
     });
     Server { addr, dir, _rt: rt }

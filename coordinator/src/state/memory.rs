@@ -134,9 +134,9 @@ impl StateStore for MemoryStore {
                 stored.status = s.clone();
             }
             stored.events.extend(change.events.iter().cloned());
-            stored
-                .events
-                .retain(|(seq, _)| *seq >= change.events_keep_from);
+            stored.events.retain(|(seq, _)| {
+                *seq >= change.events_keep_from && !change.events_dropped.contains(seq)
+            });
             let extra = stored.events.len().saturating_sub(EVENTS_KEPT);
             stored.events.drain(..extra);
         }

@@ -29,6 +29,36 @@ use crate::hardware::HardwareData;
 
 /// How many events a host keeps for `describe`.
 pub const EVENTS_KEPT: usize = 50;
+/// How many events of one kind (reason) a host keeps: a flood of one kind (boot requests, an
+/// impostor's enrolments) cannot push the rest of the audit trail out.
+pub const EVENTS_PER_KIND: usize = 10;
+
+/// The event to drop after one of kind `newest` was added to `events` (sequence and kind,
+/// oldest first), if any: the oldest of that kind once it has more than [`EVENTS_PER_KIND`];
+/// else, past [`EVENTS_KEPT`] in all, the oldest event of the most numerous kind.
+pub fn event_to_drop<'a>(
+    events: impl Iterator<Item = (u64, &'a str)>,
+    newest: &str,
+) -> Option<u64> {
+    let mut kinds: std::collections::HashMap<&str, (usize, u64)> = Default::default();
+    let mut total = 0;
+    for (seq, kind) in events {
+        total += 1;
+        kinds.entry(kind).or_insert((0, seq)).0 += 1;
+    }
+    if let Some((n, oldest)) = kinds.get(newest)
+        && *n > EVENTS_PER_KIND
+    {
+        return Some(*oldest);
+    }
+    if total <= EVENTS_KEPT {
+        return None;
+    }
+    kinds
+        .values()
+        .max_by_key(|(n, oldest)| (*n, std::cmp::Reverse(*oldest)))
+        .map(|(_, oldest)| *oldest)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -102,6 +132,12 @@ pub struct HostRecord {
     /// same hardware again (every reconnect does) costs no write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hardware_sha256: Option<String>,
+    /// The machine inspected for this host; agents on other hardware are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::hardware::Identity>,
+    /// The MAC the host's current agent booted from (said at enrolment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_boot_mac: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +162,9 @@ pub struct TokenRecord {
     /// The peer that used it, for the refusal message of a second use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_by: Option<String>,
+    /// Minted for a boot script or ISO (at most one unused per host), not by an operator.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot: bool,
 }
 
 /// One host's changes in a batch. Applied in this order: `remove` (everything kept about the
@@ -139,6 +178,8 @@ pub struct HostChange {
     pub events: Vec<(u64, EventRecord)>,
     /// Events older than this sequence number are dropped (the host keeps [`EVENTS_KEPT`]).
     pub events_keep_from: u64,
+    /// Events dropped above `events_keep_from`, by sequence (see [`event_to_drop`]).
+    pub events_dropped: Vec<u64>,
     pub hardware: Option<HardwareData>,
     /// Tokens written (`Some`) or deleted (`None`), by hash.
     pub tokens: Vec<(String, Option<TokenRecord>)>,
@@ -150,6 +191,7 @@ impl HostChange {
             && self.record.is_none()
             && self.status.is_none()
             && self.events.is_empty()
+            && self.events_dropped.is_empty()
             && self.hardware.is_none()
             && self.tokens.is_empty()
     }
@@ -169,7 +211,10 @@ impl HostChange {
         }
         self.events.extend(later.events);
         self.events_keep_from = self.events_keep_from.max(later.events_keep_from);
-        self.events.retain(|(seq, _)| *seq >= self.events_keep_from);
+        self.events_dropped.extend(later.events_dropped);
+        let (keep_from, dropped) = (self.events_keep_from, &self.events_dropped);
+        self.events
+            .retain(|(seq, _)| *seq >= keep_from && !dropped.contains(seq));
         if later.hardware.is_some() {
             self.hardware = later.hardware;
         }
@@ -229,4 +274,51 @@ pub trait StateStore: Send + 'static {
 pub trait HardwareStore: Send + Sync + 'static {
     fn hardware(&self, key: &HostKey) -> Result<Option<HardwareData>, StoreError>;
     fn all_hardware(&self) -> Result<Vec<HardwareData>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Adds events of `kinds` one by one, applying [`event_to_drop`] as the engine does.
+    fn keep(kinds: &[&str]) -> Vec<(u64, String)> {
+        let mut kept: Vec<(u64, String)> = Vec::new();
+        for (seq, kind) in kinds.iter().enumerate() {
+            kept.push((seq as u64, kind.to_string()));
+            if let Some(d) = event_to_drop(kept.iter().map(|(s, k)| (*s, k.as_str())), kind) {
+                kept.retain(|(s, _)| *s != d);
+            }
+        }
+        kept
+    }
+
+    #[test]
+    fn a_flood_of_one_kind_keeps_the_other_kinds() {
+        let mut kinds = vec!["Registered", "InspectionStarted", "InspectionDone"];
+        kinds.extend(std::iter::repeat_n("BootRamdisk", 500));
+        kinds.push("ProvisioningStarted");
+        let kept = keep(&kinds);
+        let of = |k: &str| kept.iter().filter(|(_, r)| r == k).count();
+        assert_eq!(of("BootRamdisk"), EVENTS_PER_KIND);
+        assert_eq!(of("Registered"), 1);
+        assert_eq!(of("InspectionDone"), 1);
+        assert_eq!(of("ProvisioningStarted"), 1);
+        // The newest of the flood are the ones kept.
+        assert_eq!(kept.iter().rev().nth(1).unwrap().0, 502);
+    }
+
+    #[test]
+    fn past_the_total_the_most_numerous_kind_loses_its_oldest() {
+        // Seven kinds of eight events each: 56 > 50.
+        let names = ["a", "b", "c", "d", "e", "f", "g"];
+        let kinds: Vec<&str> = (0..56).map(|i| names[i % 7]).collect();
+        let kept = keep(&kinds);
+        assert_eq!(kept.len(), EVENTS_KEPT);
+        for n in names {
+            let c = kept.iter().filter(|(_, r)| r == n).count();
+            assert!((7..=8).contains(&c), "{n}: {c}");
+        }
+        // Few events: nothing dropped.
+        assert_eq!(keep(&["a", "b", "a"]).len(), 3);
+    }
 }

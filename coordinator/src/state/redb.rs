@@ -297,7 +297,7 @@ impl RedbStore {
                     origin: v1.source,
                     agent_cert_sha256: v1.agent_cert_sha256,
                     deleted: v1.deleted,
-                    hardware_sha256: None,
+                    ..Default::default()
                 };
                 let k = key.to_string();
                 put(&mut hosts, k.as_str(), &record, self)?;
@@ -326,6 +326,7 @@ impl RedbStore {
                     let mut rec: HostRecord =
                         serde_json::from_slice(&rec_bytes).map_err(self.corrupt(&k))?;
                     rec.hardware_sha256 = Some(digest);
+                    rec.identity = Some(crate::hardware::Identity::of(&doc.spec.hardware));
                     put(&mut hosts, k.as_str(), &rec, self)?;
                 }
             }
@@ -342,6 +343,7 @@ impl RedbStore {
                     expires_at: t.expires_at,
                     used_at: t.used_at,
                     used_by: t.used_by,
+                    boot: false,
                 };
                 put(&mut tokens, hash.as_str(), &record, self)?;
             }
@@ -412,6 +414,11 @@ impl RedbStore {
                 for (seq, e) in &change.events {
                     let ek = event_key(&k, *seq);
                     put(&mut events, ek.as_str(), e, self)?;
+                }
+                for seq in &change.events_dropped {
+                    events
+                        .remove(event_key(&k, *seq).as_str())
+                        .map_err(|e| err(e.into()))?;
                 }
                 if change.events_keep_from > 0 {
                     let keep = event_key(&k, change.events_keep_from);
@@ -599,6 +606,7 @@ mod tests {
             expires_at: Timestamp::MAX,
             used_at: None,
             used_by: None,
+            boot: false,
         };
         let status = HostStatus {
             error_count: 3,

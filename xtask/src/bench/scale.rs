@@ -115,6 +115,9 @@ impl Coordinator {
             grpc.clone(),
             "--http-listen".into(),
             http.clone(),
+            // Every simulated machine asks for its boot script from 127.0.0.1.
+            "--boot-rate".into(),
+            "0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();

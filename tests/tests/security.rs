@@ -223,3 +223,119 @@ fn host_a_certificate_cannot_speak_for_host_b() {
         "host-b saw no agent"
     );
 }
+
+/// An enrolled agent (or whoever holds its certificate) sending huge and endless log lines:
+/// the store and the coordinator's memory stay bounded, the lines kept are cut with a marker,
+/// the dropped ones are counted, and /healthz answers within a second throughout.
+#[test]
+fn a_log_flood_from_an_enrolled_agent_grows_nothing_and_starves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(dir.path(), &[]);
+    host_with_image(&c, dir.path(), "host-a");
+    let pin = Fingerprint::parse(&c.ca_fingerprint()).unwrap();
+    let token = c.token("host-a", "10m");
+    let state = dir.path().join("agent-a");
+    let store = c.state.join("slipway.redb");
+    let store_before = fs::metadata(&store).unwrap().len();
+    let rss_before = c.rss_kib().unwrap();
+    let healthz = format!("{}/healthz", c.http_url());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut worst = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = std::time::Instant::now();
+                assert_eq!(slipway_tests::http_get(&healthz).0, 200);
+                worst = worst.max(t.elapsed());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            worst
+        })
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let settings = slipway_agent::session::Settings {
+            address: format!("127.0.0.1:{}", c.grpc_port),
+            token: Some(token),
+            ca: pin,
+            state_dir: state.clone(),
+            boot_mac: None,
+            ramdisk: false,
+            heartbeat: Duration::from_secs(10),
+            exit_on_refusal: true,
+            reconnect_jitter: Duration::ZERO,
+            milestones: false,
+        };
+        let id = slipway_agent::session::identity(&settings).await.unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            fs::read(state.join("key.der")).unwrap().into(),
+        );
+        let config = tls::session_config(&id.ca_der, &id.cert_der, key).unwrap();
+        let mut client =
+            pb::agent_service_client::AgentServiceClient::new(channel(&c, config).await);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(hello("host-a")).await.unwrap();
+        let _commands = client.session(ReceiverStream::new(rx)).await.unwrap();
+        // 20 lines of 4 MiB (the report's), then 5,000 short ones as fast as they go.
+        let big = "x".repeat(4 << 20);
+        for i in 0..5020 {
+            let message = if i < 20 {
+                big.clone()
+            } else {
+                format!("line {i}")
+            };
+            let line = pb::AgentEvent {
+                event: Some(pb::agent_event::Event::Log(pb::LogLine {
+                    level: pb::log_line::Level::Warn as i32,
+                    message,
+                    command_id: String::new(),
+                })),
+            };
+            if tx.send(line).await.is_err() {
+                break;
+            }
+        }
+        // A line after a pause is let through, saying how many were dropped.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = pb::AgentEvent {
+            event: Some(pb::agent_event::Event::Log(pb::LogLine {
+                level: pb::log_line::Level::Warn as i32,
+                message: "after the flood".into(),
+                command_id: String::new(),
+            })),
+        };
+        tx.send(after).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let worst = watcher.join().unwrap();
+    let store_after = fs::metadata(&store).unwrap().len();
+    let rss_after = c.rss_kib().unwrap();
+    println!(
+        "store {store_before} -> {store_after} bytes; RSS {rss_before} -> {rss_after} KiB; worst /healthz {worst:?}"
+    );
+    assert!(worst < Duration::from_secs(1), "/healthz took {worst:?}");
+    assert!(
+        store_after < store_before + (4 << 20),
+        "the store grew from {store_before} to {store_after} bytes"
+    );
+    assert!(
+        rss_after < rss_before + 100 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    let h = c.host("host-a").unwrap();
+    let events = h["events"].as_array().cloned().unwrap_or_default();
+    let logs: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.contains("xxxx") || m.contains("line "))
+        .collect();
+    assert!(logs.len() <= 10, "{} agent log events kept", logs.len());
+    assert!(logs.iter().all(|m| m.len() < 4096), "long lines are cut");
+    let log = c.log_text();
+    assert!(
+        log.contains("earlier log lines dropped") && log.contains("after the flood"),
+        "dropped lines are counted in the next line kept"
+    );
+}

@@ -49,6 +49,22 @@ async fn channel(c: &Coordinator, config: rustls::ClientConfig) -> tonic::transp
         .expect("TLS connection")
 }
 
+/// The real agent's session settings for `c`, with `token`, keeping its identity in `state`.
+fn settings(c: &Coordinator, token: String, state: &Path) -> slipway_agent::session::Settings {
+    slipway_agent::session::Settings {
+        address: format!("127.0.0.1:{}", c.grpc_port),
+        token: Some(token),
+        ca: Fingerprint::parse(&c.ca_fingerprint()).unwrap(),
+        state_dir: state.to_path_buf(),
+        boot_mac: None,
+        ramdisk: false,
+        heartbeat: Duration::from_secs(10),
+        exit_on_refusal: true,
+        reconnect_jitter: Duration::ZERO,
+        milestones: false,
+    }
+}
+
 fn hello(host: &str) -> pb::AgentEvent {
     pb::AgentEvent {
         event: Some(pb::agent_event::Event::Hello(pb::Hello {
@@ -177,24 +193,12 @@ fn host_a_certificate_cannot_speak_for_host_b() {
     let c = Coordinator::start(dir.path(), &[]);
     host_with_image(&c, dir.path(), "host-a");
     host_with_image(&c, dir.path(), "host-b");
-    let pin = Fingerprint::parse(&c.ca_fingerprint()).unwrap();
     let token = c.token("host-a", "10m");
     let state = dir.path().join("agent-a");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
         // Enrol as host-a with the real agent code, then open a session claiming host-b.
-        let settings = slipway_agent::session::Settings {
-            address: format!("127.0.0.1:{}", c.grpc_port),
-            token: Some(token),
-            ca: pin,
-            state_dir: state.clone(),
-            boot_mac: None,
-            ramdisk: false,
-            heartbeat: Duration::from_secs(10),
-            exit_on_refusal: true,
-            reconnect_jitter: Duration::ZERO,
-            milestones: false,
-        };
+        let settings = settings(&c, token, &state);
         let id = slipway_agent::session::identity(&settings).await.unwrap();
         assert_eq!(id.host, "host-a");
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
@@ -232,7 +236,6 @@ fn a_log_flood_from_an_enrolled_agent_grows_nothing_and_starves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(dir.path(), &[]);
     host_with_image(&c, dir.path(), "host-a");
-    let pin = Fingerprint::parse(&c.ca_fingerprint()).unwrap();
     let token = c.token("host-a", "10m");
     let state = dir.path().join("agent-a");
     let store = c.state.join("slipway.redb");
@@ -255,18 +258,7 @@ fn a_log_flood_from_an_enrolled_agent_grows_nothing_and_starves_nothing() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let settings = slipway_agent::session::Settings {
-            address: format!("127.0.0.1:{}", c.grpc_port),
-            token: Some(token),
-            ca: pin,
-            state_dir: state.clone(),
-            boot_mac: None,
-            ramdisk: false,
-            heartbeat: Duration::from_secs(10),
-            exit_on_refusal: true,
-            reconnect_jitter: Duration::ZERO,
-            milestones: false,
-        };
+        let settings = settings(&c, token, &state);
         let id = slipway_agent::session::identity(&settings).await.unwrap();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
             fs::read(state.join("key.der")).unwrap().into(),

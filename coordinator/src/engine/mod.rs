@@ -702,37 +702,38 @@ impl Engine {
             }
             Msg::Boot { mac, reply } => self.boot(&mac, reply, now),
             Msg::CreateToken { host, ttl, reply } => {
-                let boot_mac = self.hosts.get(&host).and_then(|e| e.boot_mac());
-                let result = self
-                    .create_token(&host, ttl, now)
-                    .map(|(token, expires_at)| Issued {
-                        token,
-                        expires_at,
-                        boot_mac,
-                    });
-                if result.is_ok() {
-                    self.hold_or_act(&host, Act::Reply(host::Reply::Token(reply, result)));
-                } else {
-                    let _ = reply.send(result);
-                }
+                let result = self.create_token(&host, ttl, now);
+                self.answer_token(&host, result, reply);
             }
             Msg::BootToken { host, ttl, reply } => {
-                let boot_mac = self.hosts.get(&host).and_then(|e| e.boot_mac());
-                let result = self
-                    .iso_token(&host, ttl, now)
-                    .map(|(token, expires_at)| Issued {
-                        token,
-                        expires_at,
-                        boot_mac,
-                    });
-                if result.is_ok() {
-                    self.hold_or_act(&host, Act::Reply(host::Reply::Token(reply, result)));
-                } else {
-                    let _ = reply.send(result);
-                }
+                let result = self.iso_token(&host, ttl, now);
+                self.answer_token(&host, result, reply);
             }
             Msg::DeleteHost { host, reply } => {
                 let _ = reply.send(self.delete_discovered(&host));
+            }
+        }
+    }
+
+    /// Answers a token request: a new token once it is stored, a refusal at once.
+    fn answer_token(
+        &mut self,
+        host: &HostKey,
+        result: Result<(crate::tokens::TokenSecret, Timestamp), String>,
+        reply: tokio::sync::oneshot::Sender<Result<Issued, String>>,
+    ) {
+        let boot_mac = self.hosts.get(host).and_then(|e| e.boot_mac());
+        match result {
+            Ok((token, expires_at)) => {
+                let issued = Issued {
+                    token,
+                    expires_at,
+                    boot_mac,
+                };
+                self.hold_or_act(host, Act::Reply(host::Reply::Token(reply, Ok(issued))));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
             }
         }
     }

@@ -162,23 +162,8 @@ impl Harness {
     /// Enrols and connects an agent for `key`, the real way: token, CSR, certificate.
     fn enrol(&mut self, key: &HostKey, mac: &str) -> Vec<u8> {
         let token = self.token(key);
-        let pair = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .serialize_request(&pair)
-            .unwrap();
         let (tx, mut rx) = oneshot::channel();
-        self.send(Msg::Enroll {
-            token,
-            csr_der: csr.der().to_vec(),
-            agent: AgentInfo {
-                version: "test".into(),
-                boot_mac: mac.into(),
-                ramdisk: true,
-            },
-            peer: "127.0.0.1:1".into(),
-            reply: tx,
-        });
+        self.send(enrol_msg(token, mac, "127.0.0.1:1", tx));
         assert!(
             rx.try_recv().is_err(),
             "no answer before the enrolment is stored"
@@ -694,20 +679,19 @@ fn try_enrol(h: &mut Harness, key: &HostKey, mac: &str, peer: &str) -> Result<En
     enrol_with(h, token, mac, peer)
 }
 
-/// Enrols with `token` and a fresh key; the answer.
-fn enrol_with(
-    h: &mut Harness,
+/// An enrolment with `token` and a fresh key.
+fn enrol_msg(
     token: TokenSecret,
     mac: &str,
     peer: &str,
-) -> Result<Enrolled, Refusal> {
+    reply: oneshot::Sender<Result<Enrolled, Refusal>>,
+) -> Msg {
     let pair = rcgen::KeyPair::generate().unwrap();
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .unwrap()
         .serialize_request(&pair)
         .unwrap();
-    let (tx, mut rx) = oneshot::channel();
-    h.send(Msg::Enroll {
+    Msg::Enroll {
         token,
         csr_der: csr.der().to_vec(),
         agent: AgentInfo {
@@ -716,8 +700,19 @@ fn enrol_with(
             ramdisk: true,
         },
         peer: peer.into(),
-        reply: tx,
-    });
+        reply,
+    }
+}
+
+/// Enrols with `token` and a fresh key; the answer.
+fn enrol_with(
+    h: &mut Harness,
+    token: TokenSecret,
+    mac: &str,
+    peer: &str,
+) -> Result<Enrolled, Refusal> {
+    let (tx, mut rx) = oneshot::channel();
+    h.send(enrol_msg(token, mac, peer, tx));
     h.settle();
     rx.try_recv().expect("answered")
 }
@@ -921,25 +916,9 @@ fn a_boot_script_carries_one_token_per_boot_and_none_while_the_agent_is_live() {
     };
     assert_eq!(boot_tokens(&h), 1);
     // Used by the agent, whose session is live: nothing for anyone else.
-    let pair = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+    let cert = enrol_with(&mut h, first.clone(), MAC_A, "p")
         .unwrap()
-        .serialize_request(&pair)
-        .unwrap();
-    let (tx, mut rx) = oneshot::channel();
-    h.send(Msg::Enroll {
-        token: first.clone(),
-        csr_der: csr.der().to_vec(),
-        agent: AgentInfo {
-            version: "t".into(),
-            boot_mac: MAC_A.into(),
-            ramdisk: true,
-        },
-        peer: "p".into(),
-        reply: tx,
-    });
-    h.settle();
-    let cert = rx.try_recv().unwrap().unwrap().cert_der;
+        .cert_der;
     let agent = h.connect(&a, &cert, vec![]);
     match boot(&mut h, MAC_A) {
         BootDecision::Wait(why) => assert!(why.contains("connected"), "{why}"),

@@ -99,7 +99,8 @@ pub enum Cmd {
         /// download bringing less is stalled and resumed with a Range request; once the
         /// stalls use up --retries, the write fails, naming the bytes received, and the
         /// disk's ends are zeroed. A server dripping a byte now and then stalls as surely as
-        /// a silent one. Progress lines say "stalled" after 5 s without progress.
+        /// a silent one. Progress lines say "stalled" after 5 s without progress (half the
+        /// timeout, if that is shorter).
         #[arg(long, default_value_t = 60, value_name = "SECONDS",
               value_parser = clap::value_parser!(u64).range(1..))]
         stall_timeout: u64,

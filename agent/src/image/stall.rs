@@ -1,4 +1,6 @@
-//! When a download counts as stalled: the window accounting, pure over the times it is given.
+//! When a download counts as stalled: the window accounting ([`StallWindow`], pure over the
+//! times it is given), the watch a connection's reads run under ([`Watch`]: the window and
+//! one timer at its end) and the download's [`Gauge`] the progress reports read.
 //!
 //! A download is stalled when `timeout` passes without another `min_bytes` arriving: the
 //! window starts when a connection's body starts (or when the last `min_bytes` were

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::configdrive::{self, ConfigDrive};
 use crate::disk::{self, FileDisk, Hints};
@@ -88,12 +88,22 @@ pub enum Cmd {
         /// zeroing guarantee): zero runs are skipped rather than zeroed.
         #[arg(long)]
         target_zeroed: bool,
-        /// Retries in a row, without progress, after network errors.
+        /// Retries in a row, without progress (64 KiB), after network errors, server errors
+        /// and stalls.
         #[arg(long, default_value_t = 5)]
         retries: u32,
-        /// Seconds a stalled connection is waited for before it is resumed.
+        /// Seconds a silent connection (not a byte) is waited for before it is resumed.
         #[arg(long, default_value_t = 60)]
         read_timeout: u64,
+        /// Seconds within which every 64 KiB must arrive (the head of an answer too): a
+        /// download bringing less is stalled and resumed with a Range request; once the
+        /// stalls use up --retries, the write fails, naming the bytes received, and the
+        /// disk's ends are zeroed. A server dripping a byte now and then stalls as surely as
+        /// a silent one. Progress lines say "stalled" after 5 s without progress (half the
+        /// timeout, if that is shorter).
+        #[arg(long, default_value_t = 60, value_name = "SECONDS",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        stall_timeout: u64,
     },
     /// Wipe partition tables and filesystem, RAID, LVM and ZFS signatures from DEVICE and from
     /// each of its partitions (metal3's metadata cleaning); with --full, zero every byte.
@@ -325,6 +335,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             target_zeroed,
             retries,
             read_timeout,
+            stall_timeout,
         } => {
             let algo = checksum_type.and_then(|c| match c {
                 ChecksumArg::Auto => None,
@@ -352,18 +363,20 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let client = image::client_with(&extra_ca, Duration::from_secs(read_timeout.max(1)))
                 .map_err(|e| anyhow!(e))?;
             let progress = Box::new(|p: image::Progress| {
-                info!(
-                    "{}: {} of {} bytes ({}/s)",
-                    p.phase,
-                    p.bytes_done,
-                    p.bytes_total,
-                    disk::human(p.bytes_per_second)
-                );
+                if p.phase == image::STALLED {
+                    warn!("{p}");
+                } else {
+                    info!("{p}");
+                }
             });
             let opts = image::WriteOptions {
                 fetch: image::FetchOptions {
                     retries,
                     read_timeout: Duration::from_secs(read_timeout.max(1)),
+                    stall: image::StallOptions {
+                        timeout: Duration::from_secs(stall_timeout),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
                 target_zeroed,

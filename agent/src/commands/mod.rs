@@ -425,6 +425,7 @@ mod tests {
             bytes_done: 1,
             bytes_total: 2,
             bytes_per_second: 1,
+            stalled_seconds: 0,
         };
         ledger.send(Update::Progress {
             id: "w".into(),

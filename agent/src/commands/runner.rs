@@ -165,6 +165,7 @@ impl Runner {
                                         bytes_done: before + d,
                                         bytes_total: total,
                                         bytes_per_second: ((before + d) as f64 / secs) as u64,
+                                        stalled_seconds: 0,
                                     },
                                 });
                             })?;

@@ -1,6 +1,8 @@
 //! Streaming an image from HTTP(S) onto the chosen disk, verified, in one pass.
 //!
 //! - [`source`]: HTTP(S) reads: ranges, checksum files, the resumable stream.
+//! - [`stall`]: when a download counts as stalled (bytes per window), for the source's
+//!   deadlines and the progress reports.
 //! - [`checksum`]: algorithms, the hasher, checksum-file parsing.
 //! - [`qcow2`]: the qcow2 header and tables as pure functions, and the cluster map.
 //! - [`stages`]: the hash thread and the writer thread, and how they are wired.
@@ -13,8 +15,9 @@
 //! L2 tables), then the file once from its first byte to its last: hashed as downloaded,
 //! decoded, written. The first MiB of the disk is written only after the digest matched. On
 //! any failure once a disk was chosen (404, wrong format, checksum, truncation, disk error,
-//! cancellation) the first and last MiB of the disk are zeroed, so it cannot boot a partial
-//! image, and the error names the URL, the byte offset of the download and the device.
+//! cancellation, a download that stalled through its retries) the first and last MiB of the
+//! disk are zeroed, so it cannot boot a partial image, and the error names the URL, the byte
+//! offset of the download and the device.
 
 pub mod buf;
 pub mod checksum;
@@ -25,6 +28,7 @@ pub mod qcow2;
 pub mod sink;
 pub mod source;
 pub mod stages;
+pub mod stall;
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +38,7 @@ use tokio::sync::mpsc;
 pub use checksum::{Algo, Expected, MD5_WARNING};
 pub use source::FetchOptions;
 pub use stages::ProgressFn;
+pub use stall::StallOptions;
 
 use crate::disk::{self, DiskError, DiskWriter};
 use decode::{Compressor, Decode, Decompress, Qcow2Stream, RawOut};
@@ -186,10 +191,39 @@ pub struct WriteOptions {
 /// A progress report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
+    /// "read-tables", "write", "verify", "sync"; "stalled" while the download is stalled.
     pub phase: &'static str,
+    /// Bytes written (for "stalled": received, which is up to a few buffers ahead).
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub bytes_per_second: u64,
+    /// Seconds the download has gone without progress, when the phase is "stalled"; else 0.
+    pub stalled_seconds: u64,
+}
+
+/// The phase of a report while the download is stalled.
+pub const STALLED: &str = "stalled";
+
+impl std::fmt::Display for Progress {
+    /// `write: 5 of 9 bytes (1.0 MiB/s)`, `stalled: no progress for 12 s at 5 of 9 bytes`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.phase == STALLED {
+            write!(
+                f,
+                "stalled: no progress for {} s at {} of {} bytes",
+                self.stalled_seconds, self.bytes_done, self.bytes_total
+            )
+        } else {
+            write!(
+                f,
+                "{}: {} of {} bytes ({}/s)",
+                self.phase,
+                self.bytes_done,
+                self.bytes_total,
+                disk::human(self.bytes_per_second)
+            )
+        }
+    }
 }
 
 /// A finished write.
@@ -223,6 +257,17 @@ pub enum ImageError {
         url: String,
         offset: u64,
         reason: String,
+    },
+    #[error("the download of {url} stalled: {}", stall_text(.got, .total, .timeout, .min_bytes, .resumes))]
+    Stalled {
+        url: String,
+        /// Bytes received when the retries ran out.
+        got: u64,
+        total: Option<u64>,
+        timeout: Duration,
+        min_bytes: u64,
+        /// Requests after the first of the read that stalled.
+        resumes: u32,
     },
     #[error("{url} ended after {got} bytes, but announced {expected}")]
     Truncated {
@@ -288,12 +333,22 @@ impl ImageError {
             ImageError::Mismatch { .. } => "checksum",
             ImageError::Request { .. }
             | ImageError::Stream { .. }
+            | ImageError::Stalled { .. }
             | ImageError::Truncated { .. }
             | ImageError::Aborted { .. } => "download",
             ImageError::Status { status, .. } if *status >= 500 => "download",
             ImageError::Disk(_) => "disk",
             ImageError::Failed { source, .. } => source.kind(),
             _ => "invalid",
+        }
+    }
+
+    /// The byte of the download a download error names.
+    fn download_offset(&self) -> Option<u64> {
+        match self {
+            ImageError::Stream { offset, .. } => Some(*offset),
+            ImageError::Stalled { got, .. } => Some(*got),
+            _ => None,
         }
     }
 
@@ -304,6 +359,24 @@ impl ImageError {
             e => e,
         }
     }
+}
+
+/// `no progress (less than 64.0 KiB) for 60 s after 1234 of 5678 bytes (resumed 3 times)`.
+/// (Takes the references the error's `Display` has.)
+fn stall_text(
+    got: &u64,
+    total: &Option<u64>,
+    timeout: &Duration,
+    min: &u64,
+    resumes: &u32,
+) -> String {
+    let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
+    format!(
+        "no progress (less than {}) for {} after {got}{of} bytes (resumed {resumes} time{})",
+        disk::human(*min),
+        stall::secs(*timeout),
+        if *resumes == 1 { "" } else { "s" }
+    )
 }
 
 /// The expected digest: given, or read from the checksum file.
@@ -367,7 +440,7 @@ async fn qcow2_decoder(
         phase: "read-tables",
         bytes_done: 0,
         bytes_total: total,
-        bytes_per_second: 0,
+        ..Default::default()
     });
     let mut tables = vec![(0u64, head.len() as u64, sha256(head))];
     let (l1_off, l1_len) = header.l1_range();
@@ -474,6 +547,10 @@ pub async fn write_image(
     match result {
         Ok(w) => Ok(w),
         Err(e) => {
+            // A read before the stream (the head, the tables) names its own offset.
+            if offset == 0 {
+                offset = e.download_offset().unwrap_or(0);
+            }
             // Errors before the writer thread started: nothing written yet, but the disk was
             // chosen for this image, and an old system on it must not boot either.
             let cleanup = match slot.as_mut() {
@@ -573,6 +650,7 @@ async fn run(
         total,
         progress,
         pool: pool.clone(),
+        gauge: src.gauge(),
     };
     let writer_task = tokio::task::spawn_blocking(move || stages::writer_stage(srx, dec, job));
     let downloaded = src.stream(tx, &pool).await;
@@ -596,10 +674,7 @@ async fn run(
             })
         }
         (Err(e), Err((ImageError::Aborted { .. }, off))) => {
-            *offset = match &e {
-                ImageError::Stream { offset, .. } => *offset,
-                _ => off,
-            };
+            *offset = e.download_offset().unwrap_or(off);
             Err(e)
         }
         (_, Err((e, off))) => {

@@ -2,16 +2,25 @@
 //! files), and the one streaming read of the image that resumes with a Range request after a
 //! dropped connection, so every byte reaches the hash exactly once.
 //!
-//! Retries: network errors and 5xx answers are retried with exponential backoff, at most
-//! `retries` times in a row without progress; 4xx answers never.
+//! Retries: network errors, 5xx answers and stalls are retried with exponential backoff, at
+//! most `retries` times in a row without progress (an attempt that brought at least the stall
+//! window's `min_bytes`); 4xx answers never.
+//!
+//! Stalls ([`super::stall`]): every connection's body reads share a deadline, the end of its
+//! stall window, which only `min_bytes` arriving moves on; a read not done by then ends the
+//! attempt, which is resumed by a Range request like a dropped connection. An answer whose
+//! head does not arrive within the stall timeout is retried the same way. When the budget is
+//! spent on a stall the error is [`ImageError::Stalled`], naming the bytes received.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use tokio::sync::mpsc;
 
+use super::stall::{Broke, Gauge, StallOptions, Watch, secs};
 use super::{ImageError, plain};
 
 /// What the download hands to the hashing stage.
@@ -31,9 +40,12 @@ pub struct FetchOptions {
     pub backoff: Duration,
     /// Bytes per buffer handed to the writer.
     pub chunk: usize,
-    /// How long a stalled plain-HTTP body is waited for (the reqwest client has its own,
+    /// How long a silent plain-HTTP connection is waited for (the reqwest client has its own,
     /// set where it is built: give both the same).
     pub read_timeout: Duration,
+    /// When a download counts as stalled: it is resumed, and fails once the stalls use up
+    /// `retries`.
+    pub stall: StallOptions,
 }
 
 impl Default for FetchOptions {
@@ -43,6 +55,7 @@ impl Default for FetchOptions {
             backoff: Duration::from_millis(500),
             chunk: 4 << 20,
             read_timeout: Duration::from_secs(60),
+            stall: StallOptions::default(),
         }
     }
 }
@@ -83,6 +96,8 @@ pub struct Source {
     /// Where the streaming read may go without reqwest (see `plain.rs`); `None` once an
     /// answer needed reqwest (a redirect, a chunked body).
     plain: Option<plain::Target>,
+    /// The stream's stall window, read by the progress reports.
+    gauge: Arc<Gauge>,
 }
 
 /// An answer whose body is to be read.
@@ -131,10 +146,28 @@ impl Source {
         Source {
             client,
             url: url.to_string(),
-            opts,
             validator: None,
             total: None,
             plain: plain::target(url),
+            gauge: Arc::new(Gauge::new(opts.stall)),
+            opts,
+        }
+    }
+
+    /// The stream's stall window, for the progress reports.
+    pub fn gauge(&self) -> Arc<Gauge> {
+        self.gauge.clone()
+    }
+
+    /// The error for a read whose retries ran out on a stall at `got`.
+    fn stalled(&self, got: u64, resumes: u32) -> ImageError {
+        ImageError::Stalled {
+            url: self.url.clone(),
+            got,
+            total: self.total,
+            timeout: self.opts.stall.timeout,
+            min_bytes: self.opts.stall.min_bytes,
+            resumes,
         }
     }
 
@@ -240,18 +273,32 @@ impl Source {
     /// 5xx answers. Returns the answer and whether it starts at `start` (false: the server
     /// ignored the range and sends the whole file). With `direct`, a plain-HTTP URL is asked
     /// without reqwest, so its body can be read straight into the aligned buffers.
+    /// `failures` counts the attempts in a row without progress, `resumes` the requests after
+    /// the read's first.
     async fn get(
         &mut self,
         start: u64,
         end: Option<u64>,
         failures: &mut u32,
+        resumes: &mut u32,
         direct: bool,
     ) -> Result<(Answer, bool), ImageError> {
         loop {
             let headers = self.range_headers(start, end);
             let plain = if direct { self.plain.clone() } else { None };
+            let head_limit = self.opts.stall.timeout;
+            let no_head = || format!("no answer within the stall timeout ({})", secs(head_limit));
+            let mut stalled = false;
             let err = if let Some(target) = plain {
-                match plain::get(&target, &headers, CONNECT_TIMEOUT, self.opts.read_timeout).await {
+                let asked = plain::get(&target, &headers, CONNECT_TIMEOUT, self.opts.read_timeout);
+                let answer = match tokio::time::timeout(head_limit, asked).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        stalled = true;
+                        Err(no_head())
+                    }
+                };
+                match answer {
                     Ok(resp) => {
                         let len = resp.content_length();
                         let ours = (resp.status.is_success() && len.is_some())
@@ -290,8 +337,8 @@ impl Source {
                 for (name, value) in headers {
                     req = req.header(name, value);
                 }
-                match req.send().await {
-                    Ok(resp) => {
+                match tokio::time::timeout(head_limit, req.send()).await {
+                    Ok(Ok(resp)) => {
                         let len = resp.content_length();
                         match self.judge(start, resp.status(), resp.headers(), len)? {
                             Verdict::Body(ranged) => {
@@ -300,11 +347,18 @@ impl Source {
                             Verdict::Retry(why) => why,
                         }
                     }
-                    Err(e) => error_text(&e),
+                    Ok(Err(e)) => error_text(&e),
+                    Err(_) => {
+                        stalled = true;
+                        no_head()
+                    }
                 }
             };
             *failures += 1;
             if *failures > self.opts.retries {
+                if stalled {
+                    return Err(self.stalled(start, *resumes));
+                }
                 return Err(if start == 0 && self.total.is_none() {
                     ImageError::Request {
                         url: self.url.clone(),
@@ -325,6 +379,7 @@ impl Source {
                 *failures + 1,
                 self.opts.retries + 1
             );
+            *resumes += 1;
             tokio::time::sleep(wait).await;
         }
     }
@@ -347,17 +402,20 @@ impl Source {
     }
 
     /// Reads `[start, start + len)` (less at the end of the file) into memory, resuming after
-    /// dropped connections. Needs a server that honours Range requests unless `start` is 0.
+    /// dropped connections and stalls. Needs a server that honours Range requests unless
+    /// `start` is 0.
     pub async fn read_range(&mut self, start: u64, len: u64) -> Result<Vec<u8>, ImageError> {
         let end = start.saturating_add(len);
         let mut out = Vec::with_capacity(len.min(64 << 20) as usize);
-        let mut failures = 0;
+        let (mut failures, mut resumes) = (0, 0);
         loop {
             let at = start + out.len() as u64;
             if at >= end || self.total.is_some_and(|t| at >= t) {
                 return Ok(out);
             }
-            let (mut resp, ranged) = self.get(at, Some(end), &mut failures, false).await?;
+            let (mut resp, ranged) = self
+                .get(at, Some(end), &mut failures, &mut resumes, false)
+                .await?;
             if !ranged && at > 0 {
                 return Err(ImageError::Stream {
                     url: self.url.clone(),
@@ -371,9 +429,10 @@ impl Source {
             let before = out.len();
             let mut broke = None;
             let mut piece = vec![0u8; 256 << 10];
+            let mut watch = Watch::new(self.opts.stall, None);
             while (out.len() as u64) < end - start {
                 let want = ((end - start) as usize - out.len()).min(piece.len());
-                match resp.read(&mut piece[..want]).await {
+                match watch.read(resp.read(&mut piece[..want])).await {
                     Ok(0) => break,
                     Ok(n) => out.extend_from_slice(&piece[..n]),
                     Err(e) => {
@@ -381,9 +440,6 @@ impl Source {
                         break;
                     }
                 }
-            }
-            if out.len() > before {
-                failures = 0;
             }
             let done = out.len() as u64 >= end - start
                 || self.total.is_some_and(|t| start + out.len() as u64 >= t);
@@ -393,22 +449,46 @@ impl Source {
             if broke.is_none() && self.total.is_none() {
                 return Ok(out); // the file ended and no length was announced
             }
+            if progressed((out.len() - before) as u64, &self.opts) {
+                failures = 0;
+            }
             failures += 1;
+            let at = start + out.len() as u64;
+            let reason = match broke {
+                Some(Broke::Stalled) if failures > self.opts.retries => {
+                    return Err(self.stalled(at, resumes));
+                }
+                Some(Broke::Stalled) => self.stall_text(),
+                Some(Broke::Error(e)) => e,
+                None => "the connection ended early".into(),
+            };
             if failures > self.opts.retries {
                 return Err(ImageError::Stream {
                     url: self.url.clone(),
-                    offset: start + out.len() as u64,
-                    reason: broke.unwrap_or_else(|| "the connection ended early".into()),
+                    offset: at,
+                    reason,
                 });
             }
-            tokio::time::sleep(backoff(&self.opts, failures)).await;
+            let wait = backoff(&self.opts, failures);
+            tracing::warn!("{}: {reason}; resuming at byte {at} in {wait:?}", self.url);
+            resumes += 1;
+            tokio::time::sleep(wait).await;
         }
     }
 
+    /// Why an attempt was ended by its stall window, for the log.
+    fn stall_text(&self) -> String {
+        format!(
+            "stalled: less than {} arrived in {}",
+            crate::disk::human(self.opts.stall.min_bytes),
+            secs(self.opts.stall.timeout)
+        )
+    }
+
     /// Streams the whole file into `tx` in buffers of `chunk` bytes, then [`Chunk::End`].
-    /// Returns the bytes sent, or an error naming the offset reached. A dropped connection is
-    /// resumed from the next byte; a server that answers a resume with the whole file has the
-    /// bytes already sent skipped.
+    /// Returns the bytes sent, or an error naming the offset reached. A dropped or stalled
+    /// connection is resumed from the next byte; a server that answers a resume with the whole
+    /// file has the bytes already sent skipped.
     pub async fn stream(
         &mut self,
         tx: mpsc::Sender<Chunk>,
@@ -417,12 +497,17 @@ impl Source {
         let chunk = self.opts.chunk.max(4096);
         let mut sent = 0u64; // bytes handed on (including `buf`)
         let mut buf = pool.get(chunk);
-        let mut failures = 0u32;
+        let (mut failures, mut resumes) = (0u32, 0u32);
+        // The time spent on the head and the tables is not the stream's.
+        self.gauge.restart(Instant::now());
         loop {
-            let (mut resp, ranged) = self.get(sent, None, &mut failures, true).await?;
+            let (mut resp, ranged) = self
+                .get(sent, None, &mut failures, &mut resumes, true)
+                .await?;
             let mut skip = if ranged { 0 } else { sent };
             let mut broke = None;
             let start_of_attempt = sent;
+            let mut watch = Watch::new(self.opts.stall, Some(self.gauge.clone()));
             loop {
                 // Bytes the server resends from the start are read and dropped.
                 let room = buf.spare_mut();
@@ -430,7 +515,7 @@ impl Source {
                     0 => room.len(),
                     s => room.len().min(usize::try_from(s).unwrap_or(usize::MAX)),
                 };
-                let n = match resp.read(&mut room[..want]).await {
+                let n = match watch.read(resp.read(&mut room[..want])).await {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) => {
@@ -453,6 +538,7 @@ impl Source {
                 }
                 buf.advance(n);
                 sent += n as u64;
+                self.gauge.set_received(sent);
                 if buf.room() == 0 {
                     let full = std::mem::replace(&mut buf, pool.get(chunk));
                     if tx.send(Chunk::Data(full)).await.is_err() {
@@ -471,16 +557,21 @@ impl Source {
                 let _ = tx.send(Chunk::End).await;
                 return Ok(sent);
             }
-            if sent > start_of_attempt {
+            if progressed(sent - start_of_attempt, &self.opts) {
                 failures = 0;
             }
             failures += 1;
-            let reason = broke.unwrap_or_else(|| {
-                format!(
+            let reason = match broke {
+                Some(Broke::Stalled) if failures > self.opts.retries => {
+                    return Err(self.stalled(sent, resumes));
+                }
+                Some(Broke::Stalled) => self.stall_text(),
+                Some(Broke::Error(e)) => e,
+                None => format!(
                     "the connection closed after byte {sent} of {}",
                     self.total.unwrap_or(0)
-                )
-            });
+                ),
+            };
             if failures > self.opts.retries {
                 return Err(ImageError::Stream {
                     url: self.url.clone(),
@@ -493,9 +584,17 @@ impl Source {
                 "{}: {reason}; resuming at byte {sent} in {wait:?}",
                 self.url
             );
+            resumes += 1;
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// Whether an attempt that brought `bytes` made progress, which restarts the retry budget:
+/// at least a stall window's worth. Fewer would let a server that sends a few bytes per
+/// connection (and then stalls, or closes it) keep the download going for ever.
+pub fn progressed(bytes: u64, opts: &FetchOptions) -> bool {
+    bytes >= opts.stall.min_bytes.max(1)
 }
 
 /// DER certificates from PEM text (for `--ca FILE` and a command's `extra_ca_pem`).

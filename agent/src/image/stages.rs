@@ -19,6 +19,7 @@
 //! without an end marker (download error, cancellation: the caller's future was dropped), it
 //! zeroes the disk's ends itself before returning, so no caller can forget to.
 
+use std::sync::Arc;
 use std::sync::mpsc as smpsc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,8 @@ use super::buf::{AlignedBuf, BufPool};
 use super::checksum::{Algo, Hasher};
 use super::decode::Decode;
 use super::source::Chunk;
-use super::{ImageError, Progress};
+use super::stall::Gauge;
+use super::{ImageError, Progress, STALLED};
 use crate::disk;
 
 /// Download buffers already queued when the writer is free are written together, up to this
@@ -84,6 +86,9 @@ pub struct WriterJob {
     pub total: Option<u64>,
     pub progress: ProgressFn,
     pub pool: BufPool,
+    /// The download's stall window: a "write" report made while it is stalled says
+    /// "stalled" instead, with the time without progress.
+    pub gauge: Arc<Gauge>,
 }
 
 /// The writer thread: decode and write every buffer, then, if the digest matched, the head.
@@ -100,11 +105,26 @@ pub fn writer_stage(
     let mut last_bytes = 0u64;
     let total = job.total.unwrap_or(0);
     let report = |phase: &'static str, done: u64, rate: u64| {
-        (job.progress)(Progress {
-            phase,
-            bytes_done: done,
-            bytes_total: total,
-            bytes_per_second: rate,
+        let stalled = match phase {
+            "write" => job.gauge.stalled_for(Instant::now()),
+            _ => None,
+        };
+        (job.progress)(match stalled {
+            // Where the download stands, not the writer: up to a few buffers ahead.
+            Some(quiet) => Progress {
+                phase: STALLED,
+                bytes_done: job.gauge.received().max(done),
+                bytes_total: total,
+                bytes_per_second: 0,
+                stalled_seconds: quiet.as_secs(),
+            },
+            None => Progress {
+                phase,
+                bytes_done: done,
+                bytes_total: total,
+                bytes_per_second: rate,
+                stalled_seconds: 0,
+            },
         })
     };
     let mut batch: Vec<AlignedBuf> = Vec::new();

@@ -91,6 +91,7 @@ fn progress_to_proto(id: &str, p: &Progress) -> pb::Progress {
         bytes_done: p.bytes_done,
         bytes_total: p.bytes_total,
         bytes_per_second: p.bytes_per_second,
+        stalled_seconds: p.stalled_seconds,
     }
 }
 
@@ -341,6 +342,34 @@ pub fn inventory_to_proto(inv: &Inventory) -> pb::Inventory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stalled_report_carries_its_seconds() {
+        let p = Progress {
+            phase: crate::image::STALLED,
+            bytes_done: 7,
+            bytes_total: 9,
+            bytes_per_second: 0,
+            stalled_seconds: 12,
+        };
+        let pb::agent_event::Event::Progress(got) = update_to_proto(Update::Progress {
+            id: "w".into(),
+            progress: p,
+        })
+        .event
+        .unwrap() else {
+            panic!("not progress");
+        };
+        assert_eq!(
+            (
+                got.command_id.as_str(),
+                got.phase.as_str(),
+                got.bytes_done,
+                got.stalled_seconds
+            ),
+            ("w", "stalled", 7, 12)
+        );
+    }
 
     #[test]
     fn write_image_command_with_a_bad_checksum_is_refused_with_its_id() {

@@ -264,6 +264,7 @@ impl SimMachine {
                             bytes_done: done,
                             bytes_total: total,
                             bytes_per_second: rate,
+                            stalled_seconds: 0,
                         },
                     });
                     last = Instant::now();
@@ -289,6 +290,7 @@ impl SimMachine {
                 bytes_done: bytes,
                 bytes_total: total,
                 bytes_per_second: (bytes as f64 / secs) as u64,
+                stalled_seconds: 0,
             },
         });
         let (bytes, digest) = disk.verify(&spec.url, &expected)?;

@@ -93,6 +93,14 @@ fn s(p: &Path) -> String {
 /// Faults the server injects.
 #[derive(Clone, Default)]
 struct Faults {
+    /// From this file offset on, send one byte per `drip_every` (a server that never lets a
+    /// read time out, and never brings anything).
+    drip_at: Option<u64>,
+    drip_every: Duration,
+    /// Only this many answers drip; later ones are served normally (`None`: every one).
+    drips: Option<usize>,
+    /// Accept the request, then send nothing at all, not even the answer's head.
+    silent: bool,
     /// File offsets at which the connection is dropped, once each.
     drop_at: Vec<u64>,
     /// Announce the full length but never send bytes from here on.
@@ -202,6 +210,7 @@ fn serve_on(
     let log = Arc::new(Mutex::new(Vec::new()));
     let drops = Arc::new(Mutex::new(VecDeque::from(faults.drop_at.clone())));
     let count = Arc::new(AtomicUsize::new(0));
+    let dripped = Arc::new(AtomicUsize::new(0));
     let server_log = log.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
@@ -212,20 +221,22 @@ fn serve_on(
                 faults.clone(),
                 count.clone(),
             );
+            let dripped = dripped.clone();
             let tls = tls.clone();
             std::thread::spawn(move || {
                 let _ = match tls {
                     Some(cfg) => match rustls::ServerConnection::new(cfg) {
                         Ok(conn) => {
                             let mut tls = rustls::StreamOwned::new(conn, stream);
-                            let r = handle(&mut tls, &files, &log, &drops, &faults, &count);
+                            let r =
+                                handle(&mut tls, &files, &log, &drops, &faults, &count, &dripped);
                             tls.conn.send_close_notify();
                             let _ = tls.flush();
                             r
                         }
                         Err(_) => Ok(()),
                     },
-                    None => handle(stream, &files, &log, &drops, &faults, &count),
+                    None => handle(stream, &files, &log, &drops, &faults, &count, &dripped),
                 };
             });
         }
@@ -240,6 +251,7 @@ fn handle(
     drops: &Mutex<VecDeque<u64>>,
     faults: &Faults,
     count: &AtomicUsize,
+    dripped: &AtomicUsize,
 ) -> std::io::Result<()> {
     let mut req = Vec::new();
     let mut b = [0u8; 1];
@@ -262,6 +274,10 @@ fn handle(
         .unwrap()
         .push((path.clone(), range.clone(), plain));
     let n = count.fetch_add(1, Ordering::SeqCst);
+    if faults.silent {
+        std::thread::sleep(Duration::from_secs(30));
+        return Ok(());
+    }
     if let Some(code) = faults.status {
         write!(
             stream,
@@ -353,6 +369,22 @@ fn handle(
         }
         if let Some(st) = faults.stall_at {
             stop = stop.min(st.max(at + 1));
+        }
+        if let Some(d) = faults.drip_at {
+            if at >= d {
+                let drips = dripped.fetch_add(1, Ordering::SeqCst);
+                if faults.drips.is_none_or(|max| drips < max) {
+                    // A byte at a time until the client goes away (or, never, the end).
+                    for b in &data[at as usize..end as usize] {
+                        stream.write_all(std::slice::from_ref(b))?;
+                        stream.flush()?;
+                        std::thread::sleep(faults.drip_every);
+                    }
+                    return Ok(());
+                }
+            } else {
+                stop = stop.min(d);
+            }
         }
         let piece = &data[at as usize..stop as usize];
         if faults.chunked {
@@ -484,6 +516,12 @@ fn fast_opts() -> WriteOptions {
             backoff: Duration::from_millis(20),
             chunk: 256 << 10,
             read_timeout: Duration::from_secs(2),
+            // Longer than the read timeout, so a silent server still times out as before;
+            // the stall tests (stall.rs) set their own.
+            stall: StallOptions {
+                timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
         },
         target_zeroed: false,
     }
@@ -516,6 +554,25 @@ async fn write_with(
     let s2 = seen.clone();
     let progress: ProgressFn = Box::new(move |p: Progress| s2.lock().unwrap().push(p));
     write_image(client, &spec, disk, opts, progress).await
+}
+
+/// [`write`], also returning every progress report.
+async fn write_seen(
+    url: &str,
+    checksum: &str,
+    disk: Box<dyn DiskWriter>,
+    opts: &WriteOptions,
+) -> (Result<Written, ImageError>, Vec<Progress>) {
+    let spec = match ImageSpec::new(url, checksum, None, Format::Raw) {
+        Ok(s) => s,
+        Err(e) => return (Err(e), Vec::new()),
+    };
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let progress: ProgressFn = Box::new(move |p: Progress| s2.lock().unwrap().push(p));
+    let r = write_image(&client(), &spec, disk, opts, progress).await;
+    let seen = seen.lock().unwrap().clone();
+    (r, seen)
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -1805,3 +1862,5 @@ fn large_buffers_batched_by_the_writer_give_the_image_byte_for_byte() {
     );
     assert!(msg.contains(&format!("at byte {at}")), "{msg}");
 }
+
+mod stall;

@@ -30,7 +30,12 @@ pub struct RunArgs {
     pub coordinator: Option<String>,
     /// The one-time bootstrap token (`slipway token create HOST`). It is base64url, so it
     /// may begin with '-': that is taken as the token, not as an option.
-    #[arg(long, env = "SLIPWAY_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "SLIPWAY_TOKEN",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     pub token: Option<String>,
     /// SHA-256 fingerprint of the coordinator's CA (`slipway info`).
     #[arg(long)]

@@ -1,6 +1,7 @@
 //! `/metrics` in the Prometheus text format (prometheus-client): hosts per state,
 //! transitions, errors by type, reconcile durations, agent sessions, commands in flight,
-//! bytes written, store commit latency, event-to-durable latency.
+//! bytes written, store commit latency, event-to-durable latency, connections open, refused
+//! and timed out per listener.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -28,6 +29,27 @@ pub struct ErrorLabel {
     pub error_type: String,
 }
 
+/// `listener`: `http` or `agent`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+/// `reason`: which cap was full (`listener_full`, `source_full`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub listener: String,
+    pub reason: String,
+}
+
+/// `phase`: what the connection had not done in time (`request_head`, `stall`,
+/// `handshake`, `enrolment`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub listener: String,
+    pub phase: String,
+}
+
 /// Every metric, shared by the engine, the API and the HTTP server.
 pub struct Metrics {
     registry: Registry,
@@ -44,6 +66,9 @@ pub struct Metrics {
     pub commit_hosts: Histogram,
     pub event_to_durable_seconds: Histogram,
     pub heartbeats: Counter,
+    pub connections_open: Family<ListenerLabel, Gauge>,
+    pub connections_refused: Family<ConnectionLabels, Counter>,
+    pub connections_timed_out: Family<TimeoutLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -71,6 +96,9 @@ impl Metrics {
             commit_hosts: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             event_to_durable_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 20)),
             heartbeats: Counter::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
+            connections_timed_out: Family::default(),
         };
         m.registry
             .register("hosts", "Hosts per provisioning state", m.hosts.clone());
@@ -127,6 +155,22 @@ impl Metrics {
             "agent_heartbeats",
             "Heartbeats received from agents",
             m.heartbeats.clone(),
+        );
+        m.registry.register(
+            "connections_open",
+            "Connections open per listener (http, agent), counted against its caps",
+            m.connections_open.clone(),
+        );
+        m.registry.register(
+            "connections_refused",
+            "Connections closed at once because a cap was full (listener_full: \
+             --http-max-connections or --agent-max-connections; source_full: the per-source cap)",
+            m.connections_refused.clone(),
+        );
+        m.registry.register(
+            "connections_timed_out",
+            "Connections ended at a deadline, by what they had not done in time",
+            m.connections_timed_out.clone(),
         );
         Arc::new(m)
     }

@@ -29,13 +29,20 @@ use tracing::warn;
 
 use crate::engine::{AgentInfo, AgentReport, Msg, Outcome, Outgoing, Refusal};
 use crate::hardware::{self, Hardware};
+use crate::limits::{Gate, Held, Throttle, held_back};
 use crate::metrics::Metrics;
 use crate::pki;
 use crate::tokens::TokenSecret;
 
 pub use crate::engine::SILENCE_LIMIT;
-/// How long a TLS handshake may take.
-const HANDSHAKE_LIMIT: Duration = Duration::from_secs(15);
+/// How long a TLS handshake may take (a real one takes milliseconds).
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// How long a connection without a client certificate may live: it can only enrol, one call
+/// (which the agent gives up on after 20 s).
+const UNAUTHENTICATED_LIMIT: Duration = Duration::from_secs(60);
+/// Refused handshakes logged: a burst of this many, then one per [`HANDSHAKE_LOG_EVERY`].
+const HANDSHAKE_LOG_BURST: u32 = 10;
+const HANDSHAKE_LOG_EVERY: Duration = Duration::from_secs(5);
 /// How long after connecting an agent has to say hello.
 const HELLO_LIMIT: Duration = Duration::from_secs(30);
 
@@ -315,14 +322,22 @@ impl pb::agent_service_server::AgentService for Api {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently, logging every refused
-/// handshake with its reason (e.g. a client certificate from another CA).
+/// Accepts TCP connections within `gate`'s caps and completes TLS handshakes concurrently,
+/// logging refused handshakes with their reason (e.g. a client certificate from another CA),
+/// throttled. A connection counts against its address's cap (`Permit::authenticated`)
+/// until its handshake has verified a client certificate; one without (an enrolment) keeps
+/// counting, and is closed after [`UNAUTHENTICATED_LIMIT`].
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+    gate: Gate,
+) -> impl Stream<Item = Result<TlsStream<Held<TcpStream>>, std::io::Error>> {
     let acceptor = TlsAcceptor::from(config);
     let (tx, rx) = mpsc::channel(64);
+    let refusals = Arc::new(std::sync::Mutex::new(Throttle::new(
+        HANDSHAKE_LOG_BURST,
+        HANDSHAKE_LOG_EVERY,
+    )));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -333,24 +348,54 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            // Over a cap: closed at once (the gate counts and logs it).
+            let Ok(permit) = gate.admit(addr.ip()) else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
+                let gate = permit.gate().clone();
+                let handshake = acceptor.accept(Held::new(tcp, permit));
+                let why = match tokio::time::timeout(HANDSHAKE_LIMIT, handshake).await {
+                    Ok(Ok(mut tls)) => {
+                        let (held, session) = tls.get_mut();
+                        if session.peer_certificates().is_some_and(|c| !c.is_empty()) {
+                            held.permit_mut().authenticated();
+                        } else {
+                            held.expire_in(UNAUTHENTICATED_LIMIT, "enrolment");
+                        }
                         let _ = tx.send(Ok(tls)).await;
+                        return;
                     }
-                    Ok(Err(e)) => {
-                        warn!(peer = %addr, "TLS connection refused: {}", explain_tls(&e))
-                    }
+                    Ok(Err(e)) => explain_tls(&e),
                     Err(_) => {
-                        warn!(peer = %addr, "TLS connection refused: handshake took longer than {HANDSHAKE_LIMIT:?}")
+                        gate.timed_out("handshake");
+                        format!("handshake took longer than {HANDSHAKE_LIMIT:?}")
                     }
+                };
+                let admitted = refusals
+                    .lock()
+                    .map(|mut t| t.admit(std::time::Instant::now()))
+                    .unwrap_or(None);
+                if let Some(held) = admitted {
+                    warn!(peer = %addr, "TLS connection refused: {why}{}", held_back(held));
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// tonic reads the peer's address (and, through the TLS stream, its certificates) from the
+/// connection it serves.
+impl tonic::transport::server::Connected for Held<TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.get_ref().connect_info()
+    }
 }
 
 fn explain_tls(e: &std::io::Error) -> String {

@@ -62,20 +62,6 @@ pub struct Shared {
     pub view: SharedView,
 }
 
-/// The peer of an HTTP connection, for the per-address limits.
-#[derive(Clone, Copy, Debug)]
-pub struct Peer(pub SocketAddr);
-
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, crate::sendfile::Listener>,
-    > for Peer
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, crate::sendfile::Listener>) -> Peer {
-        Peer(*s.remote_addr())
-    }
-}
-
 pub fn router(
     images: PathBuf,
     boot_dir: PathBuf,
@@ -188,8 +174,8 @@ async fn entry(State(s): State<BootState>) -> Response {
 }
 
 /// Too many boot requests from one address: refused for now, saying so.
-fn too_many(s: &BootState, peer: &Peer, what: &str) -> Option<Response> {
-    if s.boot_limit.admit(peer.0.ip(), std::time::Instant::now()) {
+fn too_many(s: &BootState, peer: &SocketAddr, what: &str) -> Option<Response> {
+    if s.boot_limit.admit(peer.ip(), std::time::Instant::now()) {
         return None;
     }
     s.metrics.boot_rate_limited.inc();
@@ -197,14 +183,14 @@ fn too_many(s: &BootState, peer: &Peer, what: &str) -> Option<Response> {
         StatusCode::TOO_MANY_REQUESTS,
         boot::refusal_script(&format!(
             "too many {what} requests from {}; try again in a few seconds",
-            peer.0.ip()
+            peer.ip()
         )),
     ))
 }
 
 async fn per_host(
     State(s): State<BootState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     if let Some(refused) = too_many(&s, &peer, "boot script") {
@@ -247,7 +233,7 @@ async fn per_host(
 
 async fn iso(
     State(s): State<BootState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     UrlPath(file): UrlPath<String>,
     req: axum::extract::Request,
 ) -> Response {

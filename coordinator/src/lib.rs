@@ -15,6 +15,7 @@
 //!   image downloads. [`admin`]: the CLI's API on a Unix socket.
 //! - [`hardware`]: the full inventory as a metal3 `HardwareData` document, and its summary.
 //! - [`output`]: tables and descriptions, pure.
+//! - [`limits`]: caps on each listener's connections, in all and per source address.
 
 pub mod admin;
 pub mod api;
@@ -26,6 +27,7 @@ pub mod failpoint;
 pub mod hardware;
 pub mod http;
 pub mod iso;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod output;

@@ -1,6 +1,7 @@
 //! `/metrics` in the Prometheus text format (prometheus-client): hosts per state,
 //! transitions, errors by type, reconcile durations, agent sessions, commands in flight,
-//! bytes written, store commit latency, event-to-durable latency.
+//! bytes written, store commit latency, event-to-durable latency, connections open, refused
+//! and timed out per listener.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -28,6 +29,27 @@ pub struct ErrorLabel {
     pub error_type: String,
 }
 
+/// `listener`: `http` or `agent`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+/// `reason`: which cap was full (`listener_full`, `source_full`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub listener: String,
+    pub reason: String,
+}
+
+/// `phase`: what the connection had not done in time (`request_head`, `stall`,
+/// `handshake`, `enrolment`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub listener: String,
+    pub phase: String,
+}
+
 /// Every metric, shared by the engine, the API and the HTTP server.
 pub struct Metrics {
     registry: Registry,
@@ -48,6 +70,9 @@ pub struct Metrics {
     pub boot_rate_limited: Counter,
     /// Enrolments and sessions refused as possible impostors.
     pub possible_impostors: Counter,
+    pub connections_open: Family<ListenerLabel, Gauge>,
+    pub connections_refused: Family<ConnectionLabels, Counter>,
+    pub connections_timed_out: Family<TimeoutLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -77,6 +102,9 @@ impl Metrics {
             heartbeats: Counter::default(),
             boot_rate_limited: Counter::default(),
             possible_impostors: Counter::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
+            connections_timed_out: Family::default(),
         };
         m.registry
             .register("hosts", "Hosts per provisioning state", m.hosts.clone());
@@ -143,6 +171,22 @@ impl Metrics {
             "possible_impostors",
             "Enrolments and agent sessions refused as possible impostors",
             m.possible_impostors.clone(),
+        );
+        m.registry.register(
+            "connections_open",
+            "Connections open per listener (http, agent), counted against its caps",
+            m.connections_open.clone(),
+        );
+        m.registry.register(
+            "connections_refused",
+            "Connections closed at once because a cap was full (listener_full: \
+             --http-max-connections or --agent-max-connections; source_full: the per-source cap)",
+            m.connections_refused.clone(),
+        );
+        m.registry.register(
+            "connections_timed_out",
+            "Connections ended at a deadline, by what they had not done in time",
+            m.connections_timed_out.clone(),
         );
         Arc::new(m)
     }

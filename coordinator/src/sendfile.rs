@@ -16,100 +16,135 @@
 //! cache; that thread waits at most 20 ms for room in a full socket. A download waiting longer
 //! for its client holds no thread, so a stalled or slow client costs a socket and a task, not
 //! one of tokio's blocking threads (512 by default).
+//!
+//! No connection holds on for nothing (issue 16). Each is admitted by the listener's
+//! [`Gate`] (a cap in all and per source address; over one, a 503 and the connection is
+//! closed), and holds its permit until it closes, through the router too (inside
+//! `handoff::Rewind`). A whole request head must arrive within [`Deadlines::head`] of the
+//! connection's start or of the previous answer's end, however it is dripped, so an idle
+//! keep-alive connection ends then too; the router's side keeps the same deadline (hyper's
+//! header read timeout). A client that leaves no room for its answer for
+//! [`Deadlines::stall`] is dropped.
 
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-/// How long a connection may sit idle between requests, or stall while being sent to.
-const IDLE: Duration = Duration::from_secs(60);
+use crate::limits::{Gate, Permit, Refused};
+
+mod handoff;
+
 /// Longest request head read here (a longer one goes to the router, which refuses it).
 const MAX_HEAD: usize = 16 << 10;
 /// Bytes per sendfile call.
 const SEND_CHUNK: usize = 64 << 20;
 
-/// The connections this module did not answer, for `axum::serve`.
-pub struct Listener {
-    rx: mpsc::Receiver<(Rewind, SocketAddr)>,
-    addr: SocketAddr,
+/// How long HTTP connections may take over what they owe.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    /// For a whole request head, from the connection's start or the previous answer's end:
+    /// so also how long an idle keep-alive connection is kept.
+    pub head: Duration,
+    /// For room in the socket while an answer is sent (the client reads nothing).
+    pub stall: Duration,
 }
 
-impl axum::serve::Listener for Listener {
-    type Io = Rewind;
-    type Addr = SocketAddr;
+/// The deadlines `slipway serve` uses. Ten seconds for a head: a real client sends its
+/// head in one packet, and agents and iPXE open a new connection when an idle one was
+/// closed.
+pub const DEADLINES: Deadlines = Deadlines {
+    head: Duration::from_secs(10),
+    stall: Duration::from_secs(60),
+};
 
-    async fn accept(&mut self) -> (Rewind, SocketAddr) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The acceptor never stops while the listener lives.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.addr)
+/// Accepts connections on `tcp` within `gate`'s caps, answers image requests for files
+/// under `images`, and serves every other connection with `router`. Runs for as long as
+/// the server does.
+pub async fn serve(
+    tcp: TcpListener,
+    images: PathBuf,
+    router: axum::Router,
+    gate: Gate,
+    deadlines: Deadlines,
+) {
+    loop {
+        let (stream, peer) = match tcp.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: wait rather than spin.
+                tracing::warn!("the HTTP server could not accept a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let permit = match gate.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                refuse(&stream, why);
+                continue;
+            }
+        };
+        let (images, router) = (images.clone(), router.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, permit, peer, &images, router, deadlines).await {
+                tracing::debug!(%peer, "HTTP connection ended: {e}");
+            }
+        });
     }
 }
 
-/// Accepts connections on `tcp`, answers image requests for files under `images`, and hands
-/// every other connection to the returned listener.
-pub fn listen(tcp: TcpListener, images: PathBuf) -> io::Result<Listener> {
-    let addr = tcp.local_addr()?;
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = match tcp.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: wait rather than spin.
-                    tracing::warn!("the HTTP server could not accept a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let (tx, images) = (tx.clone(), images.clone());
-            tokio::spawn(async move {
-                if let Err(e) = connection(stream, peer, &images, &tx).await {
-                    tracing::debug!(%peer, "HTTP connection ended: {e}");
-                }
-            });
-        }
-    });
-    Ok(Listener { rx, addr })
+/// Over a cap: a 503 saying why, if the socket takes it at once, and the connection is
+/// closed (when `stream` drops).
+fn refuse(stream: &TcpStream, why: Refused) {
+    let reason = match why {
+        Refused::ListenerFull => "the coordinator has too many connections open; try again later\n",
+        Refused::SourceFull => "too many connections from your address; try again later\n",
+    };
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nretry-after: 5\r\nconnection: close\r\n\r\n{reason}",
+        reason.len()
+    );
+    let _ = stream.try_write(answer.as_bytes());
 }
 
 /// Reads the connection's requests and serves those for images; hands the connection, with
-/// the bytes already read, to the router at the first other one. The socket is shared with
-/// the blocking threads that run the sendfile calls.
+/// the bytes already read and its permit, to the router at the first other one. The socket
+/// is shared with the blocking threads that run the sendfile calls.
 async fn connection(
     s: TcpStream,
+    permit: Permit,
     peer: SocketAddr,
     images: &Path,
-    tx: &mpsc::Sender<(Rewind, SocketAddr)>,
+    router: axum::Router,
+    deadlines: Deadlines,
 ) -> io::Result<()> {
     let s = Arc::new(s);
     let mut buf = Vec::new();
+    let mut head_by = Instant::now() + deadlines.head;
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         let asked = match req.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => ask(&req).map(|a| (len, a)),
             Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {
-                if read(&s, &mut buf).await? == 0 {
-                    return Ok(());
+                match read(&s, &mut buf, head_by).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        if e.kind() == io::ErrorKind::TimedOut {
+                            permit.gate().timed_out("request_head");
+                        }
+                        return Err(e);
+                    }
                 }
-                continue;
             }
             // Malformed or too long: the router says so.
             _ => None,
@@ -127,32 +162,57 @@ async fn connection(
         let Some((len, a, file, answer)) = served else {
             let s = Arc::try_unwrap(s)
                 .map_err(|_| io::Error::other("the connection is still in use"))?;
-            // Closed only when the server is stopping; the connection goes with it.
-            let _ = tx.send((Rewind::new(buf, s), peer)).await;
+            let io = handoff::Rewind::new(buf, s, permit, deadlines.stall);
+            handoff::serve(io, peer, router, deadlines.head).await;
             return Ok(());
         };
         tracing::debug!(%peer, path = %a.path, status = answer.status, bytes = answer.len, "image");
-        write_all(&s, answer.head.as_bytes()).await?;
-        if !a.head_only {
-            send(&s, Arc::new(file), answer.start, answer.len).await?;
+        let sent = async {
+            write_all(&s, answer.head.as_bytes(), deadlines.stall).await?;
+            if !a.head_only {
+                send(
+                    &s,
+                    Arc::new(file),
+                    answer.start,
+                    answer.len,
+                    deadlines.stall,
+                )
+                .await?;
+            }
+            Ok::<_, io::Error>(())
+        };
+        if let Err(e) = sent.await {
+            if e.kind() == io::ErrorKind::TimedOut {
+                permit.gate().timed_out("stall");
+            }
+            return Err(e);
         }
         if !a.keep_alive {
             return Ok(());
         }
         buf.drain(..len);
+        head_by = Instant::now() + deadlines.head;
     }
+}
+
+fn late_head() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "no whole request head by the deadline",
+    )
 }
 
 fn stalled() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "the client stalled")
 }
 
-/// Reads what the client sent next onto `buf`; 0 when it closed the connection.
-async fn read(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+/// Reads what the client sent next onto `buf`; 0 when it closed the connection. Fails at
+/// `by`, however many bytes came before: a deadline, not an idle timer a drip resets.
+async fn read(s: &TcpStream, buf: &mut Vec<u8>, by: Instant) -> io::Result<usize> {
     loop {
-        tokio::time::timeout(IDLE, s.readable())
+        tokio::time::timeout_at(by, s.readable())
             .await
-            .map_err(|_| stalled())??;
+            .map_err(|_| late_head())??;
         match s.try_read_buf(buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return r,
@@ -160,9 +220,9 @@ async fn read(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     }
 }
 
-async fn write_all(s: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(s: &TcpStream, mut data: &[u8], stall: Duration) -> io::Result<()> {
     while !data.is_empty() {
-        tokio::time::timeout(IDLE, s.writable())
+        tokio::time::timeout(stall, s.writable())
             .await
             .map_err(|_| stalled())??;
         match s.try_write(data) {
@@ -178,11 +238,17 @@ async fn write_all(s: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 /// calls run on a blocking thread, because they wait on the disk when the image is not in the
 /// page cache (see [`send_some`]); waiting for a slow client is the runtime's, holding no
 /// thread.
-async fn send(s: &Arc<TcpStream>, file: Arc<File>, start: u64, len: u64) -> io::Result<()> {
+async fn send(
+    s: &Arc<TcpStream>,
+    file: Arc<File>,
+    start: u64,
+    len: u64,
+    stall: Duration,
+) -> io::Result<()> {
     let mut off = i64::try_from(start).map_err(io::Error::other)?;
     let mut left = len;
     while left > 0 {
-        tokio::time::timeout(IDLE, s.writable())
+        tokio::time::timeout(stall, s.writable())
             .await
             .map_err(|_| stalled())??;
         let count = left.min(SEND_CHUNK as u64) as usize;
@@ -248,7 +314,7 @@ fn send_some(sock: &TcpStream, file: &File, off: i64, count: usize) -> (usize, i
 /// After the socket stayed full: clears the runtime's writable readiness, so the
 /// next `writable()` waits for the client, unless the socket has room again by now. The check
 /// runs inside `try_io`, which clears only the readiness it saw before the check: a wake-up
-/// that arrives meanwhile is kept, never lost (which would stall the download until `IDLE`).
+/// that arrives meanwhile is kept, never lost (which would stall the download until the stall deadline).
 fn wait_for_room(s: &TcpStream) {
     let _ = s.try_io(tokio::io::Interest::WRITABLE, || {
         let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
@@ -479,70 +545,6 @@ fn answer(
         len,
         head,
     })
-}
-
-/// A connection handed to the router, with the bytes already read from it in front.
-pub struct Rewind {
-    pre: Vec<u8>,
-    pos: usize,
-    inner: TcpStream,
-}
-
-impl Rewind {
-    fn new(pre: Vec<u8>, inner: TcpStream) -> Rewind {
-        Rewind { pre, pos: 0, inner }
-    }
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let me = &mut *self;
-        if me.pos < me.pre.len() {
-            let n = (me.pre.len() - me.pos).min(buf.remaining());
-            buf.put_slice(&me.pre[me.pos..me.pos + n]);
-            me.pos += n;
-            if me.pos == me.pre.len() {
-                me.pre = Vec::new();
-                me.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut me.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use crate::api::{self, Api};
 use crate::engine::{
     DEFAULT_DISCOVERED_LIMIT, DEFAULT_PROVISIONING_LIMIT, Engine, Msg, Settings, UnknownHosts,
 };
+use crate::limits::{self, Caps, Gate, Port};
 use crate::metrics::Metrics;
 use crate::pki::Ca;
 use crate::state::redb::RedbStore;
@@ -95,6 +96,28 @@ pub struct ServeArgs {
     /// no session); one that never enrolled, after --boot-token-ttl.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     pub discovered_ttl: SignedDuration,
+    /// Connections the HTTP port holds at once; more are answered 503 and closed. Lowered at
+    /// start to fit the open-files limit (a quarter of it, two descriptors each), and said so.
+    #[arg(long, value_name = "N", default_value_t = limits::HTTP_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections: u32,
+    /// Connections the HTTP port holds at once from one address (an IPv6 /64), so one
+    /// address cannot fill --http-max-connections (at most half of it). Room for the load
+    /// generator, whose machines all share one address.
+    #[arg(long, value_name = "N", default_value_t = limits::HTTP_MAX_PER_SOURCE as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections_per_source: u32,
+    /// Connections the agent port holds at once: agent sessions, enrolments and TLS
+    /// handshakes. Lowered at start to fit the open-files limit, and said so.
+    #[arg(long, value_name = "N", default_value_t = limits::AGENT_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub agent_max_connections: u32,
+    /// Connections on the agent port from one address (an IPv6 /64) that have not presented
+    /// a client certificate: TLS handshakes in progress (10 s at most) and enrolments (60 s
+    /// at most). Agent sessions do not count, so any number of agents may share an address.
+    #[arg(long, value_name = "N", default_value_t = limits::AGENT_MAX_UNAUTHENTICATED_PER_SOURCE as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub agent_max_unauthenticated_per_source: u32,
 }
 
 /// The `--image-ca` file: PEM text with at least one certificate, all of them parseable.
@@ -157,7 +180,8 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         Ca::load_or_create(&state.join("pki"))
             .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?,
     );
-    raise_open_files_limit();
+    let open_files = raise_open_files_limit();
+    let (http_caps, agent_caps) = connection_caps(&args, open_files);
     let store = RedbStore::open(&state).map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
     let settings = Settings {
         policy: Policy {
@@ -218,12 +242,14 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         .server_tls(std::slice::from_ref(&advertise))
         .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
     let api = Api::new(tx.clone(), &image_ca_pem, metrics.clone());
+    let agent_gate = Gate::new(Port::Agent, agent_caps, metrics.clone());
+    let http_gate = Gate::new(Port::Http, http_caps, metrics.clone());
     let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(api.into_service())
-            .serve_with_incoming(api::tls_incoming(grpc, Arc::new(tls)))
+            .serve_with_incoming(api::tls_incoming(grpc, Arc::new(tls), agent_gate))
             .await
     });
 
@@ -300,15 +326,13 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         },
     );
     // Image downloads are answered with sendfile in front of the router (`sendfile`).
-    let http = crate::sendfile::listen(http, images)
-        .with_context(|| format!("cannot serve HTTP on {http_addr}"))?;
-    let http_task = tokio::spawn(async move {
-        axum::serve(
-            http,
-            router.into_make_service_with_connect_info::<crate::http::Peer>(),
-        )
-        .await
-    });
+    let http_task = tokio::spawn(crate::sendfile::serve(
+        http,
+        images,
+        router,
+        http_gate,
+        crate::sendfile::DEADLINES,
+    ));
     drop(tx);
 
     info!(
@@ -335,17 +359,58 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
 }
 
 /// Every agent holds a connection: raise the open-files limit to the hard limit (10,000
-/// agents need more than the usual 1,024), and say what it is.
-fn raise_open_files_limit() {
+/// agents need more than the usual 1,024), and say what it is. Returns the limit now in
+/// force (1,024, the usual default, when it cannot be read).
+fn raise_open_files_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => info!("open-files limit raised from {soft} to {hard} (the hard limit)"),
-            Err(e) => warn!("cannot raise the open-files limit from {soft} to {hard}: {e}"),
+            Ok(()) => {
+                info!("open-files limit raised from {soft} to {hard} (the hard limit)");
+                hard
+            }
+            Err(e) => {
+                warn!("cannot raise the open-files limit from {soft} to {hard}: {e}");
+                soft
+            }
         },
-        Ok((soft, _)) => info!("open-files limit: {soft}"),
-        Err(e) => warn!("cannot read the open-files limit: {e}"),
+        Ok((soft, _)) => {
+            info!("open-files limit: {soft}");
+            soft
+        }
+        Err(e) => {
+            warn!("cannot read the open-files limit: {e}");
+            1024
+        }
     }
+}
+
+/// The listeners' caps from the flags, fitted to the open-files limit; says what they are,
+/// and warns when the limit lowered any.
+fn connection_caps(args: &ServeArgs, open_files: u64) -> (Caps, Caps) {
+    let (http, agent, lowered) = limits::fit(
+        Caps {
+            total: args.http_max_connections as usize,
+            per_source: args.http_max_connections_per_source as usize,
+        },
+        Caps {
+            total: args.agent_max_connections as usize,
+            per_source: args.agent_max_unauthenticated_per_source as usize,
+        },
+        open_files,
+    );
+    if !lowered.is_empty() {
+        warn!(
+            "connection caps lowered to fit the open-files limit {open_files}: {}; raise the hard \
+             limit for more (LimitNOFILE= for a systemd service)",
+            lowered.join("; ")
+        );
+    }
+    info!(
+        "connection caps: HTTP {} ({} per address), agent port {} ({} unauthenticated per address)",
+        http.total, http.per_source, agent.total, agent.per_source
+    );
+    (http, agent)
 }
 
 /// The console arguments the ramdisk was built for (its manifest), or the default.

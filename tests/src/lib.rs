@@ -155,6 +155,9 @@ pub struct Coordinator {
     pub netns: Option<String>,
     /// Extra environment of the next start (cleared by [`Coordinator::restart_clean`]).
     pub env: Vec<(String, String)>,
+    /// The open-files limit (soft and hard) the coordinator starts with, instead of this
+    /// process's: a machine with a low hard limit.
+    pub open_files: Option<u64>,
     /// Logs of the agents started against this coordinator, printed with its own on timeouts.
     agent_logs: std::sync::Mutex<Vec<PathBuf>>,
 }
@@ -167,7 +170,13 @@ impl Coordinator {
 
     /// Starts a coordinator with extra environment variables (e.g. `SLIPWAY_FAILPOINT`).
     pub fn start_with_env(dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Coordinator {
-        Coordinator::start_full(dir, extra_args, None, "127.0.0.1", env)
+        Coordinator::start_full(dir, extra_args, None, "127.0.0.1", env, None)
+    }
+
+    /// Starts a coordinator whose open-files limit, soft and hard, is `open_files` (so
+    /// raising it to the hard limit gains nothing, as on a machine configured so).
+    pub fn start_with_open_files(dir: &Path, extra_args: &[&str], open_files: u64) -> Coordinator {
+        Coordinator::start_full(dir, extra_args, None, "127.0.0.1", &[], Some(open_files))
     }
 
     /// Starts a coordinator listening on `listen_ip`, inside `netns` if given.
@@ -177,7 +186,7 @@ impl Coordinator {
         netns: Option<&str>,
         listen_ip: &str,
     ) -> Coordinator {
-        Coordinator::start_full(dir, extra_args, netns, listen_ip, &[])
+        Coordinator::start_full(dir, extra_args, netns, listen_ip, &[], None)
     }
 
     fn start_full(
@@ -186,6 +195,7 @@ impl Coordinator {
         netns: Option<&str>,
         listen_ip: &str,
         env: &[(&str, &str)],
+        open_files: Option<u64>,
     ) -> Coordinator {
         let hosts = dir.join("hosts");
         let state = dir.join("state");
@@ -209,6 +219,7 @@ impl Coordinator {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            open_files,
             agent_logs: std::sync::Mutex::new(Vec::new()),
         };
         // A port free_port() found can be taken (by another test's server or an outgoing
@@ -247,6 +258,24 @@ impl Coordinator {
             }
             None => Command::new(&bins().slipway),
         };
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else
+            // (its one value is copied in).
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let child = command
             .arg("serve")
             .arg("--hosts")

@@ -2,6 +2,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream as StdStream;
 
 use super::*;
+use crate::limits::Caps;
 
 fn parse(raw: &str) -> Option<Ask> {
     let mut headers = [httparse::EMPTY_HEADER; 16];
@@ -134,15 +135,22 @@ fn answers_whole_files_ranges_and_resumes_against_a_changed_file() {
 struct Server {
     addr: SocketAddr,
     dir: tempfile::TempDir,
+    metrics: Arc<crate::metrics::Metrics>,
     _rt: tokio::runtime::Runtime,
 }
 
+const NO_CAPS: Caps = Caps {
+    total: 1 << 20,
+    per_source: 1 << 20,
+};
+
 fn server() -> Server {
-    server_with(512)
+    server_with(512, NO_CAPS, DEADLINES)
 }
 
-/// The server, on a runtime with at most `blocking` blocking threads.
-fn server_with(blocking: usize) -> Server {
+/// The server, on a runtime with at most `blocking` blocking threads, with these caps and
+/// deadlines.
+fn server_with(blocking: usize, caps: Caps, deadlines: Deadlines) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
     std::fs::create_dir_all(images.join("sub")).unwrap();
@@ -152,10 +160,12 @@ fn server_with(blocking: usize) -> Server {
         .enable_all()
         .build()
         .unwrap();
+    let metrics = crate::metrics::Metrics::new();
+    let gate = Gate::new(crate::limits::Port::Http, caps, metrics.clone());
     let addr = rt.block_on(async {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
         let urls = crate::boot::Urls {
             http: format!("http://{addr}"),
             agent: "https://127.0.0.1:1".into(),
@@ -175,17 +185,15 @@ fn server_with(blocking: usize) -> Server {
                 view: Default::default(),
             },
         );
-        let listener = listen(tcp, images).unwrap();
-        tokio::spawn(async move {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<crate::http::Peer>(),
-            )
-            .await
-        });
+        tokio::spawn(serve(tcp, images, router, gate, deadlines));
         addr
     });
-    Server { addr, dir, _rt: rt }
+    Server {
+        addr,
+        dir,
+        metrics,
+        _rt: rt,
+    }
 }
 
 /// Sends `requests` on one connection and reads until the server closes it.
@@ -283,7 +291,7 @@ fn a_stalled_image_download_holds_no_thread_so_other_downloads_go_on() {
     // One blocking thread in all. A download whose client reads nothing must not keep it:
     // another download, and requests that are not downloads, are still answered. (When a
     // download held its thread for as long as it ran, the second one waited for the first.)
-    let srv = server_with(1);
+    let srv = server_with(1, NO_CAPS, DEADLINES);
     let big = vec![7u8; 64 << 20];
     std::fs::write(srv.dir.path().join("images/big.img"), &big).unwrap();
     let small: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
@@ -321,4 +329,206 @@ fn a_stalled_image_download_holds_no_thread_so_other_downloads_go_on() {
     let mut rest = vec![0u8; big.len()];
     stalled.read_exact(&mut rest).unwrap();
     assert!(rest == big);
+}
+
+// ----- limits: deadlines and caps -----
+
+const SHORT: Deadlines = Deadlines {
+    head: Duration::from_millis(600),
+    stall: Duration::from_millis(600),
+};
+
+/// Sends `head` a byte every 50 ms (much faster than the deadline, so an idle timer would
+/// never fire) after `first` at once; returns what the server answered and how long after
+/// `first` was sent the connection ended.
+fn drip(addr: SocketAddr, first: &str, head: &str) -> (String, Duration) {
+    let mut s = StdStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    s.write_all(first.as_bytes()).unwrap();
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    for b in head.bytes().cycle() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a dripping client is never cut off"
+        );
+        if s.write_all(&[b]).is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), start.elapsed())
+}
+
+fn metric(srv: &Server, line: &str) -> bool {
+    srv.metrics.render().lines().any(|l| l == line)
+}
+
+#[test]
+fn a_dripped_request_head_is_cut_at_the_deadline_on_both_paths() {
+    let srv = server_with(512, NO_CAPS, SHORT);
+    std::fs::write(srv.dir.path().join("images/os.img"), b"image").unwrap();
+    let drip_head =
+        "GET /healthz HTTP/1.1\r\nX-Drip: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    // The first head, on the fast path.
+    let (out, took) = drip(srv.addr, "", drip_head);
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // The second, after an image answered by the fast path: the deadline runs from its end.
+    let (out, took) = drip(srv.addr, "GET /images/os.img HTTP/1.1\r\n\r\n", drip_head);
+    assert!(
+        out.starts_with("HTTP/1.1 200 OK") && out.ends_with("image"),
+        "{out}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The second, after the router answered the first (hyper's header read timeout).
+    let (out, took) = drip(srv.addr, "GET /healthz HTTP/1.1\r\n\r\n", drip_head);
+    assert!(
+        out.starts_with("HTTP/1.1 200 OK") && out.ends_with("ok\n"),
+        "{out}"
+    );
+    assert!(out.matches("HTTP/1.1").count() == 1, "{out}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        metric(
+            &srv,
+            "slipway_connections_timed_out_total{listener=\"http\",phase=\"request_head\"} 3"
+        ),
+        "{}",
+        srv.metrics.render()
+    );
+}
+
+#[test]
+fn idle_keep_alive_connections_are_closed_on_both_paths() {
+    let srv = server_with(512, NO_CAPS, SHORT);
+    std::fs::write(srv.dir.path().join("images/os.img"), b"image").unwrap();
+    for req in [
+        "GET /images/os.img HTTP/1.1\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\n\r\n",
+        "",
+    ] {
+        let start = std::time::Instant::now();
+        let out = String::from_utf8_lossy(&exchange(srv.addr, req)).into_owned();
+        assert!(
+            req.is_empty() || out.starts_with("HTTP/1.1 200 OK"),
+            "{out}"
+        );
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "{req:?}: {took:?}"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_reads_nothing_is_dropped_by_the_router_path_too() {
+    let srv = server_with(512, NO_CAPS, SHORT);
+    let boot = srv.dir.path().join("boot");
+    std::fs::create_dir_all(&boot).unwrap();
+    std::fs::write(boot.join("initramfs"), vec![1u8; 64 << 20]).unwrap();
+    let mut s = StdStream::connect(srv.addr).unwrap();
+    s.write_all(b"GET /boot/initramfs HTTP/1.1\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert!(
+        got < 64 << 20,
+        "the whole file was sent to a client that stalled"
+    );
+    assert!(
+        metric(
+            &srv,
+            "slipway_connections_timed_out_total{listener=\"http\",phase=\"stall\"} 1"
+        ),
+        "{}",
+        srv.metrics.render()
+    );
+}
+
+/// A connection from `ip` (a loopback address).
+fn connect_from(ip: &str, to: SocketAddr) -> StdStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        s.connect(to).await.unwrap().into_std().unwrap()
+    })
+}
+
+/// Whether the server answers `/healthz` on `s` (kept alive).
+fn healthz(s: &mut StdStream) -> String {
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n");
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn connections_over_a_cap_get_a_503_and_router_connections_keep_their_places() {
+    let caps = Caps {
+        total: 4,
+        per_source: 2,
+    };
+    let srv = server_with(512, caps, DEADLINES);
+    // Two from 127.0.0.2, handed to the router and kept alive: they hold their places.
+    let mut held: Vec<_> = (0..2)
+        .map(|_| connect_from("127.0.0.2", srv.addr))
+        .collect();
+    for s in &mut held {
+        assert!(healthz(s).ends_with("ok\n"));
+    }
+    let mut third = connect_from("127.0.0.2", srv.addr);
+    let out = healthz(&mut third);
+    assert!(
+        out.starts_with("HTTP/1.1 503") && out.contains("too many connections from your address"),
+        "{out}"
+    );
+    // Another address still gets in, up to the listener's cap.
+    let mut others: Vec<_> = (0..2)
+        .map(|_| connect_from("127.0.0.3", srv.addr))
+        .collect();
+    for s in &mut others {
+        assert!(healthz(s).ends_with("ok\n"));
+    }
+    let out = healthz(&mut connect_from("127.0.0.4", srv.addr));
+    assert!(out.contains("too many connections open"), "{out}");
+    for line in [
+        "slipway_connections_refused_total{listener=\"http\",reason=\"source_full\"} 1",
+        "slipway_connections_refused_total{listener=\"http\",reason=\"listener_full\"} 1",
+        "slipway_connections_open{listener=\"http\"} 4",
+    ] {
+        assert!(metric(&srv, line), "{line}\n{}", srv.metrics.render());
+    }
+    // A closed connection gives its place back.
+    drop(held.pop());
+    let again = (0..50).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        let out = healthz(&mut connect_from("127.0.0.2", srv.addr));
+        out.ends_with("ok\n").then_some(out)
+    });
+    assert!(again.is_some(), "the place came back");
 }

@@ -331,3 +331,69 @@ fn a_log_flood_from_an_enrolled_agent_grows_nothing_and_starves_nothing() {
         "dropped lines are counted in the next line kept"
     );
 }
+
+/// A machine that is not the one inspected for a host, with a valid certificate for it (a
+/// stolen disk image, a copied state directory, a token used elsewhere): its session is
+/// refused before it is sent any command or Secret, saying what differs and how to accept a
+/// replaced machine, and the host raises it as a possible impostor.
+#[test]
+fn an_agent_on_other_hardware_than_inspected_gets_no_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(dir.path(), &[]);
+    let disk = host_with_image(&c, dir.path(), "host-a");
+    // The real machine is inspected and provisioned.
+    let mut real = Agent::start(
+        &c,
+        &c.token("host-a", "10m"),
+        &disk,
+        &dir.path().join("real"),
+        &[],
+    );
+    c.wait_state("host-a", "provisioned", Duration::from_secs(60));
+    assert!(real.wait_exit(Duration::from_secs(20)));
+    // Another machine enrols for it (with an operator's token: the strongest credential) and
+    // describes itself.
+    let state = dir.path().join("other");
+    let settings = settings(&c, c.token("host-a", "10m"), &state);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let id = slipway_agent::session::identity(&settings).await.unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            fs::read(state.join("key.der")).unwrap().into(),
+        );
+        let config = tls::session_config(&id.ca_der, &id.cert_der, key).unwrap();
+        let mut client =
+            pb::agent_service_client::AgentServiceClient::new(channel(&c, config).await);
+        let mut hello = hello("host-a");
+        if let Some(pb::agent_event::Event::Hello(h)) = &mut hello.event {
+            h.inventory = Some(pb::Inventory {
+                system: Some(pb::SystemInfo {
+                    uuid: "00000000-0000-4000-8000-00000000bad1".into(),
+                    serial_number: "IMPOSTOR-1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(hello).await.unwrap();
+        client.session(ReceiverStream::new(rx)).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let why = status.message();
+    assert!(
+        why.contains("not the one inspected for host default/host-a")
+            && why.contains("00000000-0000-4000-8000-00000000bad1")
+            && why.contains("slipway.io/accept-hardware"),
+        "{why}"
+    );
+    let h = c.host("host-a").unwrap();
+    assert!(
+        h["status"]["possibleImpostor"]["what"]
+            .as_str()
+            .is_some_and(|w| w.contains("not the one inspected")),
+        "{}",
+        h["status"]
+    );
+    assert_eq!(h["status"]["provisioning"]["state"], "provisioned");
+}

@@ -227,19 +227,13 @@ async fn create_token(
             "ttlSeconds must be positive".into(),
         );
     }
-    let (reply, rx) = oneshot::channel();
-    let msg = Msg::CreateToken {
+    let asked = ask(&s, |reply| Msg::CreateToken {
         host: key.clone(),
         ttl: SignedDuration::from_secs(req.ttl_seconds),
         reply,
-    };
-    if s.tx.send(msg).await.is_err() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the coordinator is shutting down".into(),
-        );
-    }
-    match rx.await {
+    });
+    match asked.await {
+        Err(r) => *r,
         Ok(Ok(issued)) => {
             let (token, expires_at) = (issued.token, issued.expires_at);
             let agent_command = format!(
@@ -257,11 +251,26 @@ async fn create_token(
             .into_response()
         }
         Ok(Err(message)) => error(StatusCode::NOT_FOUND, message),
-        Err(_) => error(
+    }
+}
+
+/// Sends the engine the message `make` builds around a reply channel, and waits for the
+/// answer; a stopping coordinator is a 503.
+async fn ask<T>(
+    s: &AppState,
+    make: impl FnOnce(oneshot::Sender<T>) -> Msg,
+) -> Result<T, Box<Response>> {
+    let (reply, rx) = oneshot::channel();
+    let stopping = || {
+        Box::new(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the coordinator is shutting down".into(),
-        ),
+        ))
+    };
+    if s.tx.send(make(reply)).await.is_err() {
+        return Err(stopping());
     }
+    rx.await.map_err(|_| stopping())
 }
 
 async fn boot_iso(
@@ -273,27 +282,15 @@ async fn boot_iso(
         Ok(h) => h.key(),
         Err(r) => return *r,
     };
-    let (reply, rx) = oneshot::channel();
-    let msg = Msg::BootToken {
+    let asked = ask(&s, |reply| Msg::BootToken {
         host: key.clone(),
         ttl: s.boot.ttl,
         reply,
-    };
-    if s.tx.send(msg).await.is_err() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the coordinator is shutting down".into(),
-        );
-    }
-    let issued = match rx.await {
+    });
+    let issued = match asked.await {
         Ok(Ok(issued)) => issued,
         Ok(Err(message)) => return error(StatusCode::CONFLICT, message),
-        Err(_) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the coordinator is shutting down".into(),
-            );
-        }
+        Err(r) => return *r,
     };
     let urls = crate::boot::Urls {
         http: s.info.http_url.clone(),
@@ -329,30 +326,17 @@ async fn delete_host(
         Ok(h) => h.key(),
         Err(r) => return *r,
     };
-    let (reply, rx) = oneshot::channel();
-    if s.tx
-        .send(Msg::DeleteHost {
-            host: key.clone(),
-            reply,
-        })
-        .await
-        .is_err()
-    {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the coordinator is shutting down".into(),
-        );
-    }
-    match rx.await {
+    let asked = ask(&s, |reply| Msg::DeleteHost {
+        host: key.clone(),
+        reply,
+    });
+    match asked.await {
         Ok(Ok(message)) => {
             s.boot.isos.forget(&key);
             Json(Deleted { message }).into_response()
         }
         Ok(Err(message)) => error(StatusCode::CONFLICT, message),
-        Err(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the coordinator is shutting down".into(),
-        ),
+        Err(r) => *r,
     }
 }
 

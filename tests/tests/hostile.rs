@@ -325,6 +325,26 @@ fn boot_iso_and_discovery_floods_are_limited_and_starve_nothing() {
         })
         .count();
     assert!(discovered <= 50, "{discovered} discovered hosts");
+    // The operator removes one; a declared host is refused, naming its file.
+    let one = c
+        .hosts()
+        .iter()
+        .filter_map(|h| h["metadata"]["name"].as_str().map(str::to_string))
+        .find(|n| n.starts_with("discovered-"))
+        .expect("a discovered host");
+    let out = c.cli(&["delete", "host", &one]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(Duration::from_secs(5), "the discovered host to go", || {
+        c.host(&one).is_none().then_some(())
+    });
+    let out = c.cli(&["delete", "host", "a"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a.yaml"), "{err}");
     assert!(
         fs::read_dir(c.state.join("iso")).unwrap().count() == 0,
         "no ISO was made by the flood"

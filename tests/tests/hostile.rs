@@ -126,8 +126,8 @@ fn a_machine_asking_for_another_hosts_boot_script_gets_no_host_command_or_secret
     fs::write(&image_file, slipway_tests::pattern(6 << 20, 11)).unwrap();
     slipway_tests::run_tool(&["sgdisk", "-o", &image_file.display().to_string()]);
     let image = fs::read(&image_file).unwrap();
-    // 2 MiB/s: the write takes about 3 s.
-    let url = throttled_server(image.clone(), 2 << 20);
+    // 1 MiB/s: the write takes about 6 s, time for the impostor to try while it runs.
+    let url = throttled_server(image.clone(), 1 << 20);
     let disk = dir.path().join("node-a.disk");
     fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
     write_doc(

@@ -83,7 +83,7 @@ pub struct ServeArgs {
     /// Boot scripts and ISOs answered per second to one source address (bursts of
     /// --boot-burst); beyond it, 429. A machine asks a few times per boot. 0: no limit (a load
     /// generator whose machines all come from one address).
-    #[arg(long, value_name = "PER_SECOND", default_value_t = 2.0)]
+    #[arg(long, value_name = "PER_SECOND", default_value_t = 2.0, value_parser = parse_rate)]
     pub boot_rate: f64,
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub boot_burst: u32,
@@ -146,6 +146,16 @@ pub fn load_image_ca(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Durations as `30s`, `5m`, `1h30m`, `2d`.
+/// A rate per second: a finite number, 0 or more.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate: give requests per second as a number, 0 or more (0: no limit)"
+        )),
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<SignedDuration, String> {
     let d: SignedDuration = s
         .parse::<SignedDuration>()
@@ -433,6 +443,16 @@ fn host_port(host: &str, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_are_numbers_of_zero_or_more() {
+        assert_eq!(parse_rate("2.5"), Ok(2.5));
+        assert_eq!(parse_rate("0"), Ok(0.0));
+        for bad in ["-1", "NaN", "inf", "fast"] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains("not a rate") && e.contains(bad), "{e}");
+        }
+    }
 
     #[test]
     fn image_ca_files_must_hold_pem_certificates() {

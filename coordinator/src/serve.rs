@@ -198,6 +198,9 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
             retry_base: args.retry_base,
             retry_max: args.retry_max,
             agent_lost_after: args.agent_lost_after,
+            // The ramdisk `cargo xtask ramdisk` builds (Debian's amd64 kernel, the agent for
+            // x86_64-unknown-linux-musl).
+            ramdisk_architecture: "x86_64".into(),
         },
         cert_validity: args.cert_validity,
         unknown_hosts: args.unknown_hosts,

@@ -102,6 +102,9 @@ pub struct HostSpec {
     pub hardware_profile: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
+    /// Never power the host off: reboot instead (metal3 `disablePowerOff`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disable_power_off: bool,
     /// metal3 fields Slipway does not implement yet: parsed so the error can say so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raid: Option<serde_json::Value>,
@@ -348,6 +351,16 @@ pub struct HostStatus {
     /// hardware is not the one inspected). Kept until an agent enrols for the host again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub possible_impostor: Option<ImpostorAlert>,
+    /// The host carries `baremetalhost.metal3.io/paused`: nothing is planned or done for it
+    /// until the annotation goes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// One-shot annotation requests already carried out (`reboot.metal3.io`,
+    /// `inspect.metal3.io`), with the value acted on. metal3 removes such an annotation once
+    /// done; a source that cannot (files) keeps it, so a request is carried out once per value
+    /// and again only after the annotation was removed or changed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub handled_annotations: BTreeMap<String, String>,
 }
 
 /// Something refused as a possible impostor.

@@ -3,11 +3,13 @@
 //! - [`host`]: the `BareMetalHost` type family (metal3.io/v1alpha1 shape), shared by the
 //!   files and Kubernetes sources.
 //! - [`validate`]: semantic checks of a spec, with messages that name the field and the fix.
+//! - [`annotations`]: metal3's lifecycle annotations (paused, detached, reboot, inspect).
 //! - [`plan`]: `plan(desired, observed, now) -> Plan`, the state machine.
 //!
 //! Invariant: this crate does no I/O, never reads the clock and knows no async runtime. Time
 //! comes in as `now`; effects go out as [`plan::Action`]s.
 
+pub mod annotations;
 pub mod host;
 pub mod plan;
 pub mod validate;

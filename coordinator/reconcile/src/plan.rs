@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
 
+use crate::annotations::{self, Inspect, RebootMode};
 use crate::host::{
     self, AgentStatus, CleaningMode, CommandKind, CommandRecord, ConfigDriveRefs, ErrorType,
     HardwareDetails, HostSpec, HostStatus, InspectionMode, OperationalStatus, Progress,
@@ -34,6 +35,9 @@ pub struct Policy {
     pub retry_max: SignedDuration,
     /// How long a command may wait for a disconnected agent before the host shows an error.
     pub agent_lost_after: SignedDuration,
+    /// The CPU architecture of the ramdisk the coordinator serves (`spec.architecture` must
+    /// match it).
+    pub ramdisk_architecture: String,
 }
 
 impl Default for Policy {
@@ -42,6 +46,7 @@ impl Default for Policy {
             retry_base: SignedDuration::from_secs(10),
             retry_max: SignedDuration::from_mins(10),
             agent_lost_after: SignedDuration::from_mins(10),
+            ramdisk_architecture: "x86_64".into(),
         }
     }
 }
@@ -68,6 +73,9 @@ pub struct Desired<'a> {
     /// The host's document was removed (files mode) or is being deleted (Kubernetes).
     pub deleted: bool,
     pub policy: &'a Policy,
+    /// Registration problems only the fleet shows: a boot MAC or BMC address another host
+    /// declares too, a document declared twice. They hold the host like its own problems.
+    pub conflicts: &'a [validate::Problem],
 }
 
 /// What Slipway knows: the status it last wrote, and what it sees now.
@@ -175,7 +183,14 @@ pub fn plan(desired: &Desired<'_>, observed: &Observed<'_>, now: Timestamp) -> P
             .map(|c| c.id.clone()),
         delayed: false,
     };
+    if p.paused() {
+        return p.finish();
+    }
+    p.forget_handled();
     p.track_agent();
+    if p.detached() {
+        return p.finish();
+    }
     for _ in 0..MAX_STEPS {
         let before = p.status.provisioning.state;
         p.step();
@@ -183,6 +198,8 @@ pub fn plan(desired: &Desired<'_>, observed: &Observed<'_>, now: Timestamp) -> P
             break;
         }
     }
+    // A detach asked during an operation takes effect once the host is steady.
+    p.detached();
     p.finish()
 }
 
@@ -258,6 +275,8 @@ impl Planner<'_> {
                     });
                     let message = format!("agent {} connected from {}", link.version, link.address);
                     self.record(false, "AgentConnected", message);
+                    // A machine whose agent talks is on.
+                    self.status.powered_on = true;
                 }
             }
             (None, Some(agent)) if agent.connected => {
@@ -272,9 +291,25 @@ impl Planner<'_> {
     fn step(&mut self) {
         use ProvisioningState as S;
         if self.d.deleted {
-            if !matches!(self.state(), S::PoweringOffBeforeDelete | S::Deleting) {
-                self.abandon_command();
-                self.go(S::PoweringOffBeforeDelete);
+            // As metal3: a host that was (or is being) written to is deprovisioned (cleaned)
+            // first; one never registered goes at once; any other is powered off.
+            match self.state() {
+                S::PoweringOffBeforeDelete | S::Deleting | S::Deprovisioning => {}
+                S::Provisioning | S::Provisioned => {
+                    self.abandon_command();
+                    self.begin_deprovisioning();
+                    // The next step drives the cleaning (this one's view of the agent was
+                    // about the abandoned command).
+                    return;
+                }
+                S::None | S::Unmanaged | S::Registering => {
+                    self.abandon_command();
+                    self.go(S::Deleting);
+                }
+                _ => {
+                    self.abandon_command();
+                    self.go(S::PoweringOffBeforeDelete);
+                }
             }
         } else if matches!(self.state(), S::PoweringOffBeforeDelete | S::Deleting) {
             // Deleted and declared again before the record was dropped: start afresh.
@@ -325,9 +360,10 @@ impl Planner<'_> {
             S::ExternallyProvisioned => self.externally_provisioned(),
             S::Deprovisioning => self.deprovisioning(),
             S::PoweringOffBeforeDelete => {
-                if self.o.agent.is_some() {
+                if self.o.agent.is_some() && !self.d.spec.disable_power_off {
                     let cmd = self.new_command(CommandKind::PowerOff);
                     self.actions.push(Action::Send(cmd));
+                    self.status.powered_on = false;
                 }
                 self.go(S::Deleting);
             }
@@ -342,7 +378,250 @@ impl Planner<'_> {
     fn registration_problems(&self) -> Vec<validate::Problem> {
         let mut problems = validate::registration_problems(self.d.spec);
         problems.extend(validate::annotation_problems(self.d.annotations));
+        problems.extend(self.d.conflicts.iter().cloned());
         problems
+    }
+
+    // ----- annotations -----
+
+    /// `baremetalhost.metal3.io/paused`: the host is frozen (no state change, no command);
+    /// the status says so.
+    fn paused(&mut self) -> bool {
+        let paused = annotations::paused(self.d.annotations);
+        if paused != self.status.paused {
+            self.status.paused = paused;
+            if paused {
+                self.record(
+                    false,
+                    "Paused",
+                    format!(
+                        "{} is set: Slipway does nothing for the host (not even delete it) \
+                         until the annotation is removed",
+                        annotations::PAUSED
+                    ),
+                );
+            } else {
+                self.record(
+                    false,
+                    "Resumed",
+                    format!("{} was removed: management resumes", annotations::PAUSED),
+                );
+            }
+        }
+        if paused {
+            // Whatever it waited for, it still does.
+            self.delayed = self.status.operational_status == OperationalStatus::Delayed;
+        }
+        paused
+    }
+
+    /// One-shot requests whose annotation is gone (or changed) may be asked again.
+    fn forget_handled(&mut self) {
+        let a = self.d.annotations;
+        self.status
+            .handled_annotations
+            .retain(|k, v| a.get(k) == Some(v));
+    }
+
+    /// `baremetalhost.metal3.io/detached`: management stops without deprovisioning, in a
+    /// steady state (or any, with `force`); deleting a detached host skips cleaning and power
+    /// off (or waits, with `deleteAction: delay`). Returns whether the host is detached now.
+    fn detached(&mut self) -> bool {
+        use ProvisioningState as S;
+        let Some(args) = annotations::detached(self.d.annotations) else {
+            if self.status.operational_status == OperationalStatus::Detached {
+                self.status.operational_status = if self.status.error_type.is_some() {
+                    OperationalStatus::Error
+                } else {
+                    OperationalStatus::Ok
+                };
+                self.record(
+                    false,
+                    "Reattached",
+                    format!(
+                        "{} was removed: Slipway manages the host again",
+                        annotations::DETACHED
+                    ),
+                );
+            }
+            return false;
+        };
+        let state = self.state();
+        if state == S::Deleting {
+            return false;
+        }
+        if self.d.deleted && !args.delay_delete {
+            self.abandon_command();
+            self.record(
+                false,
+                "DetachedDelete",
+                "the host is detached: it is removed without deprovisioning or powering off".into(),
+            );
+            self.go(S::Deleting);
+            self.actions.push(Action::Forget);
+            return true;
+        }
+        let steady = matches!(
+            state,
+            S::Provisioned | S::ExternallyProvisioned | S::Available
+        );
+        if !(steady || args.force || self.d.deleted) {
+            // The current operation finishes first, as in metal3.
+            return false;
+        }
+        if self.status.operational_status != OperationalStatus::Detached {
+            self.abandon_command();
+            self.status.operational_status = OperationalStatus::Detached;
+            self.record(
+                false,
+                "Detached",
+                format!(
+                    "{} is set: Slipway no longer manages the host (nothing is sent to it; \
+                     deleting it skips deprovisioning{}) until the annotation is removed",
+                    annotations::DETACHED,
+                    if args.delay_delete {
+                        ", and waits while it is detached"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+        true
+    }
+
+    /// Inspection is off (`inspectionMode: disabled`, or metal3's older
+    /// `inspect.metal3.io: disabled`).
+    fn inspection_disabled(&self) -> bool {
+        self.d.spec.inspection_mode == Some(InspectionMode::Disabled)
+            || annotations::inspect(self.d.annotations) == Inspect::Disabled
+    }
+
+    /// With inspection off, `inspect.metal3.io/hardwaredetails` gives the hardware, when the
+    /// status has none.
+    fn hardware_from_annotation(&mut self) {
+        if self.status.hardware.is_some() {
+            return;
+        }
+        if let Some(Ok(hw)) = annotations::hardware_details(self.d.annotations) {
+            self.status.hardware = Some(std::sync::Arc::new(hw));
+            self.record(
+                false,
+                "HardwareDetails",
+                format!(
+                    "hardware details taken from the {} annotation",
+                    annotations::HARDWARE_DETAILS
+                ),
+            );
+        }
+    }
+
+    /// Power as `spec.online` and the reboot annotations ask, in the states where metal3
+    /// manages it (available, provisioned, externally provisioned). Slipway has no BMC driver
+    /// yet: power goes through the host's agent, and where there is none the status says what
+    /// to do by hand.
+    fn manage_power(&mut self) {
+        use ProvisioningState as S;
+        let provisioned = matches!(self.state(), S::Provisioned | S::ExternallyProvisioned);
+        // As metal3: a host that is not provisioned reboots only when forced.
+        let requests: Vec<_> = annotations::reboot_requests(self.d.annotations)
+            .into_iter()
+            .filter(|r| provisioned || r.force)
+            .collect();
+        let hold = requests.iter().find(|r| r.hold).map(|r| r.key.clone());
+        let once = requests
+            .iter()
+            .find(|r| !r.hold && self.status.handled_annotations.get(&r.key) != Some(&r.value))
+            .cloned();
+        let agent = self.o.agent.is_some();
+        if let Some(r) = once {
+            if agent {
+                self.status
+                    .handled_annotations
+                    .insert(r.key.clone(), r.value.clone());
+                let mode = match r.mode {
+                    RebootMode::Soft => "soft",
+                    RebootMode::Hard => "hard",
+                };
+                let note = if r.unreadable {
+                    " (its value is not metal3's {\"mode\": \"hard\"|\"soft\"} JSON: a soft reboot \
+                     is assumed)"
+                } else {
+                    ""
+                };
+                self.record(
+                    false,
+                    "Rebooting",
+                    format!(
+                        "{} asks for a {mode} reboot{note}: the agent reboots the machine",
+                        r.key
+                    ),
+                );
+                self.clear_power_error();
+                let cmd = self.new_command(CommandKind::Reboot);
+                self.actions.push(Action::Send(cmd));
+                return;
+            }
+            if self.status.powered_on {
+                let message = format!(
+                    "{} asks to reboot host {}, which has no agent running (it runs its \
+                     installed OS, or is off) and Slipway cannot drive BMCs yet: reboot it by \
+                     hand, then remove the annotation",
+                    r.key, self.d.name
+                );
+                self.fail_steady(ErrorType::PowerManagement, message);
+                return;
+            }
+            // Already off: the reboot is the power on that follows.
+            self.status.handled_annotations.insert(r.key, r.value);
+        }
+        let want_on = self.d.spec.online && hold.is_none();
+        if want_on == self.status.powered_on {
+            self.clear_power_error();
+            return;
+        }
+        let why = match &hold {
+            Some(key) => format!("{key} holds the host off until it is removed"),
+            None if !want_on => "spec.online is false".to_string(),
+            None => "spec.online is true".to_string(),
+        };
+        if !want_on && agent {
+            self.record(
+                false,
+                "PoweringOff",
+                format!("{why}: the agent powers the machine off"),
+            );
+            self.clear_power_error();
+            self.status.powered_on = false;
+            let cmd = self.new_command(CommandKind::PowerOff);
+            self.actions.push(Action::Send(cmd));
+            return;
+        }
+        if want_on && agent {
+            self.status.powered_on = true;
+            self.clear_power_error();
+            return;
+        }
+        let message = if want_on {
+            format!(
+                "{why} but host {} is off, and Slipway cannot drive BMCs yet: power it on by \
+                 hand (this clears when its agent connects)",
+                self.d.name
+            )
+        } else {
+            format!(
+                "{why} but host {} has no agent running (it runs its installed OS) and Slipway \
+                 cannot drive BMCs yet: power it off by hand, or set spec.online back to true",
+                self.d.name
+            )
+        };
+        self.fail_steady(ErrorType::PowerManagement, message);
+    }
+
+    fn clear_power_error(&mut self) {
+        if self.status.error_type == Some(ErrorType::PowerManagement) {
+            self.clear_error();
+        }
     }
 
     /// Cleaning as the host asks for it: metadata, or every byte with `slipway.io/erase: full`.
@@ -362,7 +641,8 @@ impl Planner<'_> {
         self.status.operation_history.register.end = Some(self.now);
         if self.d.spec.externally_provisioned {
             self.go(ProvisioningState::ExternallyProvisioned);
-        } else if self.d.spec.inspection_mode == Some(InspectionMode::Disabled) {
+        } else if self.inspection_disabled() {
+            self.hardware_from_annotation();
             self.go(ProvisioningState::Preparing);
         } else {
             self.status.operation_history.inspect.begin(self.now);
@@ -371,8 +651,9 @@ impl Planner<'_> {
     }
 
     fn inspecting(&mut self) {
-        if self.d.spec.inspection_mode == Some(InspectionMode::Disabled) {
+        if self.inspection_disabled() {
             self.abandon_command();
+            self.hardware_from_annotation();
             self.go(ProvisioningState::Preparing);
             return;
         }
@@ -418,6 +699,21 @@ impl Planner<'_> {
             self.go(ProvisioningState::ExternallyProvisioned);
             return;
         }
+        if let Inspect::Again(value) = annotations::inspect(self.d.annotations)
+            && self.status.handled_annotations.get(annotations::INSPECT) != Some(&value)
+        {
+            self.status
+                .handled_annotations
+                .insert(annotations::INSPECT.to_string(), value);
+            self.record(
+                false,
+                "InspectionRequested",
+                format!("{} asks for a new inspection", annotations::INSPECT),
+            );
+            self.status.operation_history.inspect.begin(self.now);
+            self.go(ProvisioningState::Inspecting);
+            return;
+        }
         if let Some(image) = self.d.spec.wanted_image() {
             if let Slot::Busy { limit } = self.o.slot {
                 // As metal3 does: the host stays available, delayed, until a slot is free.
@@ -429,7 +725,9 @@ impl Planner<'_> {
             self.status.provisioning.boot_mode = self.d.spec.boot_mode;
             self.status.operation_history.provision.begin(self.now);
             self.go(ProvisioningState::Provisioning);
+            return;
         }
+        self.manage_power();
     }
 
     fn provisioning(&mut self) {
@@ -506,12 +804,32 @@ impl Planner<'_> {
     fn provisioned(&mut self) {
         if self.d.spec.wanted_image().is_none() {
             self.begin_deprovisioning();
+        } else {
+            self.manage_power();
         }
     }
 
     fn begin_deprovisioning(&mut self) {
         self.status.operation_history.deprovision.begin(self.now);
         self.go(ProvisioningState::Deprovisioning);
+        if self.o.agent.is_none() && self.d.spec.cleaning_mode() != CleaningMode::Disabled {
+            let delete = if self.d.deleted {
+                format!(
+                    "; `slipway delete host {}` removes it without cleaning",
+                    self.d.name
+                )
+            } else {
+                String::new()
+            };
+            self.record(
+                false,
+                "WaitingForAgent",
+                format!(
+                    "cleaning needs the host's agent: boot the machine over PXE (Slipway serves \
+                     it the ramdisk) or from its ISO; Slipway cannot drive BMCs yet{delete}"
+                ),
+            );
+        }
     }
 
     fn deprovisioning(&mut self) {
@@ -519,6 +837,19 @@ impl Planner<'_> {
             || match self.drive(self.erase(), ErrorType::Provisioning) {
                 Drive::Done(success) => {
                     self.record(false, "CleaningComplete", success.message);
+                    true
+                }
+                // As metal3: a host being deleted is given up on after three failed cleanings.
+                Drive::Failed if self.d.deleted && self.status.error_count > 3 => {
+                    self.record(
+                        true,
+                        "CleaningAbandoned",
+                        format!(
+                            "giving up cleaning after {} failed attempts; the host is deleted \
+                             with its disks as they are: clean them by hand",
+                            self.status.error_count
+                        ),
+                    );
                     true
                 }
                 _ => false,
@@ -529,7 +860,11 @@ impl Planner<'_> {
             self.status.provisioning.root_device_hints = None;
             self.status.operation_history.deprovision.end = Some(self.now);
             self.clear_error();
-            self.go(ProvisioningState::Available);
+            if self.d.deleted {
+                self.go(ProvisioningState::PoweringOffBeforeDelete);
+            } else {
+                self.go(ProvisioningState::Available);
+            }
         }
     }
 
@@ -541,6 +876,8 @@ impl Planner<'_> {
                 self.status.operation_history.inspect.begin(self.now);
                 self.go(ProvisioningState::Inspecting);
             }
+        } else {
+            self.manage_power();
         }
     }
 

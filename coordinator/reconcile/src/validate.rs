@@ -137,6 +137,12 @@ pub fn annotation_problems(annotations: &BTreeMap<String, String>) -> Vec<Proble
             ),
         }),
     }
+    if let Some(Err(message)) = crate::annotations::hardware_details(annotations) {
+        out.push(Problem {
+            field: "metadata.annotations[inspect.metal3.io/hardwaredetails]",
+            message: format!("{message}; fix the JSON or remove the annotation"),
+        });
+    }
     match annotations.get(REBOOT_ANNOTATION).map(String::as_str) {
         None | Some("kexec" | "firmware") => {}
         Some(other) => out.push(Problem {
@@ -304,6 +310,12 @@ fn check_bmc_address(address: &str) -> Result<(), String> {
             BMC_SCHEMES.join(", ")
         ))
     }
+}
+
+/// A normalised BMC endpoint, for duplicate detection.
+pub fn bmc_identity(address: &str) -> Option<String> {
+    let a = address.trim().to_ascii_lowercase();
+    (!a.is_empty() && !a.starts_with("none")).then_some(a)
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (also `-` separated) into bytes.

@@ -7,12 +7,13 @@ use std::fmt::Write as _;
 
 use expect_test::expect_file;
 use jiff::{SignedDuration, Timestamp};
+use slipway_reconcile::annotations;
 use slipway_reconcile::host::{
     AgentStatus, ChecksumType, CleaningMode, CommandKind, CommandRecord, ERASE_ANNOTATION,
     ErrorType, HardwareDetails, HostSpec, HostStatus, Image, ImageFormat, Progress,
     ProvisioningState as S, REBOOT_ANNOTATION, SecretRef,
 };
-use slipway_reconcile::validate::SecretKeys;
+use slipway_reconcile::validate::{Problem, SecretKeys};
 use slipway_reconcile::{
     Action, AgentLink, CommandFailure, CommandSuccess, CommandView, Desired, Observed, Plan,
     Policy, Slot, plan,
@@ -65,6 +66,7 @@ struct Case {
     now: Timestamp,
     inventory: Option<std::sync::Arc<HardwareDetails>>,
     slot: Slot,
+    conflicts: Vec<Problem>,
 }
 
 #[derive(Clone)]
@@ -103,6 +105,7 @@ fn baseline(state: S) -> Case {
         version: "0.1.0".into(),
         ..Default::default()
     });
+    status.powered_on = true;
     if state >= S::Preparing {
         status.hardware = Some(std::sync::Arc::new(hardware()));
     }
@@ -131,6 +134,7 @@ fn baseline(state: S) -> Case {
         now: t0() + SignedDuration::from_secs(60),
         inventory: None,
         slot: Slot::Free,
+        conflicts: Vec::new(),
     }
 }
 
@@ -203,6 +207,101 @@ const EVENTS: &[Event] = &[
             .insert(REBOOT_ANNOTATION.into(), "kexec".into());
     }),
     ("deleted", |c| c.deleted = true),
+    ("deleted, cleaning disabled", |c| {
+        c.deleted = true;
+        c.spec.automated_cleaning_mode = Some(CleaningMode::Disabled);
+    }),
+    ("deleted, agent gone", |c| {
+        c.deleted = true;
+        c.agent = None;
+        c.view = View::Unknown;
+    }),
+    ("paused", |c| {
+        c.annotations
+            .insert(annotations::PAUSED.into(), String::new());
+        c.view = View::Succeeded(CommandSuccess {
+            message: "done".into(),
+            hardware: Some(std::sync::Arc::new(hardware())),
+        });
+    }),
+    ("paused, deleted", |c| {
+        c.annotations
+            .insert(annotations::PAUSED.into(), String::new());
+        c.deleted = true;
+    }),
+    ("pause removed", |c| c.status.paused = true),
+    ("detached", |c| {
+        c.annotations
+            .insert(annotations::DETACHED.into(), String::new());
+    }),
+    ("detached, forced", |c| {
+        c.annotations
+            .insert(annotations::DETACHED.into(), r#"{"force":true}"#.into());
+    }),
+    ("detached, deleted", |c| {
+        c.annotations
+            .insert(annotations::DETACHED.into(), String::new());
+        c.deleted = true;
+    }),
+    ("detached with delete delay, deleted", |c| {
+        c.annotations.insert(
+            annotations::DETACHED.into(),
+            r#"{"deleteAction":"delay"}"#.into(),
+        );
+        c.deleted = true;
+    }),
+    ("detach removed", |c| {
+        c.status.operational_status = slipway_reconcile::host::OperationalStatus::Detached;
+    }),
+    ("reboot asked", |c| {
+        c.annotations
+            .insert(annotations::REBOOT_PREFIX.into(), String::new());
+    }),
+    ("reboot asked, no agent", |c| {
+        c.annotations
+            .insert(annotations::REBOOT_PREFIX.into(), String::new());
+        c.agent = None;
+        c.view = View::Unknown;
+    }),
+    ("reboot asked, done before", |c| {
+        c.annotations
+            .insert(annotations::REBOOT_PREFIX.into(), String::new());
+        c.status
+            .handled_annotations
+            .insert(annotations::REBOOT_PREFIX.into(), String::new());
+    }),
+    ("hard reboot forced", |c| {
+        c.annotations.insert(
+            annotations::REBOOT_PREFIX.into(),
+            r#"{"mode":"hard","force":true}"#.into(),
+        );
+    }),
+    ("held off by reboot.metal3.io/x", |c| {
+        c.annotations.insert(
+            "reboot.metal3.io/x".into(),
+            r#"{"mode":"hard","force":true}"#.into(),
+        );
+    }),
+    ("inspect asked", |c| {
+        c.annotations
+            .insert(annotations::INSPECT.into(), String::new());
+    }),
+    ("inspect disabled", |c| {
+        c.annotations
+            .insert(annotations::INSPECT.into(), "disabled".into());
+    }),
+    ("online false", |c| c.spec.online = false),
+    ("online true, powered off", |c| {
+        c.status.powered_on = false;
+        c.agent = None;
+        c.view = View::Unknown;
+    }),
+    ("boot MAC conflict", |c| {
+        c.conflicts.push(Problem {
+            field: "spec.bootMACAddress",
+            message: "52:54:00:00:00:01 is also the boot MAC of host other".into(),
+        })
+    }),
     ("retry due", |c| {
         c.status.current_command = None;
         c.view = View::Unknown;
@@ -248,6 +347,7 @@ fn run(case: &Case) -> Plan {
         secrets: &case.secrets,
         deleted: case.deleted,
         policy: &policy,
+        conflicts: &case.conflicts,
     };
     let observed = Observed {
         status: &case.status,
@@ -264,8 +364,20 @@ fn render(case: &Case, out: &Plan) -> String {
     if let Some(e) = out.status.error_type {
         write!(line, " [{e} #{}]", out.status.error_count).unwrap();
     }
-    if out.status.operational_status == slipway_reconcile::host::OperationalStatus::Delayed {
-        line.push_str(" (delayed)");
+    match out.status.operational_status {
+        slipway_reconcile::host::OperationalStatus::Delayed => line.push_str(" (delayed)"),
+        slipway_reconcile::host::OperationalStatus::Detached => line.push_str(" (detached)"),
+        _ => {}
+    }
+    if out.status.paused {
+        line.push_str(" (paused)");
+    }
+    if out.status.powered_on != case.status.powered_on {
+        line.push_str(if out.status.powered_on {
+            " powered:on"
+        } else {
+            " powered:off"
+        });
     }
     for action in &out.actions {
         match action {
@@ -338,6 +450,7 @@ fn check_invariants(case: &Case, out: &Plan) {
         },
         now: case.now,
         inventory: case.inventory.clone(),
+        conflicts: case.conflicts.clone(),
         // A host whose command takes a slot holds it, as the executor grants.
         slot: if out
             .status
@@ -387,9 +500,24 @@ fn drive(
     now: Timestamp,
     answer: impl Fn(&CommandKind) -> View,
 ) -> Vec<String> {
+    let (log, _) = drive_with(spec, &BTreeMap::new(), false, status, now, answer);
+    log
+}
+
+/// [`drive`] with annotations and deletion; also returns the names of the commands sent and
+/// `forget` when the host was forgotten, in order.
+fn drive_with(
+    spec: &HostSpec,
+    annotations: &BTreeMap<String, String>,
+    deleted: bool,
+    status: &mut HostStatus,
+    now: Timestamp,
+    answer: impl Fn(&CommandKind) -> View,
+) -> (Vec<String>, Vec<String>) {
     let policy = Policy::default();
     let agent = link(now);
     let mut log = Vec::new();
+    let mut sent = Vec::new();
     let mut view = View::Unknown;
     for _ in 0..20 {
         let v = match &view {
@@ -402,10 +530,11 @@ fn drive(
             &Desired {
                 name: "h",
                 spec,
-                annotations: &BTreeMap::new(),
+                annotations,
                 secrets: &SecretKeys::new(),
-                deleted: false,
+                deleted,
                 policy: &policy,
+                conflicts: &[],
             },
             &Observed {
                 status,
@@ -417,23 +546,158 @@ fn drive(
             now,
         );
         for action in &out.actions {
-            if let Action::Record(e) = action
-                && e.reason == "StateChanged"
-            {
-                log.push(e.message.clone());
+            match action {
+                Action::Record(e) if e.reason == "StateChanged" => log.push(e.message.clone()),
+                Action::Send(cmd) => sent.push(cmd.kind.name().to_string()),
+                Action::Forget => sent.push("forget".into()),
+                Action::Record(_) => {}
             }
         }
         let quiet = out.actions.iter().all(|a| matches!(a, Action::Record(_)));
+        let forgotten = out.actions.contains(&Action::Forget);
         *status = out.status;
         view = match status.current_command.as_ref() {
             Some(cmd) => answer(&cmd.kind),
             None => View::Unknown,
         };
-        if quiet && status.current_command.is_none() {
+        if forgotten || (quiet && status.current_command.is_none()) {
             break;
         }
     }
-    log
+    (log, sent)
+}
+
+fn succeed(_: &CommandKind) -> View {
+    View::Succeeded(CommandSuccess {
+        message: "ok".into(),
+        hardware: Some(std::sync::Arc::new(hardware())),
+    })
+}
+
+fn provisioned_host() -> (HostSpec, HostStatus) {
+    let spec = HostSpec {
+        online: true,
+        image: Some(image()),
+        ..Default::default()
+    };
+    let mut status = HostStatus::default();
+    drive(&spec, &mut status, t0(), succeed);
+    assert_eq!(status.provisioning.state, S::Provisioned);
+    (spec, status)
+}
+
+#[test]
+fn deleting_a_provisioned_host_cleans_it_first_as_metal3_does() {
+    let (spec, mut status) = provisioned_host();
+    let (log, sent) = drive_with(&spec, &BTreeMap::new(), true, &mut status, t0(), succeed);
+    assert_eq!(
+        log,
+        [
+            "provisioned -> deprovisioning",
+            "deprovisioning -> powering off before delete",
+            "powering off before delete -> deleting"
+        ]
+    );
+    assert_eq!(sent, ["erase-metadata", "power-off", "forget"]);
+    // With cleaning disabled, nothing is erased.
+    let (mut spec, mut status) = provisioned_host();
+    spec.automated_cleaning_mode = Some(CleaningMode::Disabled);
+    let (_, sent) = drive_with(&spec, &BTreeMap::new(), true, &mut status, t0(), succeed);
+    assert_eq!(sent, ["power-off", "forget"]);
+    // Cleaning that keeps failing is given up after three attempts, as in metal3.
+    let (spec, mut status) = provisioned_host();
+    let fail = |_: &CommandKind| {
+        View::Failed(CommandFailure {
+            message: "disk gone".into(),
+        })
+    };
+    let mut erases = 0;
+    for i in 0..6 {
+        let later = t0() + SignedDuration::from_hours(i);
+        let (_, sent) = drive_with(&spec, &BTreeMap::new(), true, &mut status, later, fail);
+        erases += sent.iter().filter(|s| *s == "erase-metadata").count();
+        if sent.contains(&"forget".to_string()) {
+            break;
+        }
+    }
+    assert_eq!(status.provisioning.state, S::Deleting, "{status:?}");
+    assert_eq!(erases, 4, "three retries after the first failure");
+}
+
+#[test]
+fn a_reboot_annotation_reboots_once_per_value() {
+    let (spec, mut status) = provisioned_host();
+    let mut a = BTreeMap::new();
+    a.insert(annotations::REBOOT_PREFIX.to_string(), String::new());
+    let (_, sent) = drive_with(&spec, &a, false, &mut status, t0(), succeed);
+    assert_eq!(sent, ["reboot"]);
+    let (_, sent) = drive_with(&spec, &a, false, &mut status, t0(), succeed);
+    assert!(sent.is_empty(), "{sent:?}");
+    // Removed, then asked again: another reboot.
+    drive_with(&spec, &BTreeMap::new(), false, &mut status, t0(), succeed);
+    assert!(status.handled_annotations.is_empty());
+    let (_, sent) = drive_with(&spec, &a, false, &mut status, t0(), succeed);
+    assert_eq!(sent, ["reboot"]);
+    // A suffixed one holds the host off until removed.
+    a.insert(
+        "reboot.metal3.io/remediation".into(),
+        r#"{"mode":"hard"}"#.into(),
+    );
+    let (_, sent) = drive_with(&spec, &a, false, &mut status, t0(), succeed);
+    assert_eq!(sent, ["power-off"]);
+    assert!(!status.powered_on);
+}
+
+#[test]
+fn a_paused_host_does_nothing_until_the_annotation_goes() {
+    let spec = HostSpec {
+        online: true,
+        image: Some(image()),
+        ..Default::default()
+    };
+    let mut status = HostStatus::default();
+    let mut paused = BTreeMap::new();
+    paused.insert(annotations::PAUSED.to_string(), "any".to_string());
+    let (log, sent) = drive_with(&spec, &paused, false, &mut status, t0(), succeed);
+    assert!(log.is_empty() && sent.is_empty(), "{log:?} {sent:?}");
+    assert!(status.paused);
+    // Deleting a paused host waits too.
+    let (_, sent) = drive_with(&spec, &paused, true, &mut status, t0(), succeed);
+    assert!(sent.is_empty(), "{sent:?}");
+    let (log, _) = drive_with(&spec, &BTreeMap::new(), false, &mut status, t0(), succeed);
+    assert!(!status.paused);
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("provisioning -> provisioned")
+    );
+}
+
+#[test]
+fn inspect_annotation_reinspects_an_available_host_once() {
+    let spec = HostSpec {
+        online: true,
+        ..Default::default()
+    };
+    let mut status = HostStatus::default();
+    drive(&spec, &mut status, t0(), succeed);
+    assert_eq!(status.provisioning.state, S::Available);
+    let mut a = BTreeMap::new();
+    a.insert(annotations::INSPECT.to_string(), String::new());
+    let (log, sent) = drive_with(&spec, &a, false, &mut status, t0(), succeed);
+    assert_eq!(log[0], "available -> inspecting");
+    assert_eq!(sent[0], "inspect");
+    assert_eq!(status.provisioning.state, S::Available);
+    let (log, _) = drive_with(&spec, &a, false, &mut status, t0(), succeed);
+    assert!(log.is_empty(), "once per value: {log:?}");
+    // inspect.metal3.io: disabled skips inspection of a new host.
+    a.insert(annotations::INSPECT.to_string(), "disabled".into());
+    let mut fresh = HostStatus::default();
+    let (log, sent) = drive_with(&spec, &a, false, &mut fresh, t0(), succeed);
+    assert!(!sent.contains(&"inspect".to_string()), "{sent:?}");
+    assert!(
+        log.contains(&"registering -> preparing".to_string()),
+        "{log:?}"
+    );
 }
 
 #[test]
@@ -522,6 +786,7 @@ fn changing_the_image_after_a_failure_retries_at_once() {
             secrets: &SecretKeys::new(),
             deleted: false,
             policy: &policy,
+            conflicts: &[],
         },
         &Observed {
             status: &status,
@@ -575,6 +840,7 @@ fn registration_error_is_counted_once_and_cleared_by_a_fix() {
                 secrets: &SecretKeys::new(),
                 deleted: false,
                 policy: &policy,
+                conflicts: &[],
             },
             &Observed {
                 status: &status,
@@ -600,6 +866,7 @@ fn registration_error_is_counted_once_and_cleared_by_a_fix() {
             secrets: &SecretKeys::new(),
             deleted: false,
             policy: &policy,
+            conflicts: &[],
         },
         &Observed {
             status: &status,
@@ -659,6 +926,7 @@ fn config_drive_secrets_wait_for_their_secret_and_commands_carry_references_only
                 secrets,
                 deleted: false,
                 policy: &policy,
+                conflicts: &[],
             },
             &Observed {
                 status,

@@ -50,12 +50,39 @@ impl Engine {
         let Some(mac) = crate::boot::normalize_mac(mac) else {
             return BootDecision::Refuse(format!("{mac:?} is not a MAC address"));
         };
-        let found = self.macs.get(&mac).and_then(|keys| {
-            keys.iter()
-                .filter_map(|k| self.hosts.get(k).map(|e| (k, e)))
-                .find(|(_, e)| !e.record.deleted && !e.forgotten)
-                .map(|(k, e)| (k.clone(), e.state()))
-        });
+        // A host deleted but still being cleaned boots first (its disks must be wiped before
+        // anything else uses the machine); several declared hosts with the MAC boot none.
+        let candidates: Vec<(HostKey, ProvisioningState, bool)> = self
+            .macs
+            .get(&mac)
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| self.hosts.get(k).map(|e| (k, e)))
+                    .filter(|(_, e)| e.in_play())
+                    .map(|(k, e)| (k.clone(), e.state(), e.record.deleted))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let declared: Vec<&HostKey> = candidates
+            .iter()
+            .filter(|(k, _, deleted)| !deleted && self.hosts.get(k).is_some_and(|e| e.declared()))
+            .map(|(k, _, _)| k)
+            .collect();
+        let found = match candidates.iter().find(|(_, _, deleted)| *deleted) {
+            Some((k, state, _)) => Some((k.clone(), *state)),
+            None if declared.len() > 1 => {
+                let names: Vec<String> = declared.iter().map(ToString::to_string).collect();
+                return BootDecision::Refuse(format!(
+                    "hosts {} all declare bootMACAddress {mac}: none of them is booted by MAC \
+                     until all but one are changed",
+                    names.join(", ")
+                ));
+            }
+            None => candidates
+                .iter()
+                .find(|(_, _, deleted)| !deleted)
+                .map(|(k, s, _)| (k.clone(), *s)),
+        };
         let host = match found {
             Some((key, state)) => {
                 if let Some(e) = self.hosts.get_mut(&key) {
@@ -180,11 +207,7 @@ impl Engine {
         ttl: SignedDuration,
         now: Timestamp,
     ) -> Result<(TokenSecret, Timestamp), String> {
-        if self
-            .hosts
-            .get(host)
-            .is_none_or(|e| e.record.deleted || e.forgotten)
-        {
+        if self.hosts.get(host).is_none_or(|e| !e.in_play()) {
             return Err(format!("host {host} is not declared"));
         }
         match self.boot_token(host, ttl, now)? {
@@ -353,11 +376,7 @@ impl Engine {
         boot: bool,
         now: Timestamp,
     ) -> Result<(TokenSecret, Timestamp), String> {
-        let Some(entry) = self
-            .hosts
-            .get_mut(host)
-            .filter(|e| !e.record.deleted && !e.forgotten)
-        else {
+        let Some(entry) = self.hosts.get_mut(host).filter(|e| e.in_play()) else {
             return Err(format!(
                 "host {host} is not declared; add it to the hosts directory first"
             ));

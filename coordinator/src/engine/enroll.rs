@@ -70,11 +70,7 @@ impl Engine {
                 record.expires_at
             )));
         }
-        let Some(entry) = self
-            .hosts
-            .get_mut(&host)
-            .filter(|e| !e.record.deleted && !e.forgotten)
-        else {
+        let Some(entry) = self.hosts.get_mut(&host).filter(|e| e.in_play()) else {
             return Err(Refusal(format!("host {host} is no longer declared")));
         };
         // An enrolment never displaces a live agent: a second machine with the host's token
@@ -178,11 +174,7 @@ impl Engine {
         commands: CommandSender,
         now: Timestamp,
     ) -> Result<u64, Refusal> {
-        let Some(entry) = self
-            .hosts
-            .get_mut(host)
-            .filter(|e| !e.record.deleted && !e.forgotten)
-        else {
+        let Some(entry) = self.hosts.get_mut(host).filter(|e| e.in_play()) else {
             return Err(Refusal(format!("host {host} is not declared")));
         };
         if entry.record.agent_cert_sha256.as_deref() != Some(cert_sha256) {

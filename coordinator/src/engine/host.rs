@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use slipway_reconcile::host::{
     HardwareDetails, HostKey, HostSpec, HostStatus, OperationalStatus, ProvisioningState, SecretRef,
 };
-use slipway_reconcile::validate::SecretKeys;
+use slipway_reconcile::validate::{Problem, SecretKeys};
 use slipway_reconcile::{Action, AgentLink, CommandFailure, CommandView, Desired, Observed, Plan};
 use tokio::sync::oneshot;
 use tracing::{debug, info, info_span, warn};
@@ -173,6 +173,9 @@ pub(super) struct Entry {
     /// When the machine was last heard of (a boot request, a session; memory only, so a
     /// restart counts as seen), for the expiry of discovered hosts.
     pub seen_at: Timestamp,
+    /// The source declares the host more than once (two files): why, naming each. The host
+    /// keeps its last good declaration and shows this as a registration error.
+    pub source_conflict: Option<String>,
 }
 
 impl Entry {
@@ -195,6 +198,7 @@ impl Entry {
             sealed_since: None,
             boot_token: None,
             seen_at: now,
+            source_conflict: None,
         }
     }
 
@@ -239,6 +243,28 @@ impl Entry {
         (holds, delayed)
     }
 
+    /// Managed by the engine: declared (or discovered) and not deleted, or deleted but still
+    /// being cleaned (its agent must connect and boot for that).
+    pub fn in_play(&self) -> bool {
+        !self.forgotten
+            && (!self.record.deleted || self.state() == ProvisioningState::Deprovisioning)
+    }
+
+    /// Declared by a source and not deleted (discovered machines are not declared).
+    pub fn declared(&self) -> bool {
+        !self.forgotten && !self.record.deleted && self.record.origin != super::msg::DISCOVERED
+    }
+
+    /// The BMC endpoint, normalised (`validate::bmc_identity`).
+    pub fn bmc_identity(&self) -> Option<String> {
+        self.record
+            .host
+            .spec
+            .bmc
+            .as_ref()
+            .and_then(|b| slipway_reconcile::validate::bmc_identity(&b.address))
+    }
+
     pub fn boot_mac(&self) -> Option<String> {
         self.record
             .host
@@ -268,6 +294,8 @@ pub(super) fn significant(new: &HostStatus, saved: &HostStatus) -> bool {
         current_command,
         retry_after,
         possible_impostor,
+        paused,
+        handled_annotations,
     } = new;
     let same_progress = match (progress, &saved.progress) {
         (None, None) => true,
@@ -288,7 +316,9 @@ pub(super) fn significant(new: &HostStatus, saved: &HostStatus) -> bool {
         && *agent == saved.agent
         && *current_command == saved.current_command
         && *retry_after == saved.retry_after
-        && *possible_impostor == saved.possible_impostor)
+        && *possible_impostor == saved.possible_impostor
+        && *paused == saved.paused
+        && *handled_annotations == saved.handled_annotations)
 }
 
 /// The Secret references of a spec, resolved in the host's namespace.
@@ -309,6 +339,78 @@ pub(super) fn secret_refs(key: &HostKey, spec: &HostSpec) -> Vec<(String, Secret
 }
 
 impl Engine {
+    /// Registration problems of `key` that only the fleet shows: its boot MAC or BMC declared
+    /// by other hosts too, its document declared twice.
+    pub(super) fn conflicts_for(&self, key: &HostKey, entry: &Entry) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if !entry.declared() {
+            return out;
+        }
+        let others = |index: &HashMap<String, std::collections::BTreeSet<HostKey>>, id: &str| {
+            index
+                .get(id)
+                .map(|keys| {
+                    keys.iter()
+                        .filter(|k| *k != key && self.hosts.get(*k).is_some_and(|e| e.declared()))
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        if let Some(mac) = entry.boot_mac() {
+            let hosts = others(&self.macs, &mac);
+            if !hosts.is_empty() {
+                out.push(Problem {
+                    field: "spec.bootMACAddress",
+                    message: format!(
+                        "{mac} is also the boot MAC of {} {}: a MAC names one machine, so none \
+                         of them is booted by MAC until all but one are changed",
+                        if hosts.len() == 1 { "host" } else { "hosts" },
+                        hosts.join(", ")
+                    ),
+                });
+            }
+        }
+        if let Some(bmc) = entry.bmc_identity() {
+            let hosts = others(&self.bmcs, &bmc);
+            if !hosts.is_empty() {
+                out.push(Problem {
+                    field: "spec.bmc.address",
+                    message: format!(
+                        "the BMC at {} is also the BMC of {} {}: a BMC controls one machine; \
+                         fix the address of all but one",
+                        entry
+                            .record
+                            .host
+                            .spec
+                            .bmc
+                            .as_ref()
+                            .map_or("", |b| b.address.as_str()),
+                        if hosts.len() == 1 { "host" } else { "hosts" },
+                        hosts.join(", ")
+                    ),
+                });
+            }
+        }
+        if let Some(why) = &entry.source_conflict {
+            out.push(Problem {
+                field: "metadata.name",
+                message: why.clone(),
+            });
+        }
+        out
+    }
+
+    /// The hosts that share an identity (MAC, BMC) with `key` plan again: a conflict began
+    /// or ended for each of them.
+    pub(super) fn replan_peers(&mut self, mac: Option<&str>, bmc: Option<&str>) {
+        for (index, id) in [(&self.macs, mac), (&self.bmcs, bmc)] {
+            if let Some(keys) = id.and_then(|id| index.get(id)) {
+                self.to_plan.extend(keys.iter().cloned());
+            }
+        }
+    }
+
     /// The key names of the Secrets `spec` names, for the planner.
     fn secret_keys_for(&self, key: &HostKey, spec: &HostSpec) -> SecretKeys {
         let mut out = SecretKeys::new();
@@ -323,8 +425,11 @@ impl Engine {
     /// Plans one host and sorts out the effects: status and events to store, commands and
     /// replies held until they are durable.
     pub(super) fn plan_host(&mut self, key: &HostKey, now: Timestamp) {
-        let secrets = match self.hosts.get(key) {
-            Some(e) if !e.forgotten => self.secret_keys_for(key, &e.record.host.spec),
+        let (secrets, conflicts) = match self.hosts.get(key) {
+            Some(e) if !e.forgotten => (
+                self.secret_keys_for(key, &e.record.host.spec),
+                self.conflicts_for(key, e),
+            ),
             _ => return,
         };
         let slot = self.slots.standing(key);
@@ -359,6 +464,7 @@ impl Engine {
             secrets: &secrets,
             deleted: entry.record.deleted,
             policy: &self.settings.policy,
+            conflicts: &conflicts,
         };
         let observed = Observed {
             status: &entry.status,
@@ -545,10 +651,15 @@ impl Engine {
             self.timers.remove(&(w, key.clone()));
         }
         let mac = entry.boot_mac();
+        let bmc = entry.bmc_identity();
         let refs = secret_refs(key, &entry.record.host.spec);
-        if let Some(mac) = mac {
-            self.unindex_mac(&mac, key);
+        if let Some(mac) = &mac {
+            self.unindex_mac(mac, key);
         }
+        if let Some(bmc) = &bmc {
+            self.unindex_bmc(bmc, key);
+        }
+        self.replan_peers(mac.as_deref(), bmc.as_deref());
         for (_, sk) in refs {
             if let Some(users) = self.secret_users.get_mut(&sk) {
                 users.remove(key);
@@ -586,6 +697,22 @@ impl Engine {
             set.remove(key);
             if set.is_empty() {
                 self.macs.remove(mac);
+            }
+        }
+    }
+
+    pub(super) fn index_bmc(&mut self, bmc: &str, key: &HostKey) {
+        self.bmcs
+            .entry(bmc.to_string())
+            .or_default()
+            .insert(key.clone());
+    }
+
+    pub(super) fn unindex_bmc(&mut self, bmc: &str, key: &HostKey) {
+        if let Some(set) = self.bmcs.get_mut(bmc) {
+            set.remove(key);
+            if set.is_empty() {
+                self.bmcs.remove(bmc);
             }
         }
     }

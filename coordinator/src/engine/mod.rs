@@ -105,6 +105,8 @@ pub struct Engine {
     hosts: BTreeMap<HostKey, Box<Entry>>,
     /// Boot MAC (normalised) -> the hosts that declare it.
     macs: HashMap<String, BTreeSet<HostKey>>,
+    /// Hosts by BMC endpoint (`validate::bmc_identity`), for duplicate BMC addresses.
+    bmcs: HashMap<String, BTreeSet<HostKey>>,
     tokens: HashMap<String, TokenRecord>,
     tokens_by_host: HashMap<HostKey, BTreeSet<String>>,
     /// Key names of the source's Secrets, for the planner.
@@ -155,6 +157,7 @@ impl Engine {
             view: SharedView::default(),
             hosts: BTreeMap::new(),
             macs: HashMap::new(),
+            bmcs: HashMap::new(),
             tokens: HashMap::new(),
             tokens_by_host: HashMap::new(),
             secret_keys: HashMap::new(),
@@ -201,9 +204,14 @@ impl Engine {
         if entry.record.origin == msg::DISCOVERED && !entry.record.deleted {
             self.discovered.insert(key.clone());
         }
-        if let Some(mac) = entry.boot_mac() {
-            self.index_mac(&mac, key);
+        let (mac, bmc) = (entry.boot_mac(), entry.bmc_identity());
+        if let Some(mac) = &mac {
+            self.index_mac(mac, key);
         }
+        if let Some(bmc) = &bmc {
+            self.index_bmc(bmc, key);
+        }
+        self.replan_peers(mac.as_deref(), bmc.as_deref());
         for (_, sk) in host::secret_refs(key, &entry.record.host.spec) {
             self.secret_users.entry(sk).or_default().insert(key.clone());
         }

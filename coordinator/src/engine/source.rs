@@ -95,6 +95,7 @@ impl Engine {
                 info!(host = %key, "spec changed in {origin}");
             }
             let old_mac = entry.boot_mac();
+            let old_bmc = entry.bmc_identity();
             let old_refs = secret_refs(&key, &entry.record.host.spec);
             let r = std::sync::Arc::make_mut(&mut entry.record);
             r.host.spec = host.spec;
@@ -103,6 +104,7 @@ impl Engine {
             r.deleted = false;
             entry.pending.record = true;
             let new_mac = entry.boot_mac();
+            let new_bmc = entry.bmc_identity();
             let new_refs = secret_refs(&key, &entry.record.host.spec);
             if old_mac != new_mac {
                 if let Some(m) = &old_mac {
@@ -111,6 +113,19 @@ impl Engine {
                 if let Some(m) = &new_mac {
                     self.index_mac(m, &key);
                 }
+            }
+            if old_bmc != new_bmc {
+                if let Some(b) = &old_bmc {
+                    self.unindex_bmc(b, &key);
+                }
+                if let Some(b) = &new_bmc {
+                    self.index_bmc(b, &key);
+                }
+            }
+            // Conflicts over either identity may have begun or ended, on either side; a
+            // deletion undone counts too.
+            for (m, b) in [(&old_mac, &old_bmc), (&new_mac, &new_bmc)] {
+                self.replan_peers(m.as_deref(), b.as_deref());
             }
             for (_, sk) in old_refs {
                 if let Some(users) = self.secret_users.get_mut(&sk) {
@@ -176,6 +191,8 @@ impl Engine {
         info!(host = %key, "host no longer declared: deleting it");
         std::sync::Arc::make_mut(&mut entry.record).deleted = true;
         entry.pending.record = true;
+        let (mac, bmc) = (entry.boot_mac(), entry.bmc_identity());
+        self.replan_peers(mac.as_deref(), bmc.as_deref());
         self.unsaved.insert(key.clone());
         self.to_plan.insert(key.clone());
         self.view_dirty.insert(key.clone());

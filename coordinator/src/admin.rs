@@ -165,12 +165,25 @@ async fn list_hosts(State(s): State<AppState>) -> Response {
     .into_response()
 }
 
-/// The host a request names, from the view.
+/// The host a request names, from the view. Not found, it says what the source reported
+/// about documents of that name (a host whose only document does not parse).
 fn lookup(s: &AppState, ns: &Ns, name: &str) -> Result<Arc<SharedHost>, Box<Response>> {
     let view = s.view.read().unwrap_or_else(|p| p.into_inner());
     view::find(&view.hosts, ns.namespace.as_deref(), name)
         .map(|(_, h)| h.clone())
-        .map_err(|e| Box::new(error(StatusCode::NOT_FOUND, e)))
+        .map_err(|e| {
+            let problems = view.problems_named(name);
+            let e = if problems.is_empty() {
+                e
+            } else {
+                let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                format!(
+                    "{e}: its document is not in effect because of a problem: {}",
+                    list.join("; ")
+                )
+            };
+            Box::new(error(StatusCode::NOT_FOUND, e))
+        })
 }
 
 async fn get_host(
@@ -178,9 +191,27 @@ async fn get_host(
     UrlPath(name): UrlPath<String>,
     Query(ns): Query<Ns>,
 ) -> Response {
-    match lookup(&s, &ns, &name) {
-        Ok(h) => Json(&*h).into_response(),
-        Err(r) => *r,
+    let h = match lookup(&s, &ns, &name) {
+        Ok(h) => h,
+        Err(r) => return *r,
+    };
+    let problems = {
+        let view = s.view.read().unwrap_or_else(|p| p.into_inner());
+        view.problems_of(&h.key())
+    };
+    match serde_json::to_value(&*h) {
+        Ok(mut v) => {
+            if !problems.is_empty()
+                && let Some(o) = v.as_object_mut()
+            {
+                o.insert(
+                    "problems".into(),
+                    serde_json::to_value(&problems).unwrap_or_default(),
+                );
+            }
+            Json(v).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -45,16 +45,25 @@ fn status(h: &BareMetalHost) -> HostStatus {
 }
 
 fn state_of(v: &HostView) -> String {
-    let s = status(&v.host).provisioning.state;
+    let st = status(&v.host);
+    let s = st.provisioning.state;
+    let mut out = s.to_string();
+    // Deleting goes through deprovisioning and powering off: the state says each step, and
+    // that the host is on its way out.
     if v.deleted
         && !matches!(
             s,
             ProvisioningState::PoweringOffBeforeDelete | ProvisioningState::Deleting
         )
     {
-        return "deleting".into();
+        out.push_str(" (deleted)");
     }
-    s.to_string()
+    if st.paused {
+        out.push_str(" (paused)");
+    } else if st.operational_status == OperationalStatus::Detached {
+        out.push_str(" (detached)");
+    }
+    out
 }
 
 fn progress_cell(st: &HostStatus) -> String {
@@ -217,6 +226,9 @@ pub fn describe(v: &HostView, full: Option<&HardwareData>, now: Timestamp) -> St
     }
     kv("Source", v.source.clone());
     kv("State", state_of(v));
+    for p in &v.problems {
+        kv("Problem", p.to_string());
+    }
     kv("Online", h.spec.online.to_string());
     kv("Powered On", st.powered_on.to_string());
     kv(
@@ -713,6 +725,7 @@ mod tests {
             source: format!("hosts/{name}.yaml"),
             deleted: false,
             events: vec![],
+            problems: vec![],
         }
     }
 

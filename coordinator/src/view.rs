@@ -22,6 +22,10 @@ pub struct HostView {
     pub deleted: bool,
     /// Recent events, oldest first (shared with the engine's copy).
     pub events: Vec<Arc<EventRecord>>,
+    /// The source's problems with this host's documents (one that no longer parses, a
+    /// second declaration): the host keeps its last good declaration meanwhile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
 }
 
 impl HostView {
@@ -91,6 +95,29 @@ pub struct View {
 }
 
 pub type SharedView = Arc<RwLock<View>>;
+
+impl View {
+    /// The source's problems that name host `key` (problems carry the bare name, since a
+    /// document that does not parse may not say its namespace).
+    pub fn problems_of(&self, key: &HostKey) -> Vec<Problem> {
+        self.problems
+            .iter()
+            .filter(|p| p.host.as_deref() == Some(key.name.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// Problems naming a host called `name` that the view does not hold (its only document
+    /// does not parse): what `describe` says instead of "not found".
+    pub fn problems_named(&self, name: &str) -> Vec<Problem> {
+        let bare = name.rsplit('/').next().unwrap_or(name);
+        self.problems
+            .iter()
+            .filter(|p| p.host.as_deref() == Some(bare))
+            .cloned()
+            .collect()
+    }
+}
 
 /// Finds a host by `NAME`, `NAMESPACE/NAME`, or `NAME` in `namespace`. A bare name that
 /// exists in several namespaces is an error naming them.

@@ -321,9 +321,10 @@ pub(super) fn significant(new: &HostStatus, saved: &HostStatus) -> bool {
         && *handled_annotations == saved.handled_annotations)
 }
 
-/// The Secret references of a spec, resolved in the host's namespace.
+/// The Secret references of a spec (config drive, BMC credentials), resolved in the host's
+/// namespace unless a reference names another (the BMC credentials are always the host's).
 pub(super) fn secret_refs(key: &HostKey, spec: &HostSpec) -> Vec<(String, SecretKey)> {
-    [&spec.user_data, &spec.network_data, &spec.meta_data]
+    let mut out: Vec<(String, SecretKey)> = [&spec.user_data, &spec.network_data, &spec.meta_data]
         .into_iter()
         .flatten()
         .filter(|r| !r.name.is_empty())
@@ -335,7 +336,16 @@ pub(super) fn secret_refs(key: &HostKey, spec: &HostSpec) -> Vec<(String, Secret
                 .unwrap_or(&key.namespace);
             (r.name.clone(), SecretKey::new(ns, r.name.clone()))
         })
-        .collect()
+        .collect();
+    if let Some(name) = spec
+        .bmc
+        .as_ref()
+        .map(|b| &b.credentials_name)
+        .filter(|n| !n.is_empty())
+    {
+        out.push((name.clone(), SecretKey::new(&key.namespace, name.clone())));
+    }
+    out
 }
 
 impl Engine {

@@ -15,6 +15,18 @@ impl Engine {
         match event {
             SourceEvent::Declared { key, host, origin } => self.declared(key, *host, origin, now),
             SourceEvent::Undeclared { key } => self.undeclared(&key),
+            SourceEvent::Conflict { key, why } => {
+                if !self.synced && why.is_some() {
+                    self.declared.insert(key.clone());
+                }
+                if let Some(entry) = self.hosts.get_mut(&key)
+                    && entry.source_conflict != why
+                {
+                    entry.source_conflict = why;
+                    self.to_plan.insert(key.clone());
+                    self.view_dirty.insert(key);
+                }
+            }
             SourceEvent::Secret { key, keys } => {
                 match keys {
                     Some(k) => {
@@ -91,8 +103,12 @@ impl Engine {
             }
             if entry.record.deleted {
                 info!(host = %key, "host declared again in {origin}");
-            } else {
+            } else if entry.record.host.spec != host.spec {
                 info!(host = %key, "spec changed in {origin}");
+            } else if entry.record.host.metadata != host.metadata {
+                info!(host = %key, "labels or annotations changed in {origin}");
+            } else {
+                info!(host = %key, "now declared in {origin}");
             }
             let old_mac = entry.boot_mac();
             let old_bmc = entry.bmc_identity();

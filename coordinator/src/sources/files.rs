@@ -37,6 +37,9 @@ pub struct SourcedHost<'a> {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot<'a> {
     pub hosts: BTreeMap<HostKey, SourcedHost<'a>>,
+    /// Hosts declared by more than one document: where (file, document), in file order.
+    /// None of those declarations is in `hosts`.
+    pub conflicts: BTreeMap<HostKey, Vec<(&'a Path, usize)>>,
     pub secrets: BTreeMap<SecretKey, &'a Secret>,
     pub problems: Vec<Problem>,
 }
@@ -160,20 +163,32 @@ impl FilesSource {
                 match doc {
                     Doc::Host(host) => {
                         let key = HostKey::of(&host.metadata);
-                        let name = key.name.clone();
+                        if let Some(places) = snap.conflicts.get_mut(&key) {
+                            places.push((path, *document));
+                            continue;
+                        }
                         if let Some(first) = snap.hosts.get(&key) {
-                            snap.problems.push(Problem {
-                                path: path.clone(),
-                                document: *document,
-                                host: Some(name.clone()),
-                                warning: false,
-                                message: format!(
-                                    "host {key} is already declared in {} (document {}); this \
-                                     declaration is ignored: remove one of them",
-                                    first.path.display(),
-                                    first.document
-                                ),
-                            });
+                            if first.host == host {
+                                // The same declaration twice (or a link to the file): nothing
+                                // is ambiguous.
+                                snap.problems.push(Problem {
+                                    path: path.clone(),
+                                    document: *document,
+                                    host: Some(key.name.clone()),
+                                    warning: true,
+                                    message: format!(
+                                        "host {key} is already declared in {} (document {}), \
+                                         identically; this copy changes nothing: remove one of \
+                                         them",
+                                        first.path.display(),
+                                        first.document
+                                    ),
+                                });
+                                continue;
+                            }
+                            let place = (first.path, first.document);
+                            snap.hosts.remove(&key);
+                            snap.conflicts.insert(key, vec![place, (path, *document)]);
                             continue;
                         }
                         snap.hosts.insert(
@@ -191,8 +206,36 @@ impl FilesSource {
                 }
             }
         }
+        // A name declared twice is decided by neither file's order: both are reported, and
+        // the host keeps what it had until one goes.
+        for (key, places) in &snap.conflicts {
+            let message = conflict_message(key, places);
+            for (path, document) in places {
+                snap.problems.push(Problem {
+                    path: path.to_path_buf(),
+                    document: *document,
+                    host: Some(key.name.clone()),
+                    warning: false,
+                    message: message.clone(),
+                });
+            }
+        }
         snap
     }
+}
+
+/// Why a host declared by several documents is not changed by any of them.
+pub fn conflict_message(key: &HostKey, places: &[(&Path, usize)]) -> String {
+    let list: Vec<String> = places
+        .iter()
+        .map(|(p, d)| format!("{} (document {d})", p.display()))
+        .collect();
+    format!(
+        "host {key} is declared {} times: in {}; remove all but one (until then the host keeps \
+         its last good declaration and takes no new action)",
+        places.len(),
+        list.join(" and ")
+    )
 }
 
 /// Turns successive snapshots into the events the engine takes: what changed since the last
@@ -205,6 +248,8 @@ pub struct Differ {
     problems: Vec<Problem>,
     /// Hosts missing from the last snapshot: removed if the next one lacks them too.
     missing: std::collections::BTreeSet<HostKey>,
+    /// Hosts declared more than once, with the message last sent.
+    conflicts: BTreeMap<HostKey, String>,
 }
 
 /// SHA-256 of a declaration and its origin.
@@ -253,6 +298,28 @@ impl Differ {
         for key in gone {
             self.secrets.remove(&key);
             out.push(SourceEvent::Secret { key, keys: None });
+        }
+        for (key, places) in &snap.conflicts {
+            let message = conflict_message(key, places);
+            if self.conflicts.get(key) != Some(&message) {
+                self.conflicts.insert(key.clone(), message.clone());
+                // When it is resolved, the remaining declaration is sent again.
+                self.hosts.remove(key);
+                out.push(SourceEvent::Conflict {
+                    key: key.clone(),
+                    why: Some(message),
+                });
+            }
+        }
+        let resolved: Vec<HostKey> = self
+            .conflicts
+            .keys()
+            .filter(|k| !snap.conflicts.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in resolved {
+            self.conflicts.remove(&key);
+            out.push(SourceEvent::Conflict { key, why: None });
         }
         for (key, sourced) in &snap.hosts {
             let origin = sourced.path.display().to_string();
@@ -902,6 +969,7 @@ mod tests {
                 SourceEvent::Secret { key, keys } => format!("secret {key} {keys:?}"),
                 SourceEvent::Problems(p) => format!("problems {}", p.len()),
                 SourceEvent::Synced => "synced".into(),
+                SourceEvent::Conflict { key, why } => format!("conflict {key} {}", why.is_some()),
             })
             .collect();
         assert_eq!(
@@ -1045,5 +1113,72 @@ mod tests {
         // Quoted brackets and comments are not nesting.
         assert!(nesting(&format!("a: \"{}\" # {}", "[".repeat(100), "{".repeat(100))).is_ok());
         assert!(nesting(&format!("{}x: 1", " ".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn a_host_declared_in_two_files_keeps_its_first_declaration_and_names_both() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "b.yaml", HOST_A);
+        let mut src = FilesSource::new(dir.path());
+        let mut differ = Differ::default();
+        src.scan();
+        let first = differ.diff(&src.snapshot());
+        assert!(matches!(&first[0], SourceEvent::Declared { key, .. } if *key == k("a")));
+        // A second file (sorting first) declares the same host differently.
+        write(
+            dir.path(),
+            "a.yaml",
+            &HOST_A.replace("online: true", "online: false"),
+        );
+        src.scan();
+        let snap = src.snapshot();
+        assert!(
+            !snap.hosts.contains_key(&k("a")),
+            "neither declaration wins"
+        );
+        assert_eq!(snap.problems.len(), 2, "{:?}", snap.problems);
+        for p in &snap.problems {
+            assert!(
+                p.message.contains("a.yaml") && p.message.contains("b.yaml"),
+                "{}",
+                p.message
+            );
+        }
+        let events = differ.diff(&snap);
+        assert!(
+            events.iter().any(
+                |e| matches!(e, SourceEvent::Conflict { key, why: Some(_) } if *key == k("a"))
+            ),
+            "{events:?}"
+        );
+        assert!(
+            !events.iter().any(|e| matches!(
+                e,
+                SourceEvent::Declared { .. } | SourceEvent::Undeclared { .. }
+            )),
+            "the host keeps its declaration: {events:?}"
+        );
+        // Two scans later it is still declared (not missing).
+        src.scan();
+        let again = differ.diff(&src.snapshot());
+        assert!(
+            !again
+                .iter()
+                .any(|e| matches!(e, SourceEvent::Undeclared { .. }))
+        );
+        // Removing one resolves it: the remaining declaration is sent.
+        fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        src.scan();
+        let events = differ.diff(&src.snapshot());
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, SourceEvent::Conflict { why: None, .. }))
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, SourceEvent::Declared { host, .. } if host.spec.online))
+        );
     }
 }

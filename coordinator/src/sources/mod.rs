@@ -28,6 +28,10 @@ pub enum SourceEvent {
     },
     /// A host the source declared before is no longer declared.
     Undeclared { key: HostKey },
+    /// The host is declared more than once (`why` names each place), or (`None`) no longer
+    /// is. While it is, the host keeps its last declaration and is held with a registration
+    /// error; it counts as declared.
+    Conflict { key: HostKey, why: Option<String> },
     /// A Secret appeared, changed, or (`keys: None`) disappeared; with its key names only.
     Secret {
         key: SecretKey,
@@ -61,8 +65,14 @@ impl Secret {
         )
     }
 
+    /// The names of the keys that hold something (an empty value counts as missing, as
+    /// metal3 counts an empty username).
     pub fn key_names(&self) -> BTreeSet<String> {
-        self.data.keys().cloned().collect()
+        self.data
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 }
 

@@ -116,7 +116,9 @@ pub struct HostSpec {
     /// metal3's switch-port configuration (`networkInterfaces`); refused when non-empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_interfaces: Option<serde_json::Value>,
-    /// metal3's `disablePowerOff`: the host must never be powered off (reboots only).
+    /// metal3's `disablePowerOff`: the host must never be powered off (reboots only). With
+    /// `online: false` it is refused by [`crate::validate`]; the planner does not read it yet
+    /// (it still powers the host off before deleting it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disable_power_off: bool,
 }

@@ -741,6 +741,10 @@ pub fn command_to_proto(out: &Outgoing, image_ca_pem: &str) -> pb::Command {
                 None | Some(ImageFormat::Raw) => pb::ImageFormat::Raw,
                 Some(ImageFormat::Qcow2) => pb::ImageFormat::Qcow2,
                 Some(ImageFormat::LiveIso) => pb::ImageFormat::LiveIso,
+                // Refused by validate::provisioning_problems, so never sent; were one sent, the
+                // agent's qcow2 reader refuses a header that is not qcow2's instead of writing
+                // the file as a raw disk.
+                Some(ImageFormat::Vdi | ImageFormat::Vmdk) => pb::ImageFormat::Qcow2,
             } as i32,
             root_device_hints: root_device_hints.as_ref().map(hints_to_proto),
             extra_ca_pem: image_ca_pem.to_string(),

@@ -4,10 +4,11 @@
 //! unchanged and `kubectl get bmh -o yaml` looks familiar. Slipway's own additions to the status
 //! live under clearly named fields (`progress`, `agent`, `currentCommand`, `retryAfter`).
 //!
-//! The spec rejects unknown fields (a typo must not silently drop an intent). metal3 fields that
-//! Slipway parses but does not act on yet (`raid`, `firmware`, `customDeploy`, `bmc` drivers
-//! beyond none) are kept as raw values and refused by [`crate::validate`] with a message,
-//! rather than ignored.
+//! The spec rejects unknown fields (a typo must not silently drop an intent). Every field and
+//! value of metal3's current BareMetalHostSpec parses; those Slipway does not act on yet
+//! (`raid`, `firmware`, `customDeploy`, `networkInterfaces`, `taints`, OCI images, `fast`
+//! inspection, ...) are kept and refused by [`crate::validate`] with a message naming the
+//! field, rather than ignored.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -112,8 +113,17 @@ pub struct HostSpec {
     pub firmware: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_deploy: Option<serde_json::Value>,
+    /// Deprecated in metal3 and never implemented there; refused when non-empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub taints: Option<serde_json::Value>,
+    /// metal3's switch-port configuration (`networkInterfaces`); refused when non-empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_interfaces: Option<serde_json::Value>,
+    /// metal3's `disablePowerOff`: the host must never be powered off (reboots only). With
+    /// `online: false` it is refused by [`crate::validate`]; the planner does not read it yet
+    /// (it still powers the host off before deleting it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disable_power_off: bool,
 }
 
 impl HostSpec {
@@ -161,6 +171,10 @@ pub struct Image {
     pub checksum_type: Option<ChecksumType>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<ImageFormat>,
+    /// The Secret with the registry credentials of an `oci://` image (metal3); OCI images are
+    /// refused by [`crate::validate`] for now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci_auth_secret_name: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +192,12 @@ pub enum ImageFormat {
     Raw,
     #[serde(rename = "qcow2")]
     Qcow2,
+    /// VirtualBox disk image: parsed, refused by [`crate::validate`] (convert it to qcow2).
+    #[serde(rename = "vdi")]
+    Vdi,
+    /// VMware disk image: parsed, refused by [`crate::validate`] (convert it to qcow2).
+    #[serde(rename = "vmdk")]
+    Vmdk,
     #[serde(rename = "live-iso")]
     LiveIso,
 }
@@ -283,6 +303,8 @@ pub enum CleaningMode {
 pub enum InspectionMode {
     Agent,
     Disabled,
+    /// Out-of-band inspection through the BMC: parsed, refused by [`crate::validate`].
+    Fast,
 }
 
 /// A Kubernetes object reference (consumerRef).
@@ -871,6 +893,84 @@ spec:
         let hints = host.spec.root_device_hints.as_ref().unwrap();
         assert_eq!(hints.min_size_gigabytes, Some(20));
         assert_eq!(hints.rotational, Some(false));
+    }
+
+    #[test]
+    fn every_field_of_metal3s_spec_parses() {
+        // Every field of metal3's current BareMetalHostSpec (apis/metal3.io/v1alpha1), with
+        // every root device hint and every image field: none is an unknown-field error.
+        let yaml = r#"
+apiVersion: metal3.io/v1alpha1
+kind: BareMetalHost
+metadata: {name: all-fields, namespace: metal3}
+spec:
+  taints:
+  - {key: example, value: x, effect: NoSchedule}
+  bmc:
+    address: idrac-virtualmedia://10.0.0.5/redfish/v1/Systems/System.Embedded.1
+    credentialsName: all-fields-bmc
+    disableCertificateVerification: true
+  raid:
+    hardwareRAIDVolumes:
+    - {sizeGibibytes: 100, level: "1", name: root, rotational: false, numberOfPhysicalDisks: 2, controller: RAID.Integrated.1-1, physicalDisks: [Disk.Bay.0, Disk.Bay.1]}
+    softwareRAIDVolumes: []
+  firmware: {virtualizationEnabled: true, simultaneousMultithreadingEnabled: false, sriovEnabled: true}
+  hardwareProfile: unknown
+  rootDeviceHints:
+    deviceName: /dev/sda
+    hctl: "0:0:0:0"
+    model: PERC
+    vendor: DELL
+    serialNumber: S123
+    minSizeGigabytes: 100
+    wwn: "0x5000c500a0b1c2d3"
+    wwnWithExtension: "0x5000c500a0b1c2d3"
+    wwnVendorExtension: "0x1"
+    rotational: false
+  bootMode: UEFISecureBoot
+  bootMACAddress: "52:54:00:12:34:56"
+  online: true
+  consumerRef: {apiVersion: infrastructure.cluster.x-k8s.io/v1beta1, kind: Metal3Machine, name: m0, namespace: metal3, uid: u1, resourceVersion: "7", fieldPath: spec}
+  image:
+    url: oci://registry.example/os:latest
+    checksum: 0123456789abcdef0123456789abcdef
+    checksumType: md5
+    format: vmdk
+    ociAuthSecretName: registry-pull
+  userData: {name: ud, namespace: metal3}
+  preprovisioningNetworkDataName: pre-nd
+  networkData: {name: nd, namespace: metal3}
+  metaData: {name: md, namespace: metal3}
+  description: every field
+  externallyProvisioned: false
+  automatedCleaningMode: metadata
+  customDeploy: {method: install_coreos}
+  architecture: x86_64
+  disablePowerOff: true
+  inspectionMode: fast
+  networkInterfaces:
+  - name: eno1
+    macAddress: "52:54:00:12:34:56"
+    hostNetworkAttachment: {name: provisioning}
+    switchPort: {switchID: sw1, portID: Eth1/1}
+"#;
+        let host: BareMetalHost = serde_yaml_ng::from_str(yaml).unwrap();
+        let spec = &host.spec;
+        assert!(spec.disable_power_off);
+        assert_eq!(spec.inspection_mode, Some(InspectionMode::Fast));
+        let image = spec.image.as_ref().unwrap();
+        assert_eq!(image.format, Some(ImageFormat::Vmdk));
+        assert_eq!(image.oci_auth_secret_name.as_deref(), Some("registry-pull"));
+        assert!(spec.network_interfaces.is_some() && spec.taints.is_some());
+        assert_eq!(
+            spec.bmc.as_ref().unwrap().credentials_name,
+            "all-fields-bmc"
+        );
+        let vdi: ImageFormat = serde_json::from_str("\"vdi\"").unwrap();
+        assert_eq!(vdi, ImageFormat::Vdi);
+        // What Slipway writes back parses again.
+        let json = serde_json::to_value(spec).unwrap();
+        assert_eq!(serde_json::from_value::<HostSpec>(json).unwrap(), *spec);
     }
 
     #[test]

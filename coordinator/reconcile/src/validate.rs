@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::host::{
-    ChecksumType, ERASE_ANNOTATION, HostSpec, Image, ImageFormat, META_DATA_KEYS,
+    ChecksumType, ERASE_ANNOTATION, HostSpec, Image, ImageFormat, InspectionMode, META_DATA_KEYS,
     NETWORK_DATA_KEYS, REBOOT_ANNOTATION, SecretRef, USER_DATA_KEYS,
 };
 
@@ -70,11 +70,61 @@ pub fn registration_problems(spec: &HostSpec) -> Vec<Problem> {
         if value.is_some() {
             out.push(Problem {
                 field,
-                message: "is not supported by Slipway yet; remove it (the host would otherwise \
-                          be provisioned without the settings you asked for)"
+                message: "is a metal3 feature Slipway does not support yet; remove it (the host \
+                          would otherwise be provisioned without the settings you asked for)"
                     .into(),
             });
         }
+    }
+    if non_empty(&spec.network_interfaces) {
+        out.push(Problem {
+            field: "spec.networkInterfaces",
+            message: "switch port configuration is a metal3 feature Slipway does not support \
+                      yet; remove spec.networkInterfaces (and configure the switch ports \
+                      yourself)"
+                .into(),
+        });
+    }
+    if non_empty(&spec.taints) {
+        out.push(Problem {
+            field: "spec.taints",
+            message: "is deprecated in metal3 and was never implemented there either, so \
+                      Slipway does not support it; remove it"
+                .into(),
+        });
+    }
+    if let Some(name) = spec
+        .preprovisioning_network_data_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+    {
+        out.push(Problem {
+            field: "spec.preprovisioningNetworkDataName",
+            message: format!(
+                "names Secret {name:?}, but network configuration of the ramdisk is a metal3 \
+                 feature Slipway does not support yet (the ramdisk configures the boot NIC by \
+                 DHCP); remove it and serve DHCP on the boot network"
+            ),
+        });
+    }
+    if spec.inspection_mode == Some(InspectionMode::Fast) {
+        out.push(Problem {
+            field: "spec.inspectionMode",
+            message: "fast (out-of-band) inspection is a metal3 feature Slipway does not \
+                      support yet: it needs a BMC driver, which Slipway does not have yet; \
+                      write agent (or remove the field) to inspect with the ramdisk, or \
+                      disabled to skip inspection"
+                .into(),
+        });
+    }
+    if spec.disable_power_off && !spec.online {
+        out.push(Problem {
+            field: "spec.disablePowerOff",
+            message: "is true while spec.online is false: a host that must never be powered \
+                      off cannot be offline (metal3 refuses this too); set online: true, or \
+                      remove disablePowerOff"
+                .into(),
+        });
     }
     if let Some(hints) = &spec.root_device_hints {
         if let Some(name) = &hints.device_name
@@ -202,10 +252,35 @@ pub fn secret_problems(host: &str, spec: &HostSpec, secrets: &SecretKeys) -> Vec
 
 fn check_image(image: &Image, out: &mut Vec<Problem>) {
     let url = image.url.as_str();
-    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+    if url
+        .get(..6)
+        .is_some_and(|s| s.eq_ignore_ascii_case("oci://"))
+    {
+        out.push(Problem {
+            field: "spec.image.url",
+            message: format!(
+                "{url:?} is an OCI image, and OCI images are a metal3 feature Slipway does not \
+                 support yet; publish the image on an http:// or https:// server and give its URL"
+            ),
+        });
+    } else if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
         out.push(Problem {
             field: "spec.image.url",
             message: format!("{url:?} is not an http:// or https:// URL"),
+        });
+    }
+    if let Some(name) = image
+        .oci_auth_secret_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+    {
+        out.push(Problem {
+            field: "spec.image.ociAuthSecretName",
+            message: format!(
+                "names registry credentials Secret {name:?}, but OCI images are a metal3 feature \
+                 Slipway does not support yet; remove it and publish the image on an http:// or \
+                 https:// server"
+            ),
         });
     }
     match image.format {
@@ -216,6 +291,19 @@ fn check_image(image: &Image, out: &mut Vec<Problem>) {
             message: "live-iso images are not written by this version of Slipway yet (they \
                       need virtual-media boot); use a raw or qcow2 disk image"
                 .into(),
+        }),
+        Some(format @ (ImageFormat::Vdi | ImageFormat::Vmdk)) => out.push(Problem {
+            field: "spec.image.format",
+            message: format!(
+                "{} is a metal3 image format Slipway does not write yet: it writes raw \
+                 (optionally gzip, zstd or xz compressed) and qcow2 images; convert the image \
+                 with qemu-img convert -O qcow2 IN OUT and set format: qcow2",
+                if format == ImageFormat::Vdi {
+                    "vdi"
+                } else {
+                    "vmdk"
+                }
+            ),
         }),
     }
     let checksum = image.checksum.trim();
@@ -281,19 +369,91 @@ pub fn checksum_kind(
     }
 }
 
-/// The BMC URL schemes Slipway knows, for the registration check.
-const BMC_SCHEMES: &[&str] = &[
-    "redfish",
-    "redfish+http",
-    "redfish+https",
-    "redfish-virtualmedia",
-    "redfish-virtualmedia+http",
-    "redfish-virtualmedia+https",
-    "ipmi",
-    "none",
+/// Whether a raw metal3 list (`taints`, `networkInterfaces`) holds anything.
+fn non_empty(value: &Option<serde_json::Value>) -> bool {
+    match value {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(serde_json::Value::Object(o)) => !o.is_empty(),
+        Some(serde_json::Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    }
+}
+
+/// How a BMC is driven, whatever vendor name its address's scheme carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BmcKind {
+    /// `none://`: Slipway's own, no BMC (power by hand, the host is driven by its agent).
+    None,
+    /// IPMI (`ipmi://`, `libvirt://`, or an address without a scheme).
+    Ipmi,
+    /// Redfish, booting by PXE (`redfish://`, `idrac-redfish://`, `ilo5-redfish://`).
+    Redfish,
+    /// Redfish virtual media (`redfish-virtualmedia://`, `idrac-virtualmedia://`,
+    /// `ilo5-virtualmedia://`).
+    RedfishVirtualMedia,
+    /// Redfish UEFI HTTP boot (`redfish-uefihttp://`).
+    RedfishUefiHttp,
+}
+
+/// metal3's BMC drivers (pkg/hardwareutils/bmc), plus Slipway's `none`: the scheme, its kind,
+/// and whether it takes a `+http`/`+https` suffix.
+const BMC_SCHEMES: &[(&str, BmcKind, bool)] = &[
+    ("none", BmcKind::None, false),
+    ("ipmi", BmcKind::Ipmi, false),
+    ("libvirt", BmcKind::Ipmi, false),
+    ("redfish", BmcKind::Redfish, true),
+    ("redfish-virtualmedia", BmcKind::RedfishVirtualMedia, true),
+    ("redfish-uefihttp", BmcKind::RedfishUefiHttp, true),
+    ("idrac-redfish", BmcKind::Redfish, true),
+    ("idrac-virtualmedia", BmcKind::RedfishVirtualMedia, true),
+    ("ilo5-redfish", BmcKind::Redfish, true),
+    ("ilo5-virtualmedia", BmcKind::RedfishVirtualMedia, true),
 ];
 
-fn check_bmc_address(address: &str) -> Result<(), String> {
+/// Vendor-proprietary drivers metal3 dropped, and what to use instead.
+const DROPPED_BMC_SCHEMES: &[(&str, &str)] = &[
+    (
+        "idrac",
+        "is iDRAC's WS-Management interface, which metal3 no longer supports and Slipway does \
+         not: use idrac-redfish:// or idrac-virtualmedia://",
+    ),
+    (
+        "ilo4",
+        "is HPE iLO 4's proprietary interface, which metal3 no longer supports and Slipway does \
+         not: use redfish:// (iLO 4 firmware 2.30 and later speaks Redfish) or ipmi://",
+    ),
+    (
+        "ilo4-virtualmedia",
+        "is HPE iLO 4's proprietary virtual media, which metal3 no longer supports and Slipway \
+         does not: use redfish-virtualmedia:// (iLO 4 firmware 2.30 and later speaks Redfish)",
+    ),
+    (
+        "ilo5",
+        "is HPE iLO 5's proprietary interface, which metal3 no longer supports and Slipway does \
+         not: use ilo5-redfish:// or ilo5-virtualmedia://",
+    ),
+    (
+        "irmc",
+        "is Fujitsu iRMC's proprietary interface, which metal3 no longer supports and Slipway \
+         does not: use redfish:// or redfish-virtualmedia://",
+    ),
+    (
+        "irmc-virtualmedia",
+        "is Fujitsu iRMC's proprietary virtual media, which metal3 no longer supports and \
+         Slipway does not: use redfish-virtualmedia://",
+    ),
+    (
+        "ibmc",
+        "is Huawei iBMC's proprietary interface, which metal3 no longer supports and Slipway \
+         does not: use redfish:// or redfish-virtualmedia://",
+    ),
+];
+
+/// The kind of BMC an address names, as metal3 reads it: the scheme before `://` (case does not
+/// matter), Redfish ones optionally with `+http` or `+https`; an address without `://` is IPMI
+/// (`host` or `host:port`). Errors say what is wrong and what to write instead.
+pub fn bmc_kind(address: &str) -> Result<BmcKind, String> {
     if address.is_empty() {
         return Err(
             "is empty; give the BMC URL, e.g. redfish://10.0.0.5/redfish/v1/Systems/1, \
@@ -301,14 +461,233 @@ fn check_bmc_address(address: &str) -> Result<(), String> {
                 .into(),
         );
     }
-    let scheme = address.split_once("://").map(|(s, _)| s).unwrap_or("ipmi");
-    if BMC_SCHEMES.contains(&scheme) {
-        Ok(())
+    let Some((scheme, rest)) = address.split_once("://") else {
+        return Ok(BmcKind::Ipmi);
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let (base, suffix) = match scheme.split_once('+') {
+        Some((base, suffix)) => (base, Some(suffix)),
+        None => (scheme.as_str(), None),
+    };
+    if let Some((_, why)) = DROPPED_BMC_SCHEMES.iter().find(|(s, _)| *s == base) {
+        return Err(format!("{base}:// {why}"));
+    }
+    let known = BMC_SCHEMES.iter().find(|(s, _, _)| *s == base);
+    let kind = match (known, suffix) {
+        (Some((_, kind, _)), None) => *kind,
+        (Some((_, kind, true)), Some("http" | "https")) => *kind,
+        _ => {
+            let accepted: Vec<&str> = BMC_SCHEMES.iter().map(|(s, _, _)| *s).collect();
+            return Err(format!(
+                "scheme {scheme:?} is not one Slipway knows; use one of {} (the Redfish ones \
+                 optionally with +http or +https, e.g. redfish+http://), or an address without \
+                 a scheme for IPMI",
+                accepted.join(", ")
+            ));
+        }
+    };
+    if kind != BmcKind::None && host_port(rest).is_none_or(|(host, _)| host.is_empty()) {
+        return Err(format!(
+            "{address:?} names no host; write e.g. {scheme}://10.0.0.5{}",
+            if matches!(kind, BmcKind::Ipmi) {
+                ""
+            } else {
+                "/redfish/v1/Systems/1"
+            }
+        ));
+    }
+    Ok(kind)
+}
+
+/// The host and port (if given) of `rest`, the part of an address after `scheme://`: up to the
+/// first `/`, `?` or `#`, without user information; `[v6]:port` is understood. `None` when the
+/// port is not a number.
+fn host_port(rest: &str) -> Option<(String, Option<u16>)> {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        match after {
+            "" => (host, None),
+            _ => (host, Some(after.strip_prefix(':')?)),
+        }
     } else {
-        Err(format!(
-            "scheme {scheme:?} is not one Slipway knows; use one of {}",
-            BMC_SCHEMES.join(", ")
-        ))
+        match authority.split_once(':') {
+            Some((host, port)) if !port.contains(':') => (host, Some(port)),
+            // A bare IPv6 address.
+            Some(_) => (authority, None),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None | Some("") => None,
+        Some(p) => Some(p.parse::<u16>().ok()?),
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// A normalised identity of the BMC endpoint an address names, for finding hosts that share a
+/// BMC: two hosts whose identities are equal are driven through the same BMC. The host is
+/// lower-cased, the port made explicit (623 for IPMI, 443 for Redfish over https, 80 for
+/// `+http`), and for Redfish the system path kept (`/redfish/v1/Systems/1`), so the systems of
+/// one multi-system BMC differ. `None` for no BMC (`none://`, empty) and for an address
+/// [`bmc_kind`] refuses.
+pub fn bmc_identity(address: &str) -> Option<String> {
+    let kind = bmc_kind(address).ok()?;
+    let (scheme, rest) = address.split_once("://").unwrap_or(("ipmi", address));
+    match kind {
+        BmcKind::None => None,
+        BmcKind::Ipmi => {
+            let (host, port) = host_port(rest)?;
+            let host = bracket_v6(&host);
+            Some(format!("ipmi {host}:{}", port.unwrap_or(623)))
+        }
+        BmcKind::Redfish | BmcKind::RedfishVirtualMedia | BmcKind::RedfishUefiHttp => {
+            let (host, port) = host_port(rest)?;
+            let http = scheme.to_ascii_lowercase().ends_with("+http");
+            let port = port.unwrap_or(if http { 80 } else { 443 });
+            let path = rest
+                .find('/')
+                .map_or("", |i| &rest[i..])
+                .split(['?', '#'])
+                .next()
+                .unwrap_or("")
+                .trim_end_matches('/');
+            // metal3 reads no system path, and the service root alone, as the BMC's one system.
+            let path = if path.trim_matches('/').eq_ignore_ascii_case("redfish/v1") {
+                ""
+            } else {
+                path
+            };
+            let host = bracket_v6(&host);
+            Some(format!("redfish {host}:{port}{path}"))
+        }
+    }
+}
+
+fn bracket_v6(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+fn check_bmc_address(address: &str) -> Result<(), String> {
+    bmc_kind(address).map(|_| ())
+}
+
+/// One CPU architecture under its metal3 name (`x86_64`, `aarch64`), from any of its usual
+/// names, case-insensitively.
+fn architecture_name(arch: &str) -> Option<&'static str> {
+    match arch.trim().to_ascii_lowercase().as_str() {
+        "x86_64" | "x86-64" | "amd64" | "x64" => Some("x86_64"),
+        "aarch64" | "arm64" => Some("aarch64"),
+        _ => None,
+    }
+}
+
+fn article(word: &str) -> &'static str {
+    // "an x86_64", "an aarch64": the names are read letter by letter or start with a vowel.
+    if word.starts_with(['a', 'e', 'i', 'o', 'u', 'x', 'A', 'E', 'I', 'O', 'U', 'X']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+/// Problems with `spec.architecture` for a coordinator whose ramdisk is built for
+/// `ramdisk_arch`: the host would boot a ramdisk it cannot run. `x86_64`/`amd64`/`x64` are one
+/// architecture and `aarch64`/`arm64` another, compared case-insensitively; an architecture
+/// Slipway does not know is a problem too. Unset or empty: no problem.
+pub fn architecture_problems(spec: &HostSpec, ramdisk_arch: &str) -> Vec<Problem> {
+    let Some(arch) = spec
+        .architecture
+        .as_deref()
+        .filter(|a| !a.trim().is_empty())
+    else {
+        return Vec::new();
+    };
+    let Some(wanted) = architecture_name(arch) else {
+        return vec![Problem {
+            field: "spec.architecture",
+            message: format!(
+                "{arch:?} is not an architecture Slipway knows; write x86_64 or aarch64 (amd64, \
+                 x64 and arm64 are read too), or remove it"
+            ),
+        }];
+    };
+    let served = architecture_name(ramdisk_arch)
+        .map(str::to_string)
+        .unwrap_or_else(|| ramdisk_arch.trim().to_ascii_lowercase());
+    if wanted == served {
+        return Vec::new();
+    }
+    vec![Problem {
+        field: "spec.architecture",
+        message: format!(
+            "host needs {} {wanted} ramdisk; this coordinator serves {} {served} ramdisk: \
+             manage the host from a coordinator with {} {wanted} ramdisk, or correct \
+             spec.architecture if it is wrong",
+            article(wanted),
+            article(&served),
+            article(wanted),
+        ),
+    }]
+}
+
+/// Problems with the BMC credentials of a host, as metal3 checks them: a host with a BMC (other
+/// than `none://`) needs `spec.bmc.credentialsName` naming a Secret in its namespace with the
+/// keys `username` and `password`. `secrets` holds the Secrets of the host's namespace and, for
+/// each, only the keys whose values are not empty. No BMC, `none://`, or an address
+/// [`bmc_kind`] refuses (a registration problem of its own): no problems.
+pub fn bmc_credentials_problems(host: &str, spec: &HostSpec, secrets: &SecretKeys) -> Vec<Problem> {
+    let Some(bmc) = &spec.bmc else {
+        return Vec::new();
+    };
+    match bmc_kind(&bmc.address) {
+        Ok(BmcKind::None) | Err(_) => return Vec::new(),
+        Ok(_) => {}
+    }
+    let name = bmc.credentials_name.as_str();
+    if name.is_empty() {
+        return vec![Problem {
+            field: "spec.bmc.credentialsName",
+            message: format!(
+                "is empty, but host {host}'s BMC needs credentials; name a v1 Secret in the \
+                 host's namespace with keys username and password"
+            ),
+        }];
+    }
+    let Some(keys) = secrets.get(name) else {
+        return vec![Problem {
+            field: "spec.bmc.credentialsName",
+            message: format!(
+                "host {host} needs BMC credentials Secret {name:?}, which does not exist in the \
+                 host's namespace; add a v1 Secret with keys username and password"
+            ),
+        }];
+    };
+    let missing: Vec<&str> = ["username", "password"]
+        .into_iter()
+        .filter(|k| !keys.contains(*k))
+        .collect();
+    match missing[..] {
+        [] => Vec::new(),
+        [one] => vec![Problem {
+            field: "spec.bmc.credentialsName",
+            message: format!(
+                "host {host}: BMC credentials Secret {name:?} has no {one} (or it is empty); \
+                 add the key {one} to the Secret"
+            ),
+        }],
+        _ => vec![Problem {
+            field: "spec.bmc.credentialsName",
+            message: format!(
+                "host {host}: BMC credentials Secret {name:?} has no username and no password \
+                 (or they are empty); add the keys username and password to the Secret"
+            ),
+        }],
     }
 }
 
@@ -343,6 +722,7 @@ mod tests {
             checksum: checksum.into(),
             checksum_type: kind,
             format: None,
+            oci_auth_secret_name: None,
         }
     }
 
@@ -530,6 +910,422 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].field, "metadata.annotations[slipway.io/reboot]");
         assert!(p[0].message.contains("kexce"), "{}", p[0].message);
+    }
+
+    fn one_problem(problems: Vec<Problem>, field: &str, words: &[&str]) {
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, field);
+        for w in words {
+            assert!(
+                problems[0].message.contains(w),
+                "{w:?} not in {}",
+                problems[0]
+            );
+        }
+    }
+
+    #[test]
+    fn network_interfaces_taints_and_preprovisioning_network_data_are_refused_by_name() {
+        let mut spec = HostSpec {
+            network_interfaces: Some(serde_json::json!([])),
+            taints: Some(serde_json::json!([])),
+            preprovisioning_network_data_name: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(registration_problems(&spec), vec![], "empty is as absent");
+        spec.network_interfaces = Some(serde_json::json!([{"name": "eno1"}]));
+        one_problem(
+            registration_problems(&spec),
+            "spec.networkInterfaces",
+            &[
+                "switch port",
+                "metal3 feature Slipway does not support yet",
+                "remove",
+            ],
+        );
+        spec.network_interfaces = None;
+        spec.taints = Some(serde_json::json!([{"key": "k", "effect": "NoSchedule"}]));
+        one_problem(
+            registration_problems(&spec),
+            "spec.taints",
+            &["deprecated in metal3", "never implemented", "remove it"],
+        );
+        spec.taints = None;
+        spec.preprovisioning_network_data_name = Some("pre-nd".into());
+        one_problem(
+            registration_problems(&spec),
+            "spec.preprovisioningNetworkDataName",
+            &["\"pre-nd\"", "does not support yet", "DHCP", "remove it"],
+        );
+    }
+
+    #[test]
+    fn fast_inspection_needs_a_bmc_driver() {
+        let mut spec = HostSpec {
+            inspection_mode: Some(InspectionMode::Fast),
+            ..Default::default()
+        };
+        one_problem(
+            registration_problems(&spec),
+            "spec.inspectionMode",
+            &["out-of-band", "BMC driver", "agent", "disabled"],
+        );
+        for mode in [InspectionMode::Agent, InspectionMode::Disabled] {
+            spec.inspection_mode = Some(mode);
+            assert_eq!(registration_problems(&spec), vec![]);
+        }
+    }
+
+    #[test]
+    fn disable_power_off_cannot_be_offline() {
+        let mut spec = HostSpec {
+            disable_power_off: true,
+            online: false,
+            ..Default::default()
+        };
+        one_problem(
+            registration_problems(&spec),
+            "spec.disablePowerOff",
+            &[
+                "spec.online is false",
+                "metal3 refuses this too",
+                "online: true",
+            ],
+        );
+        spec.online = true;
+        assert_eq!(registration_problems(&spec), vec![]);
+        spec.disable_power_off = false;
+        spec.online = false;
+        assert_eq!(registration_problems(&spec), vec![]);
+    }
+
+    #[test]
+    fn oci_images_are_refused_for_provisioning() {
+        let digest = "ab".repeat(32);
+        let mut spec = HostSpec {
+            image: Some(image("oci://registry.example/os:1", &digest, None)),
+            ..Default::default()
+        };
+        one_problem(
+            provisioning_problems(&spec),
+            "spec.image.url",
+            &[
+                "OCI images",
+                "metal3 feature Slipway does not support yet",
+                "https://",
+            ],
+        );
+        spec.image = Some(image("OCI://registry.example/os:1", &digest, None));
+        one_problem(provisioning_problems(&spec), "spec.image.url", &["OCI"]);
+        spec.image = Some(Image {
+            oci_auth_secret_name: Some("pull".into()),
+            ..image("http://10.0.0.1/a.img", &digest, None)
+        });
+        one_problem(
+            provisioning_problems(&spec),
+            "spec.image.ociAuthSecretName",
+            &[
+                "\"pull\"",
+                "OCI images",
+                "does not support yet",
+                "remove it",
+            ],
+        );
+        assert_eq!(registration_problems(&spec), vec![], "provisioning only");
+    }
+
+    #[test]
+    fn vdi_and_vmdk_images_must_be_converted() {
+        for (format, name) in [(ImageFormat::Vdi, "vdi"), (ImageFormat::Vmdk, "vmdk")] {
+            let spec = HostSpec {
+                image: Some(Image {
+                    format: Some(format),
+                    ..image("http://10.0.0.1/a.img", &"ab".repeat(32), None)
+                }),
+                ..Default::default()
+            };
+            one_problem(
+                provisioning_problems(&spec),
+                "spec.image.format",
+                &[name, "raw", "qcow2", "qemu-img convert -O qcow2 IN OUT"],
+            );
+        }
+    }
+
+    fn bmc(address: &str, credentials: &str) -> HostSpec {
+        HostSpec {
+            bmc: Some(BmcDetails {
+                address: address.into(),
+                credentials_name: credentials.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bmc_schemes_are_read_as_metal3_reads_them() {
+        for (address, kind) in [
+            ("none://", BmcKind::None),
+            ("10.0.0.1", BmcKind::Ipmi),
+            ("10.0.0.1:6230", BmcKind::Ipmi),
+            ("ipmi://10.0.0.1:623", BmcKind::Ipmi),
+            ("libvirt://192.168.122.1:6233", BmcKind::Ipmi),
+            ("redfish://10.0.0.1/redfish/v1/Systems/1", BmcKind::Redfish),
+            (
+                "Redfish+HTTP://10.0.0.1:8000/redfish/v1/Systems/1",
+                BmcKind::Redfish,
+            ),
+            ("redfish+https://10.0.0.1", BmcKind::Redfish),
+            (
+                "idrac-redfish://10.0.0.1/redfish/v1/Systems/System.Embedded.1",
+                BmcKind::Redfish,
+            ),
+            (
+                "ilo5-redfish://10.0.0.1/redfish/v1/Systems/1",
+                BmcKind::Redfish,
+            ),
+            (
+                "redfish-virtualmedia://10.0.0.1/redfish/v1/Systems/1",
+                BmcKind::RedfishVirtualMedia,
+            ),
+            (
+                "redfish-virtualmedia+http://10.0.0.1",
+                BmcKind::RedfishVirtualMedia,
+            ),
+            (
+                "idrac-virtualmedia://10.0.0.1",
+                BmcKind::RedfishVirtualMedia,
+            ),
+            (
+                "ilo5-virtualmedia+https://10.0.0.1",
+                BmcKind::RedfishVirtualMedia,
+            ),
+            (
+                "redfish-uefihttp://10.0.0.1/redfish/v1/Systems/1",
+                BmcKind::RedfishUefiHttp,
+            ),
+            (
+                "redfish-uefihttp+http://[fd00::1]:8000/redfish/v1/Systems/1",
+                BmcKind::RedfishUefiHttp,
+            ),
+        ] {
+            assert_eq!(bmc_kind(address), Ok(kind), "{address}");
+            assert_eq!(
+                registration_problems(&bmc(address, "c")),
+                vec![],
+                "{address}"
+            );
+        }
+    }
+
+    #[test]
+    fn dropped_vendor_drivers_are_refused_by_name_with_their_replacement() {
+        for (address, replacement) in [
+            ("idrac://10.0.0.1", "idrac-redfish://"),
+            ("idrac+https://10.0.0.1", "idrac-virtualmedia://"),
+            ("ilo4://10.0.0.1", "redfish://"),
+            ("ilo4-virtualmedia://10.0.0.1", "redfish-virtualmedia://"),
+            ("ilo5://10.0.0.1", "ilo5-redfish://"),
+            ("irmc://10.0.0.1", "redfish://"),
+            ("irmc-virtualmedia://10.0.0.1", "redfish-virtualmedia://"),
+            ("ibmc://10.0.0.1", "redfish://"),
+        ] {
+            let err = bmc_kind(address).unwrap_err();
+            let scheme = address.split(['+', ':']).next().unwrap();
+            assert!(err.starts_with(&format!("{scheme}:// is ")), "{err}");
+            assert!(err.contains("metal3 no longer supports"), "{err}");
+            assert!(err.contains(replacement), "{err}");
+            one_problem(
+                registration_problems(&bmc(address, "c")),
+                "spec.bmc.address",
+                &[replacement],
+            );
+        }
+        let idrac = bmc_kind("idrac://x").unwrap_err();
+        assert_eq!(
+            idrac,
+            "idrac:// is iDRAC's WS-Management interface, which metal3 no longer supports and \
+             Slipway does not: use idrac-redfish:// or idrac-virtualmedia://"
+        );
+    }
+
+    #[test]
+    fn unknown_bmc_schemes_list_the_accepted_ones() {
+        for address in [
+            "amt://x",
+            "ipmi+https://x",
+            "redfish+ftp://x",
+            "none+http://x",
+        ] {
+            let err = bmc_kind(address).unwrap_err();
+            assert!(err.contains("is not one Slipway knows"), "{err}");
+            assert!(
+                err.contains(
+                    "none, ipmi, libvirt, redfish, redfish-virtualmedia, redfish-uefihttp, \
+                     idrac-redfish, idrac-virtualmedia, ilo5-redfish, ilo5-virtualmedia"
+                ),
+                "{err}"
+            );
+        }
+        assert!(bmc_kind("").unwrap_err().contains("is empty"));
+        assert!(
+            bmc_kind("redfish://")
+                .unwrap_err()
+                .contains("names no host")
+        );
+        assert!(bmc_kind("ipmi:///x").unwrap_err().contains("names no host"));
+    }
+
+    #[test]
+    fn bmc_identity_finds_shared_bmcs() {
+        let id = |a: &str| bmc_identity(a);
+        assert_eq!(
+            id("redfish://10.0.0.1/redfish/v1/Systems/1"),
+            id("redfish+https://10.0.0.1:443/redfish/v1/Systems/1")
+        );
+        assert_eq!(
+            id("redfish://10.0.0.1/redfish/v1/Systems/1"),
+            Some("redfish 10.0.0.1:443/redfish/v1/Systems/1".into())
+        );
+        assert_ne!(
+            id("redfish://10.0.0.1/redfish/v1/Systems/1"),
+            id("redfish://10.0.0.1/redfish/v1/Systems/2")
+        );
+        // The driver's name does not matter, the endpoint does.
+        assert_eq!(
+            id("idrac-virtualmedia://BMC.example/redfish/v1/Systems/1/"),
+            id("redfish://bmc.example/redfish/v1/Systems/1")
+        );
+        assert_eq!(
+            id("redfish+http://10.0.0.1"),
+            id("redfish+http://10.0.0.1:80/")
+        );
+        assert_ne!(id("redfish+http://10.0.0.1"), id("redfish://10.0.0.1"));
+        assert_eq!(
+            id("redfish://10.0.0.1"),
+            id("redfish://10.0.0.1/redfish/v1/")
+        );
+        assert_eq!(id("ipmi://10.0.0.1"), id("10.0.0.1:623"));
+        assert_eq!(id("10.0.0.1"), Some("ipmi 10.0.0.1:623".into()));
+        assert_eq!(id("libvirt://10.0.0.1:6230"), id("10.0.0.1:6230"));
+        assert_ne!(id("ipmi://10.0.0.1:6230"), id("ipmi://10.0.0.1:6231"));
+        assert_eq!(
+            id("redfish://[FD00::1]:8000/redfish/v1/Systems/1"),
+            Some("redfish [fd00::1]:8000/redfish/v1/Systems/1".into())
+        );
+        for none in ["", "none://", "none://anything", "amt://x", "idrac://x"] {
+            assert_eq!(id(none), None, "{none:?}");
+        }
+    }
+
+    #[test]
+    fn architecture_must_match_the_ramdisk() {
+        let arch = |a: &str| HostSpec {
+            architecture: Some(a.into()),
+            ..Default::default()
+        };
+        for (host, ramdisk) in [
+            ("x86_64", "x86_64"),
+            ("amd64", "x86_64"),
+            ("X64", "AMD64"),
+            ("aarch64", "arm64"),
+            ("ARM64", "aarch64"),
+        ] {
+            assert_eq!(
+                architecture_problems(&arch(host), ramdisk),
+                vec![],
+                "{host} {ramdisk}"
+            );
+        }
+        assert_eq!(
+            architecture_problems(&HostSpec::default(), "x86_64"),
+            vec![]
+        );
+        assert_eq!(architecture_problems(&arch(""), "x86_64"), vec![]);
+        one_problem(
+            architecture_problems(&arch("arm64"), "x86_64"),
+            "spec.architecture",
+            &["host needs an aarch64 ramdisk; this coordinator serves an x86_64 ramdisk:"],
+        );
+        one_problem(
+            architecture_problems(&arch("amd64"), "aarch64"),
+            "spec.architecture",
+            &["host needs an x86_64 ramdisk; this coordinator serves an aarch64 ramdisk:"],
+        );
+        one_problem(
+            architecture_problems(&arch("sparc"), "x86_64"),
+            "spec.architecture",
+            &[
+                "\"sparc\" is not an architecture Slipway knows",
+                "x86_64 or aarch64",
+            ],
+        );
+    }
+
+    #[test]
+    fn bmc_credentials_are_checked_as_metal3_checks_them() {
+        let mut secrets = SecretKeys::new();
+        // No BMC, or none://: nothing to check.
+        assert_eq!(
+            bmc_credentials_problems("h", &HostSpec::default(), &secrets),
+            vec![]
+        );
+        assert_eq!(
+            bmc_credentials_problems("h", &bmc("none://", ""), &secrets),
+            vec![]
+        );
+        // A refused address is its own registration problem.
+        assert_eq!(
+            bmc_credentials_problems("h", &bmc("idrac://x", ""), &secrets),
+            vec![]
+        );
+        let address = "redfish://10.0.0.1/redfish/v1/Systems/1";
+        one_problem(
+            bmc_credentials_problems("h", &bmc(address, ""), &secrets),
+            "spec.bmc.credentialsName",
+            &["is empty", "username and password"],
+        );
+        let spec = bmc(address, "h-bmc");
+        one_problem(
+            bmc_credentials_problems("worker-0", &spec, &secrets),
+            "spec.bmc.credentialsName",
+            &[
+                "host worker-0 needs BMC credentials Secret \"h-bmc\", which does not exist in the \
+               host's namespace; add a v1 Secret with keys username and password",
+            ],
+        );
+        secrets.insert("h-bmc".into(), BTreeSet::new());
+        one_problem(
+            bmc_credentials_problems("worker-0", &spec, &secrets),
+            "spec.bmc.credentialsName",
+            &["has no username and no password (or they are empty)"],
+        );
+        secrets.insert("h-bmc".into(), ["password".to_string()].into());
+        one_problem(
+            bmc_credentials_problems("worker-0", &spec, &secrets),
+            "spec.bmc.credentialsName",
+            &["\"h-bmc\" has no username (or it is empty)"],
+        );
+        secrets.insert("h-bmc".into(), ["username".to_string()].into());
+        one_problem(
+            bmc_credentials_problems("worker-0", &spec, &secrets),
+            "spec.bmc.credentialsName",
+            &["has no password (or it is empty)"],
+        );
+        secrets.insert(
+            "h-bmc".into(),
+            ["username".to_string(), "password".to_string()].into(),
+        );
+        assert_eq!(
+            bmc_credentials_problems("worker-0", &spec, &secrets),
+            vec![]
+        );
+        // IPMI without a scheme needs credentials too.
+        assert_eq!(
+            bmc_credentials_problems("worker-0", &bmc("10.0.0.1", ""), &secrets).len(),
+            1
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ fn image() -> Image {
         checksum: "ab".repeat(32),
         checksum_type: Some(ChecksumType::Sha256),
         format: Some(ImageFormat::Raw),
+        ..Default::default()
     }
 }
 

@@ -44,6 +44,7 @@ fn spec(mac: &str, image: bool) -> HostSpec {
             checksum: "ab".repeat(32),
             checksum_type: Some(ChecksumType::Sha256),
             format: Some(ImageFormat::Raw),
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -674,7 +674,7 @@ fn parse_file(
 fn parse_host(value: serde_yaml_ng::Value) -> Result<BareMetalHost, String> {
     let host: BareMetalHost = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
+        let inner = plain_error(&e.into_inner().to_string());
         if path == "." || path.is_empty() {
             inner
         } else {
@@ -683,6 +683,140 @@ fn parse_host(value: serde_yaml_ng::Value) -> Result<BareMetalHost, String> {
     })?;
     check_name(&host.metadata.name)?;
     Ok(host)
+}
+
+/// A serde error message in plain words, for people who write YAML rather than Rust: `invalid
+/// type: string "abc", expected u64` becomes `is the text "abc" but must be a whole number (an
+/// integer, 0 or more)`, an unknown variant lists the values the field takes, and an unknown
+/// field says to check the spelling (and suggests the field meant). Messages it does not
+/// recognise are returned as they are.
+fn plain_error(message: &str) -> String {
+    // Parsed from text, serde_yaml_ng adds where; the caller names the field instead.
+    let message = match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(" column ") => &message[..i],
+        _ => message,
+    };
+    if let Some(rest) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        && let Some((unexpected, expected)) = rest.rsplit_once(", expected ")
+    {
+        return format!(
+            "is {} but must be {}",
+            plain_unexpected(unexpected),
+            plain_expected(expected)
+        );
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant ")
+        && let Some((value, expected)) = rest.split_once(", expected ")
+    {
+        let value = value.trim_matches('`');
+        let values = plain_list(expected);
+        let mut out = format!("{value:?} is not one of: {values}");
+        if let Some(meant) = values.split(", ").find(|v| v.eq_ignore_ascii_case(value)) {
+            out.push_str(&format!(" (did you mean {meant}? the case matters)"));
+        }
+        return out;
+    }
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        let (field, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
+        let name = field.trim_matches('`');
+        let known = plain_list(expected);
+        let mut out = format!(
+            "unknown field {field} (check the spelling; Slipway reads metal3.io/v1alpha1 \
+             BareMetalHost fields)"
+        );
+        if let Some(near) = known
+            .split(", ")
+            .filter(|k| !k.is_empty())
+            .map(|k| (edit_distance(&name.to_lowercase(), &k.to_lowercase()), k))
+            .filter(|(d, _)| *d <= 2)
+            .min_by_key(|(d, _)| *d)
+        {
+            out.push_str(&format!("; did you mean {}?", near.1));
+        }
+        if !known.is_empty() {
+            out.push_str(&format!("; the fields here are: {known}"));
+        }
+        return out;
+    }
+    if let Some(rest) = message.strip_prefix("missing field ") {
+        return format!("the required field {} is missing", rest.trim_matches('`'));
+    }
+    message.to_string()
+}
+
+/// serde's `Unexpected` (what was found) in plain words.
+fn plain_unexpected(found: &str) -> String {
+    let quoted = |s: &str| s.trim_matches('`').to_string();
+    if let Some(s) = found.strip_prefix("string ") {
+        format!("the text {s}")
+    } else if let Some(c) = found.strip_prefix("character ") {
+        format!("the text {:?}", quoted(c))
+    } else if let Some(n) = found
+        .strip_prefix("integer ")
+        .or_else(|| found.strip_prefix("floating point "))
+    {
+        format!("the number {}", quoted(n))
+    } else if let Some(b) = found.strip_prefix("boolean ") {
+        quoted(b)
+    } else {
+        match found {
+            "sequence" => "a list".into(),
+            "map" => "a mapping (key: value pairs)".into(),
+            "unit value" | "Option value" => "empty".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// serde's `Expected` (what the field takes) in plain words.
+fn plain_expected(expected: &str) -> String {
+    match expected {
+        "u8" => "a whole number from 0 to 255".into(),
+        "u16" => "a whole number from 0 to 65535".into(),
+        "u32" => "a whole number from 0 to 4294967295".into(),
+        "u64" | "u128" | "usize" => "a whole number (an integer, 0 or more)".into(),
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number (an integer)".into(),
+        "f32" | "f64" => "a number".into(),
+        "a boolean" => "true or false".into(),
+        "a string" | "a borrowed string" | "string" => "text".into(),
+        "a character" | "a char" | "char" => "a single character".into(),
+        "a sequence" | "sequence" | "a list" => "a list".into(),
+        "a map" | "map" => "a mapping (key: value pairs)".into(),
+        e if e.starts_with("struct ") => "a mapping (key: value pairs)".into(),
+        e if e.starts_with("enum ") || e.starts_with("a YAML tag") => {
+            "a single word (one of the values the field takes)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// serde's list of names (`` `a`, `b` ``, `` `a` or `b` ``, `` one of `a`, `b` ``) as `a, b`.
+fn plain_list(expected: &str) -> String {
+    let expected = expected.strip_prefix("one of ").unwrap_or(expected);
+    expected
+        .split(['`', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && *s != "or")
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Levenshtein distance, for suggesting the field a misspelt name meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Kubernetes object names: a DNS-1123 subdomain.
@@ -723,7 +857,7 @@ fn parse_secret(value: &serde_yaml_ng::Value) -> Result<Secret, String> {
     }
     let raw: Raw = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
-        format!("{path}: {}", e.into_inner())
+        format!("{path}: {}", plain_error(&e.into_inner().to_string()))
     })?;
     check_name(&raw.metadata.name)?;
     let mut data = BTreeMap::new();
@@ -786,6 +920,149 @@ mod tests {
         assert_eq!(snap.secrets[&k("s")].data["username"], b"admin");
         assert_eq!(snap.secrets[&k("s")].data["password"], b"pw");
         assert!(!src.scan(), "nothing changed");
+    }
+
+    #[test]
+    fn serde_messages_are_rewritten_in_plain_words() {
+        let whole = "a whole number (an integer, 0 or more)";
+        let map = "a mapping (key: value pairs)";
+        for (serde, plain) in [
+            (
+                r#"invalid type: string "abc", expected u64"#,
+                format!(r#"is the text "abc" but must be {whole}"#),
+            ),
+            (
+                "invalid value: integer `-1`, expected u64",
+                format!("is the number -1 but must be {whole}"),
+            ),
+            (
+                "invalid type: integer `-1`, expected u64 at line 1 column 37",
+                format!("is the number -1 but must be {whole}"),
+            ),
+            (
+                "invalid type: floating point `1.5`, expected u64",
+                format!("is the number 1.5 but must be {whole}"),
+            ),
+            (
+                "invalid value: integer `300`, expected u8",
+                "is the number 300 but must be a whole number from 0 to 255".into(),
+            ),
+            (
+                "invalid value: integer `-3`, expected u32",
+                "is the number -3 but must be a whole number from 0 to 4294967295".into(),
+            ),
+            (
+                r#"invalid type: string "x", expected i32"#,
+                r#"is the text "x" but must be a whole number (an integer)"#.into(),
+            ),
+            (
+                "invalid type: floating point `1.5`, expected i64",
+                "is the number 1.5 but must be a whole number (an integer)".into(),
+            ),
+            (
+                r#"invalid type: string "x", expected f64"#,
+                r#"is the text "x" but must be a number"#.into(),
+            ),
+            (
+                "invalid type: sequence, expected u64",
+                format!("is a list but must be {whole}"),
+            ),
+            (
+                r#"invalid type: string "yes", expected a boolean"#,
+                r#"is the text "yes" but must be true or false"#.into(),
+            ),
+            (
+                "invalid type: unit value, expected a boolean",
+                "is empty but must be true or false".into(),
+            ),
+            (
+                "invalid type: sequence, expected struct RootDeviceHints",
+                format!("is a list but must be {map}"),
+            ),
+            (
+                "invalid type: boolean `true`, expected a map",
+                format!("is true but must be {map}"),
+            ),
+            (
+                "invalid type: map, expected a string",
+                format!("is {map} but must be text"),
+            ),
+            (
+                "invalid type: map, expected a sequence",
+                format!("is {map} but must be a list"),
+            ),
+            (
+                "invalid type: map, expected a YAML tag starting with '!'",
+                format!("is {map} but must be a single word (one of the values the field takes)"),
+            ),
+            (
+                "unknown variant `xyz`, expected one of `a`, `b`",
+                r#""xyz" is not one of: a, b"#.into(),
+            ),
+            (
+                "unknown variant `xyz`, expected `a` or `b`",
+                r#""xyz" is not one of: a, b"#.into(),
+            ),
+            (
+                "unknown variant `uefi`, expected one of `UEFI`, `UEFISecureBoot`, `legacy`",
+                r#""uefi" is not one of: UEFI, UEFISecureBoot, legacy (did you mean UEFI? the case matters)"#.into(),
+            ),
+            (
+                "unknown field `checksumTyp`, expected one of `url`, `checksum`, `checksumType`",
+                "unknown field `checksumTyp` (check the spelling; Slipway reads \
+                 metal3.io/v1alpha1 BareMetalHost fields); did you mean checksumType?; the \
+                 fields here are: url, checksum, checksumType"
+                    .into(),
+            ),
+            (
+                "unknown field `zzz`",
+                "unknown field `zzz` (check the spelling; Slipway reads metal3.io/v1alpha1 \
+                 BareMetalHost fields)"
+                    .into(),
+            ),
+            (
+                "missing field `url`",
+                "the required field url is missing".into(),
+            ),
+            ("something else", "something else".into()),
+        ] {
+            assert_eq!(plain_error(serde), plain, "{serde}");
+        }
+    }
+
+    #[test]
+    fn type_errors_of_a_host_read_in_plain_words() {
+        let host = |spec: &str| {
+            let yaml = format!(
+                "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata: {{name: a}}\n\
+                 spec:\n{spec}\n"
+            );
+            parse_host(serde_yaml_ng::from_str(&yaml).unwrap()).unwrap_err()
+        };
+        assert_eq!(
+            host("  rootDeviceHints: {minSizeGigabytes: abc}"),
+            "spec.rootDeviceHints.minSizeGigabytes: is the text \"abc\" but must be a whole \
+             number (an integer, 0 or more)"
+        );
+        assert_eq!(
+            host("  online: [true]"),
+            "spec.online: is a list but must be true or false"
+        );
+        assert_eq!(
+            host("  bmc: redfish://x"),
+            "spec.bmc: is the text \"redfish://x\" but must be a mapping (key: value pairs)"
+        );
+        assert_eq!(
+            host("  bootMode: uefi"),
+            "spec.bootMode: \"uefi\" is not one of: UEFI, UEFISecureBoot, legacy (did you mean \
+             UEFI? the case matters)"
+        );
+        let typo = host("  onlin: true");
+        assert!(
+            typo.starts_with("spec.onlin: unknown field `onlin` (check the spelling")
+                && typo.contains("did you mean online?"),
+            "{typo}"
+        );
     }
 
     #[test]

@@ -78,7 +78,11 @@ fn deleting_a_provisioned_host_cleans_its_disk_before_it_goes() {
     let state_dir = dir.path().join("agent");
     let mut agent = Agent::start(&c, &c.token("w", "10m"), &disk, &state_dir, &[]);
     c.wait_state("w", "provisioned", Duration::from_secs(120));
-    assert!(agent.wait_exit(Duration::from_secs(20)), "{}", agent.log_text());
+    assert!(
+        agent.wait_exit(Duration::from_secs(20)),
+        "{}",
+        agent.log_text()
+    );
     let d = disk.display().to_string();
     assert!(
         run_tool(&["wipefs", "--no-act", &d]).contains("gpt"),
@@ -103,14 +107,22 @@ fn deleting_a_provisioned_host_cleans_its_disk_before_it_goes() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(agent.wait_exit(Duration::from_secs(20)), "{}", agent.log_text());
+    assert!(
+        agent.wait_exit(Duration::from_secs(20)),
+        "{}",
+        agent.log_text()
+    );
     let log = c.log_text();
     let at = |s: &str| log.find(s).unwrap_or_else(|| panic!("no {s:?} in the log"));
     assert!(at("provisioned -> deprovisioning") < at("CleaningComplete"));
     assert!(at("CleaningComplete") < at("deprovisioning -> powering off before delete"));
     assert!(at("powering off before delete -> deleting") < at("host removed"));
     // The image's signatures are gone: nothing on the disk looks bootable.
-    assert_eq!(run_tool(&["wipefs", "--no-act", &d]).trim(), "", "signatures survived");
+    assert_eq!(
+        run_tool(&["wipefs", "--no-act", &d]).trim(),
+        "",
+        "signatures survived"
+    );
     assert_eq!(
         run_tool_code(&["blkid", "-p", "-O", &MIB.to_string(), &d]),
         2,
@@ -150,7 +162,10 @@ fn a_paused_host_is_left_alone_mid_provisioning_until_the_annotation_goes() {
     // The agent finishes the write it had; the paused host does not move on.
     let start = Instant::now();
     while fs::read(&disk).unwrap()[..image.len()] != image[..] {
-        assert!(start.elapsed() < Duration::from_secs(60), "the write never finished");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the write never finished"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -211,8 +226,16 @@ fn inspect_reboot_and_online_act_through_the_agent() {
             &spec(true),
         ),
     );
-    assert!(agent.wait_exit(Duration::from_secs(30)), "{}", agent.log_text());
-    assert!(agent.log_text().contains("not rebooting"), "{}", agent.log_text());
+    assert!(
+        agent.wait_exit(Duration::from_secs(30)),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("not rebooting"),
+        "{}",
+        agent.log_text()
+    );
     let d = events(&c, "r");
     assert!(d.contains("Rebooting") && d.contains("hard reboot"), "{d}");
     // The machine is back: no second reboot for the same annotation.
@@ -225,7 +248,11 @@ fn inspect_reboot_and_online_act_through_the_agent() {
 
     // online: false powers the machine off through its agent; no error.
     write_doc(&c.hosts, "r.yaml", &doc("r", "", &spec(false)));
-    assert!(agent.wait_exit(Duration::from_secs(30)), "{}", agent.log_text());
+    assert!(
+        agent.wait_exit(Duration::from_secs(30)),
+        "{}",
+        agent.log_text()
+    );
     let off = c.wait_host("r", Duration::from_secs(10), "off", |h| {
         h["status"]["poweredOn"] == false
     });
@@ -259,7 +286,8 @@ fn hosts_sharing_a_boot_mac_are_errors_on_each_and_neither_boots() {
         });
         let message = h["status"]["errorMessage"].as_str().unwrap();
         assert!(
-            message.contains("spec.bootMACAddress") && message.contains(&format!("default/{other}")),
+            message.contains("spec.bootMACAddress")
+                && message.contains(&format!("default/{other}")),
             "{message}"
         );
     }
@@ -288,14 +316,23 @@ fn a_host_declared_in_two_files_keeps_its_declaration_and_names_both() {
     let created = first["metadata"]["creationTimestamp"].clone();
     assert!(created.is_string(), "{first}");
     write_doc(&c.hosts, "a.yaml", &doc("dup", "", "  online: false\n"));
-    let h = c.wait_host("dup", Duration::from_secs(20), "a registration error", |h| {
-        h["status"]["errorType"] == "registration error"
-    });
+    let h = c.wait_host(
+        "dup",
+        Duration::from_secs(20),
+        "a registration error",
+        |h| h["status"]["errorType"] == "registration error",
+    );
     let message = h["status"]["errorMessage"].as_str().unwrap();
-    assert!(message.contains("a.yaml") && message.contains("b.yaml"), "{message}");
+    assert!(
+        message.contains("a.yaml") && message.contains("b.yaml"),
+        "{message}"
+    );
     assert_eq!(h["spec"]["online"], true, "the last good declaration stays");
     let d = events(&c, "dup");
-    assert!(d.contains("Problem:") && d.contains("declared 2 times"), "{d}");
+    assert!(
+        d.contains("Problem:") && d.contains("declared 2 times"),
+        "{d}"
+    );
     // A document that does not parse: describe says why instead of "not found".
     write_doc(
         &c.hosts,
@@ -317,9 +354,12 @@ fn a_host_declared_in_two_files_keeps_its_declaration_and_names_both() {
     );
     // Resolved: the remaining document takes effect; the creation time never moved.
     fs::remove_file(c.hosts.join("b.yaml")).unwrap();
-    let h = c.wait_host("dup", Duration::from_secs(20), "the a.yaml declaration", |h| {
-        h["spec"]["online"] == false && h["status"]["errorType"].is_null()
-    });
+    let h = c.wait_host(
+        "dup",
+        Duration::from_secs(20),
+        "the a.yaml declaration",
+        |h| h["spec"]["online"] == false && h["status"]["errorType"].is_null(),
+    );
     assert_eq!(h["metadata"]["creationTimestamp"], created);
 }
 
@@ -346,12 +386,22 @@ fn secrets_resolve_in_the_hosts_own_namespace() {
         agents.push(Agent::start(&c, &token, &disk, &dir.path().join(ns), &[]));
     }
     for ns in ["team-a", "team-b"] {
-        c.wait_state(&format!("{ns}/node"), "provisioned", Duration::from_secs(120));
+        c.wait_state(
+            &format!("{ns}/node"),
+            "provisioned",
+            Duration::from_secs(120),
+        );
     }
     for (ns, other) in [("team-a", "team-b"), ("team-b", "team-a")] {
         let bytes = fs::read(dir.path().join(format!("{ns}.img"))).unwrap();
         let has = |m: &str| bytes.windows(m.len()).any(|w| w == m.as_bytes());
-        assert!(has(&format!("marker-of-{ns}")), "{ns} lacks its own user data");
-        assert!(!has(&format!("marker-of-{other}")), "{ns} got {other}'s user data");
+        assert!(
+            has(&format!("marker-of-{ns}")),
+            "{ns} lacks its own user data"
+        );
+        assert!(
+            !has(&format!("marker-of-{other}")),
+            "{ns} got {other}'s user data"
+        );
     }
 }

@@ -103,9 +103,6 @@ pub struct HostSpec {
     pub hardware_profile: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
-    /// Never power the host off: reboot instead (metal3 `disablePowerOff`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub disable_power_off: bool,
     /// metal3 fields Slipway does not implement yet: parsed so the error can say so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raid: Option<serde_json::Value>,
@@ -119,9 +116,9 @@ pub struct HostSpec {
     /// metal3's switch-port configuration (`networkInterfaces`); refused when non-empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_interfaces: Option<serde_json::Value>,
-    /// metal3's `disablePowerOff`: the host must never be powered off (reboots only). With
-    /// `online: false` it is refused by [`crate::validate`]; the planner does not read it yet
-    /// (it still powers the host off before deleting it).
+    /// metal3's `disablePowerOff`: the host is never powered off (reboots only): with
+    /// `online: false` it is refused by [`crate::validate`], and the planner skips the power
+    /// off before delete and a suffixed reboot annotation's hold.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disable_power_off: bool,
 }

@@ -377,6 +377,15 @@ impl Planner<'_> {
 
     fn registration_problems(&self) -> Vec<validate::Problem> {
         let mut problems = validate::registration_problems(self.d.spec);
+        problems.extend(validate::architecture_problems(
+            self.d.spec,
+            &self.d.policy.ramdisk_architecture,
+        ));
+        problems.extend(validate::bmc_credentials_problems(
+            self.d.name,
+            self.d.spec,
+            self.d.secrets,
+        ));
         problems.extend(validate::annotation_problems(self.d.annotations));
         problems.extend(self.d.conflicts.iter().cloned());
         problems
@@ -528,10 +537,19 @@ impl Planner<'_> {
             .into_iter()
             .filter(|r| provisioned || r.force)
             .collect();
-        let hold = requests.iter().find(|r| r.hold).map(|r| r.key.clone());
+        // A host that may never be powered off (disablePowerOff) is rebooted once for a
+        // suffixed annotation instead of held off, as metal3 does.
+        let never_off = self.d.spec.disable_power_off;
+        let hold = requests
+            .iter()
+            .find(|r| r.hold && !never_off)
+            .map(|r| r.key.clone());
         let once = requests
             .iter()
-            .find(|r| !r.hold && self.status.handled_annotations.get(&r.key) != Some(&r.value))
+            .find(|r| {
+                (!r.hold || never_off)
+                    && self.status.handled_annotations.get(&r.key) != Some(&r.value)
+            })
             .cloned();
         let agent = self.o.agent.is_some();
         if let Some(r) = once {

@@ -691,12 +691,6 @@ pub fn bmc_credentials_problems(host: &str, spec: &HostSpec, secrets: &SecretKey
     }
 }
 
-/// A normalised BMC endpoint, for duplicate detection.
-pub fn bmc_identity(address: &str) -> Option<String> {
-    let a = address.trim().to_ascii_lowercase();
-    (!a.is_empty() && !a.starts_with("none")).then_some(a)
-}
-
 /// Parses `aa:bb:cc:dd:ee:ff` (also `-` separated) into bytes.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut out = [0u8; 6];

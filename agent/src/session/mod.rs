@@ -143,6 +143,12 @@ pub async fn run<E: Execute>(
         match session(s, id, executor, updates, power).await {
             Ok(end) => return end,
             Err(e) => {
+                // A power command that came with the session's last words (the power-off
+                // before delete, after which the coordinator forgets the host) is carried
+                // out, not lost to a reconnect the coordinator would refuse.
+                if let Some(action) = *power.borrow() {
+                    return End::Power(action);
+                }
                 if let Some(r) = e.downcast_ref::<Refused>()
                     && r.1
                 {
@@ -154,7 +160,25 @@ pub async fn run<E: Execute>(
                 );
             }
         }
-        tokio::time::sleep(backoff + jitter(s.reconnect_jitter)).await;
+        let wait = tokio::time::sleep(backoff + jitter(s.reconnect_jitter));
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                () = &mut wait => break,
+                changed = power.changed() => match changed {
+                    Ok(()) => {
+                        if let Some(action) = *power.borrow() {
+                            return End::Power(action);
+                        }
+                    }
+                    // The runner is gone: only the wait is left.
+                    Err(_) => {
+                        (&mut wait).await;
+                        break;
+                    }
+                },
+            }
+        }
         backoff = (backoff * 2).min(Duration::from_secs(8));
     }
 }

@@ -645,9 +645,8 @@ impl Engine {
             tokens: tokens.into_iter().map(|t| (t, None)).collect(),
             ..Default::default()
         };
-        if entry.session.take().is_some() {
-            self.metrics.sessions.dec();
-        }
+        // The session stays until the removal is durable: the host's last command (the
+        // power-off before delete) still goes out on it.
         if entry.status.current_command.is_some() {
             self.metrics.commands_in_flight.dec();
         }

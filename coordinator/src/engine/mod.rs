@@ -484,7 +484,9 @@ impl Engine {
                 for (k, act) in acts.drain(..) {
                     self.act(&k, act);
                 }
-                self.hosts.remove(&key);
+                if self.hosts.remove(&key).is_some_and(|e| e.session.is_some()) {
+                    self.metrics.sessions.dec();
+                }
             }
         }
         let tags = if acts.len() > 1 {

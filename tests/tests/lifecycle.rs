@@ -114,7 +114,10 @@ fn deleting_a_provisioned_host_cleans_its_disk_before_it_goes() {
     );
     let log = c.log_text();
     // The last of each (the host was cleaned once before provisioning too).
-    let at = |s: &str| log.rfind(s).unwrap_or_else(|| panic!("no {s:?} in the log"));
+    let at = |s: &str| {
+        log.rfind(s)
+            .unwrap_or_else(|| panic!("no {s:?} in the log"))
+    };
     assert!(at("provisioned -> deprovisioning") < at("CleaningComplete"));
     assert!(at("CleaningComplete") < at("deprovisioning -> powering off before delete"));
     assert!(at("powering off before delete -> deleting") < at("host removed"));

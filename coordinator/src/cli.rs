@@ -52,7 +52,8 @@ pub enum Command {
         #[command(subcommand)]
         what: DescribeWhat,
     },
-    /// Remove a discovered host (declared hosts go when their document is removed).
+    /// Remove a discovered host, or drop at once a deleted host still waiting to be cleaned
+    /// (declared hosts go when their document is removed).
     Delete {
         #[command(subcommand)]
         what: DeleteWhat,
@@ -104,6 +105,8 @@ pub enum DescribeWhat {
 #[derive(Debug, Subcommand)]
 pub enum DeleteWhat {
     /// A discovered host (`discovered-MAC`): its record, inventory, tokens and certificate.
+    /// Or a host whose document was removed and that waits for its agent to clean its disks
+    /// (deprovisioning before delete): dropped now, its disks left as they are.
     #[command(alias = "hosts", alias = "bmh")]
     Host { name: String },
 }

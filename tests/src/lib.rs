@@ -488,6 +488,17 @@ impl Coordinator {
         }
     }
 
+    /// Waits until host `name` is no longer listed.
+    pub fn wait_host_gone(&self, name: &str, timeout: Duration) {
+        let start = Instant::now();
+        while self.host(name).is_some() {
+            if start.elapsed() > timeout {
+                panic!("host {name} was never removed:\n{}", self.logs());
+            }
+            thread::sleep(Duration::from_millis(150));
+        }
+    }
+
     pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
         self.wait_host(name, timeout, state, |h| {
             h["status"]["provisioning"]["state"] == state

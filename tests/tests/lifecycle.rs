@@ -98,15 +98,7 @@ fn deleting_a_provisioned_host_cleans_its_disk_before_it_goes() {
     // Its machine boots the ramdisk again (same agent identity, as a reboot into the ramdisk
     // would bring with a boot token): it cleans, powers off, and the host is gone.
     let mut agent = Agent::start(&c, "unused", &disk, &state_dir, &[]);
-    let start = Instant::now();
-    while c.host("w").is_some() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the host was never removed:\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    c.wait_host_gone("w", Duration::from_secs(120));
     assert!(
         agent.wait_exit(Duration::from_secs(20)),
         "{}",
@@ -137,6 +129,51 @@ fn deleting_a_provisioned_host_cleans_its_disk_before_it_goes() {
         bytes[512..1024].iter().all(|b| *b == 0),
         "the GPT header survived"
     );
+
+    // A deleted host whose machine never comes back can be dropped by the operator, its
+    // disk left as it is.
+    let disk2 = dir.path().join("disk2.img");
+    fs::File::create(&disk2).unwrap().set_len(64 * MIB).unwrap();
+    write_doc(
+        &c.hosts,
+        "w2.yaml",
+        &doc(
+            "w2",
+            "",
+            &image_spec(&c.image_url("os.img"), &sha256_hex(&image), &disk2),
+        ),
+    );
+    c.wait_state("w2", "inspecting", Duration::from_secs(20));
+    let mut agent = Agent::start(
+        &c,
+        &c.token("w2", "10m"),
+        &disk2,
+        &dir.path().join("a2"),
+        &[],
+    );
+    c.wait_state("w2", "provisioned", Duration::from_secs(120));
+    assert!(
+        agent.wait_exit(Duration::from_secs(20)),
+        "{}",
+        agent.log_text()
+    );
+    let refused = c.cli(&["delete", "host", "w2"]);
+    assert!(
+        !refused.status.success(),
+        "a declared host is deleted by its document"
+    );
+    fs::remove_file(c.hosts.join("w2.yaml")).unwrap();
+    c.wait_state("w2", "deprovisioning", Duration::from_secs(20));
+    let out = c.cli(&["delete", "host", "w2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("without cleaning"));
+    c.wait_host_gone("w2", Duration::from_secs(10));
+    let d2 = disk2.display().to_string();
+    assert!(run_tool(&["wipefs", "--no-act", &d2]).contains("gpt"));
 }
 
 #[test]
@@ -314,7 +351,8 @@ fn hosts_sharing_a_boot_mac_are_errors_on_each_and_neither_boots() {
 #[test]
 fn a_host_declared_in_two_files_keeps_its_declaration_and_names_both() {
     let dir = tempfile::tempdir().unwrap();
-    let c = Coordinator::start(dir.path(), &[]);
+    let mut c = Coordinator::start(dir.path(), &[]);
+    write_doc(&c.hosts, "calm.yaml", &doc("calm", "", "  online: true\n"));
     write_doc(&c.hosts, "b.yaml", &doc("dup", "", "  online: true\n"));
     let first = c.wait_state("dup", "inspecting", Duration::from_secs(20));
     let created = first["metadata"]["creationTimestamp"].clone();
@@ -365,6 +403,21 @@ fn a_host_declared_in_two_files_keeps_its_declaration_and_names_both() {
         |h| h["spec"]["online"] == false && h["status"]["errorType"].is_null(),
     );
     assert_eq!(h["metadata"]["creationTimestamp"], created);
+    // And across a restart; the host nobody touched never "changed".
+    let calm = c.host("calm").unwrap()["metadata"]["creationTimestamp"].clone();
+    c.restart();
+    let h = c.wait_state("dup", "inspecting", Duration::from_secs(20));
+    assert_eq!(h["metadata"]["creationTimestamp"], created);
+    let h = c.wait_state("calm", "inspecting", Duration::from_secs(20));
+    assert_eq!(h["metadata"]["creationTimestamp"], calm);
+    let log = c.log_text();
+    assert!(
+        !log.lines().any(
+            |l| (l.contains("spec changed") || l.contains("annotations changed"))
+                && l.contains("host=default/calm")
+        ),
+        "{log}"
+    );
 }
 
 #[test]

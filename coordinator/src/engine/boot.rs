@@ -260,13 +260,18 @@ impl Engine {
 
     /// `slipway delete host`: only discovered hosts; declared ones go with their document.
     pub(super) fn delete_discovered(&mut self, key: &HostKey) -> Result<String, String> {
-        let Some(e) = self
-            .hosts
-            .get(key)
-            .filter(|e| !e.forgotten && !e.record.deleted)
-        else {
+        let Some(e) = self.hosts.get(key).filter(|e| e.in_play()) else {
             return Err(format!("no host {key}"));
         };
+        if e.record.deleted {
+            // Its document is gone and it waits for its agent to clean it: the operator gives
+            // up on the cleaning.
+            warn!(host = %key, "dropped by the operator before its disks were cleaned");
+            self.forget(key);
+            return Ok(format!(
+                "host {key} removed without cleaning its disks (its document was already gone)"
+            ));
+        }
         if e.record.origin != DISCOVERED {
             return Err(format!(
                 "host {key} is declared in {}: remove its document there to delete it (a \

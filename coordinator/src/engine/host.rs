@@ -623,7 +623,7 @@ impl Engine {
 
     /// The planner is done with the host: its record, tokens and certificate go, once that is
     /// durable.
-    fn forget(&mut self, key: &HostKey) {
+    pub(super) fn forget(&mut self, key: &HostKey) {
         let tokens: Vec<String> = self
             .tokens_by_host
             .remove(key)

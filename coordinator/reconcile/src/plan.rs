@@ -743,6 +743,15 @@ impl Planner<'_> {
             self.status.provisioning.boot_mode = self.d.spec.boot_mode;
             self.status.operation_history.provision.begin(self.now);
             self.go(ProvisioningState::Provisioning);
+            if self.o.agent.is_none() {
+                self.record(
+                    false,
+                    "WaitingForAgent",
+                    "writing the image needs the host's agent: boot the machine over PXE or \
+                     from its ISO (it is off, or runs another OS; Slipway cannot drive BMCs yet)"
+                        .into(),
+                );
+            }
             return;
         }
         self.manage_power();

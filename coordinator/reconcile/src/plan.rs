@@ -658,7 +658,7 @@ impl Planner<'_> {
         self.clear_error();
         self.status.operation_history.register.end = Some(self.now);
         if self.d.spec.externally_provisioned {
-            self.go(ProvisioningState::ExternallyProvisioned);
+            self.externally_provisioned_now();
         } else if self.inspection_disabled() {
             self.hardware_from_annotation();
             self.go(ProvisioningState::Preparing);
@@ -697,7 +697,7 @@ impl Planner<'_> {
     fn preparing(&mut self) {
         if self.d.spec.externally_provisioned {
             self.abandon_command();
-            self.go(ProvisioningState::ExternallyProvisioned);
+            self.externally_provisioned_now();
             return;
         }
         if self.d.spec.cleaning_mode() == CleaningMode::Disabled {
@@ -714,7 +714,7 @@ impl Planner<'_> {
 
     fn available(&mut self) {
         if self.d.spec.externally_provisioned {
-            self.go(ProvisioningState::ExternallyProvisioned);
+            self.externally_provisioned_now();
             return;
         }
         if let Inspect::Again(value) = annotations::inspect(self.d.annotations)
@@ -893,6 +893,16 @@ impl Planner<'_> {
                 self.go(ProvisioningState::Available);
             }
         }
+    }
+
+    /// Something else provisioned the host, and powers it: Slipway takes its power as the
+    /// owner says it is (it has no BMC driver to read it), so an unknown power state is not
+    /// an error; later changes of `online` are managed.
+    fn externally_provisioned_now(&mut self) {
+        if self.o.agent.is_none() {
+            self.status.powered_on = self.d.spec.online;
+        }
+        self.go(ProvisioningState::ExternallyProvisioned);
     }
 
     fn externally_provisioned(&mut self) {

@@ -20,10 +20,23 @@ pub fn line(program: &str, args: &[&OsStr]) -> String {
 
 /// Runs to completion with inherited stdout/stderr; fails with the command line.
 pub fn run(program: &str, args: &[&str], dir: Option<&Path>) -> anyhow::Result<()> {
+    run_env(program, args, dir, &[])
+}
+
+/// [`run`] with extra environment variables for the program.
+pub fn run_env(
+    program: &str,
+    args: &[&str],
+    dir: Option<&Path>,
+    env: &[(&str, &OsStr)],
+) -> anyhow::Result<()> {
     let mut c = Command::new(program);
     c.args(args);
     if let Some(d) = dir {
         c.current_dir(d);
+    }
+    for (k, v) in env {
+        c.env(k, v);
     }
     let status = c
         .status()

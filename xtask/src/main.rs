@@ -4,6 +4,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod deps;
+mod kube;
 mod ramdisk;
 mod testimage;
 
@@ -42,8 +43,13 @@ enum Command {
     Ramdisk,
     /// Build the small bootable OS image the VM tests and the demo provision.
     TestImage,
-    /// Install the system packages the tests need (when missing, as root), build the ramdisk
-    /// and the test image, then run every test.
+    /// Build kube-apiserver 1.20.2 from Debian's source package into
+    /// $SLIPWAY_CACHE/kube-apiserver-1.20.2 (default $HOME/.cache/slipway) unless it is there,
+    /// installing the packages it needs (as root); prints the binary's path.
+    KubeApiserver,
+    /// Install the system packages the tests need (when missing, as root), build the ramdisk,
+    /// the test image and (unless KUBECONFIG names a cluster to use) kube-apiserver, then run
+    /// every test.
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -84,15 +90,26 @@ fn main() -> ExitCode {
         Command::TestImage => ramdisk_deps()
             .and_then(|()| testimage::build(&root()))
             .map(drop),
+        Command::KubeApiserver => kube::build(&root()).map(|bin| println!("{}", bin.display())),
         Command::Bench { name, runs, size } => bench::run(&root(), &name, runs, size),
         Command::Test { args } => vm_deps().and_then(|()| {
             deps::ensure(deps::VM_TEST_TOOLS)?;
             // The VM tests boot the real ramdisk and provision the test image.
             ramdisk::build(&root())?;
             testimage::build(&root())?;
+            // The Kubernetes-mode tests start their own API server, unless KUBECONFIG names an
+            // existing cluster for them.
+            let apiserver = match std::env::var_os("KUBECONFIG") {
+                Some(k) if !k.is_empty() => None,
+                _ => Some(kube::build(&root())?),
+            };
+            let env: Vec<(&str, &std::ffi::OsStr)> = apiserver
+                .iter()
+                .map(|bin| ("SLIPWAY_KUBE_APISERVER", bin.as_os_str()))
+                .collect();
             let mut a = vec!["test", "--workspace"];
             a.extend(args.iter().map(String::as_str));
-            cmd::run("cargo", &a, Some(&root()))
+            cmd::run_env("cargo", &a, Some(&root()), &env)
         }),
     };
     match result {

@@ -68,6 +68,10 @@ pub enum Command {
         #[command(subcommand)]
         what: BootCmd,
     },
+    /// Print the Kubernetes CustomResourceDefinitions (baremetalhosts.metal3.io,
+    /// hardwaredata.metal3.io) as YAML, generated from Slipway's types: `slipway crd | kubectl
+    /// apply -f -`. The same files are in deploy/crds/.
+    Crd,
     /// Show how agents reach this coordinator: URLs and the CA fingerprint.
     Info {
         #[arg(short, long, value_enum, default_value_t = Format::Text)]
@@ -222,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let ns = cli.namespace.as_deref();
     match cli.command {
         Command::Serve(args) => serve::serve(args, cli.state).await,
+        Command::Crd => print(&crate::crd::all_yaml()?),
         Command::Get {
             what: GetWhat::Hosts { names, output },
         } => {

@@ -15,6 +15,7 @@
 //!   image downloads. [`admin`]: the CLI's API on a Unix socket.
 //! - [`hardware`]: the full inventory as a metal3 `HardwareData` document, and its summary.
 //! - [`output`]: tables and descriptions, pure.
+//! - [`crd`]: the Kubernetes CRDs, generated from the host types (`slipway crd`).
 //! - [`limits`]: caps on each listener's connections, in all and per source address.
 
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod configdrive;
+pub mod crd;
 pub mod engine;
 pub mod failpoint;
 pub mod hardware;

@@ -335,7 +335,7 @@ fn write_file(path: &Path, data: &[u8]) -> Result<(), PkiError> {
     })
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
     use std::io::Write;
     let mut f = fs::OpenOptions::new()
         .write(true)

@@ -1,5 +1,7 @@
 //! `slipway serve`: opens the state, starts the engine, the agent API (gRPC over mutual
-//! TLS), the HTTP image server, the admin socket and the hosts-directory source.
+//! TLS), the HTTP image server, the admin socket and the source: the hosts directory (files
+//! mode, state in redb) or the cluster (`--kube`: hosts, Secrets, status, inventories, tokens
+//! and the CA all in Kubernetes).
 
 use std::fs;
 use std::net::SocketAddr;
@@ -23,14 +25,37 @@ use crate::engine::{
 use crate::limits::{self, Caps, Gate, Port};
 use crate::metrics::Metrics;
 use crate::pki::Ca;
+use crate::sources::SecretSource;
+use crate::state::kube::KubeStore;
 use crate::state::redb::RedbStore;
+use crate::state::{HardwareStore, StateStore};
 
 /// Flags of `slipway serve`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Directory of BareMetalHost (and Secret) YAML documents; watched for changes.
-    #[arg(long, value_name = "DIR")]
-    pub hosts: PathBuf,
+    /// Directory of BareMetalHost (and Secret) YAML documents; watched for changes (files
+    /// mode).
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "kube",
+        conflicts_with = "kube"
+    )]
+    pub hosts: Option<PathBuf>,
+    /// Kubernetes mode: BareMetalHosts and their Secrets are read from the cluster (every
+    /// namespace), status is written to their status subresource, inventories to HardwareData
+    /// objects, tokens and the CA to Secrets. The cluster is the in-cluster service account's,
+    /// or KUBECONFIG's. The CRDs must be installed (`slipway crd | kubectl apply -f -`).
+    #[arg(long)]
+    pub kube: bool,
+    /// The namespace of the coordinator's own objects in Kubernetes mode (the CA's Secret).
+    #[arg(
+        long,
+        value_name = "NAMESPACE",
+        env = "POD_NAMESPACE",
+        default_value = "slipway-system"
+    )]
+    pub namespace: String,
     /// Address for agents (gRPC over mutual TLS).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9443")]
     pub listen: SocketAddr,
@@ -167,11 +192,13 @@ pub fn parse_duration(s: &str) -> Result<SignedDuration, String> {
 }
 
 pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
-    if !args.hosts.is_dir() {
+    if let Some(hosts) = &args.hosts
+        && !hosts.is_dir()
+    {
         bail!(
             "the hosts directory {} does not exist: create it, or point --hosts at the directory \
              of your BareMetalHost YAML files",
-            args.hosts.display()
+            hosts.display()
         );
     }
     let image_ca_pem = match &args.image_ca {
@@ -186,13 +213,36 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
     fs::create_dir_all(&images)
         .with_context(|| format!("cannot create the images directory {}", images.display()))?;
 
+    let kube = match args.kube {
+        true => Some(kube::Client::try_default().await.context(
+            "cannot reach the Kubernetes API server: run inside the cluster (service account) or \
+             set KUBECONFIG",
+        )?),
+        false => None,
+    };
+    if let Some(client) = &kube {
+        crate::state::kube::sync_ca(client.clone(), &args.namespace, &state.join("pki")).await?;
+    }
     let ca = Arc::new(
         Ca::load_or_create(&state.join("pki"))
             .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?,
     );
     let open_files = raise_open_files_limit();
     let (http_caps, agent_caps) = connection_caps(&args, open_files);
-    let store = RedbStore::open(&state).map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+    let (store, hardware): (Box<dyn StateStore>, Arc<dyn HardwareStore>) = match &kube {
+        Some(client) => {
+            let store = KubeStore::connect(client.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+            let hardware = Arc::new(store.hardware_store());
+            (Box::new(store), hardware)
+        }
+        None => {
+            let store =
+                RedbStore::open(&state).map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+            (Box::new(store.clone()), Arc::new(store))
+        }
+    };
     let settings = Settings {
         policy: Policy {
             retry_base: args.retry_base,
@@ -212,10 +262,15 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let (tx, rx) = mpsc::channel::<Msg>(4096);
 
-    // The hosts directory: read in full, then polled; its events go to the engine.
+    // The source: the hosts directory (read in full, then polled) or the cluster's watches;
+    // its events go to the engine.
     let poll = Duration::try_from(args.poll_interval).unwrap_or(Duration::from_secs(1));
     let (source_tx, mut source_rx) = mpsc::channel(1024);
-    let secrets = crate::sources::files::spawn(args.hosts.clone(), poll, source_tx).await;
+    let secrets: Arc<dyn SecretSource> = match (&kube, &args.hosts) {
+        (Some(client), _) => crate::sources::kube::spawn(client.clone(), source_tx),
+        (None, Some(dir)) => crate::sources::files::spawn(dir.clone(), poll, source_tx).await,
+        (None, None) => bail!("give --hosts DIR (files mode) or --kube (Kubernetes mode)"),
+    };
     let forward = tx.clone();
     tokio::spawn(async move {
         while let Some(event) = source_rx.recv().await {
@@ -224,14 +279,8 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
             }
         }
     });
-    let engine = Engine::new(
-        Box::new(store.clone()),
-        ca.clone(),
-        secrets,
-        settings,
-        metrics.clone(),
-    )
-    .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+    let engine = Engine::new(store, ca.clone(), secrets, settings, metrics.clone())
+        .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
     let view = engine.view();
     let engine_task = tokio::spawn(engine.run(rx));
 
@@ -287,7 +336,10 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         agent_url: format!("https://{}", host_port(&advertise, grpc_addr.port())),
         http_url: format!("http://{}", host_port(&advertise, http_addr.port())),
         ca_fingerprint: ca.fingerprint(),
-        hosts_dir: args.hosts.clone(),
+        hosts_dir: args
+            .hosts
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("(Kubernetes: BareMetalHosts in the cluster)")),
         state_dir: state.clone(),
     };
     // HTTP: boot files, scripts, ISOs and images.
@@ -301,7 +353,7 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
                 view.clone(),
                 tx.clone(),
                 info.clone(),
-                Arc::new(store),
+                hardware,
                 admin::Boot {
                     isos: isos.clone(),
                     ttl: args.boot_token_ttl,

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub mod kube;
 pub mod vm;
 
 /// Paths of the binaries under test, built once per test run.
@@ -276,10 +277,12 @@ impl Coordinator {
                 });
             }
         }
+        command.arg("serve");
+        // Kubernetes mode reads its hosts from the cluster (KUBECONFIG in `env`).
+        if !self.extra_args.iter().any(|a| a == "--kube") {
+            command.arg("--hosts").arg(&self.hosts);
+        }
         let child = command
-            .arg("serve")
-            .arg("--hosts")
-            .arg(&self.hosts)
             .arg("--state")
             .arg(&self.state)
             .arg("--images")

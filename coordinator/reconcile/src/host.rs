@@ -23,6 +23,7 @@ pub const KIND: &str = "BareMetalHost";
 
 /// A host as declared by its owner (spec) and observed by Slipway (status).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct BareMetalHost {
     pub api_version: String,
@@ -37,6 +38,7 @@ pub struct BareMetalHost {
 /// The subset of Kubernetes object metadata Slipway uses. Other metadata fields (managedFields,
 /// ownerReferences, ...) are accepted and dropped, so `kubectl get -o yaml` output parses.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     pub name: String,
@@ -49,76 +51,136 @@ pub struct ObjectMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub creation_timestamp: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
 }
 
-/// What the owner wants of the host.
+/// What the owner wants of the host (metal3's BareMetalHostSpec, the desired state of the
+/// BareMetalHost). Unknown fields are refused.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HostSpec {
-    /// How to reach the host's BMC. Absent: power is by hand and the host is driven only through
-    /// its agent.
+    /// How to reach the host's BMC (Baseboard Management Controller). Absent: power is by hand
+    /// and the host is driven only through its agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bmc: Option<BmcDetails>,
-    /// MAC address of the NIC the host PXE-boots from.
+    /// MAC address of the NIC the host PXE-boots from (the NIC used for provisioning the host).
+    /// The MAC address of the BMC must never be used here. Six hex pairs separated by colons,
+    /// e.g. 52:54:00:12:34:56; anything else is a registration error.
     #[serde(
         default,
         rename = "bootMACAddress",
         skip_serializing_if = "Option::is_none"
     )]
     pub boot_mac_address: Option<String>,
+    /// Select the method of initializing the hardware during boot: UEFI (the default),
+    /// UEFISecureBoot (turns secure boot on after provisioning) or legacy (only for hardware
+    /// that does not support UEFI correctly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_mode: Option<BootMode>,
-    /// Whether the host should be powered on.
+    /// Whether the host should be powered on. Once the host is in a stable state (e.g.
+    /// provisioned), its power state is forced to match this value.
     #[serde(default)]
     pub online: bool,
     /// The image to provision. Setting it provisions the host; removing it deprovisions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<Image>,
+    /// Guidance about how to choose the disk the image is written to: every hint that is set
+    /// must match the chosen disk, and among several matching disks the smallest wins. Without
+    /// hints, the smallest disk of at least 4 GiB is chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_device_hints: Option<RootDeviceHints>,
+    /// The Secret holding the user data (key `userData`, or `value` as Cluster API writes it),
+    /// which is passed to the config drive and interpreted by the first-boot software such as
+    /// cloud-init. The format of user data is specific to the first-boot software.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_data: Option<SecretRef>,
+    /// The Secret holding the network configuration (key `networkData`, or `value`; YAML or
+    /// JSON), which is passed to the config drive and interpreted by the first-boot software
+    /// such as cloud-init.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_data: Option<SecretRef>,
+    /// The Secret holding host metadata (key `metaData`, or `value`), which is passed to the
+    /// config drive. Metadata is generated for the host by default (uuid, name, hostname, ...);
+    /// the Secret's keys are laid on top, so most users do not need to set this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta_data: Option<SecretRef>,
+    /// metal3's name of a Secret in the host's namespace with network configuration for the
+    /// preprovisioning image (ramdisk). Accepted by the schema, but Slipway does not support it
+    /// (its ramdisk configures the boot NIC by DHCP): a non-empty value is refused on the host
+    /// with a registration error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preprovisioning_network_data_name: Option<String>,
+    /// Whether the disks are cleaned before provisioning and after deprovisioning: metadata
+    /// (the default) wipes partition tables and signatures, disabled skips cleaning. The
+    /// `slipway.io/erase: full` annotation makes cleaning zero every byte instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub automated_cleaning_mode: Option<CleaningMode>,
+    /// Information about something that is using the host. When it is not empty, the host is
+    /// considered "in use". The common use case is a link to a Machine resource when the host
+    /// is used by Cluster API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer_ref: Option<ObjectReference>,
+    /// Something else has provisioned the image running on the host, and Slipway should only
+    /// manage its power. Used for hosts that were provisioned before they were enrolled and
+    /// when pivoting hosts between clusters.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub externally_provisioned: bool,
+    /// How the host is inspected: agent (the default) boots the ramdisk and runs the agent's
+    /// inspection, disabled performs no inspection. fast (metal3's out-of-band inspection
+    /// through the BMC) is accepted by the schema but refused on the host with a registration
+    /// error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inspection_mode: Option<InspectionMode>,
-    /// Free text for humans.
+    /// Free text for humans, to help identify the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-    /// Deprecated in metal3; accepted and ignored.
+    /// The name of the hardware profile for this host. Deprecated in metal3; accepted and
+    /// ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hardware_profile: Option<String>,
+    /// CPU architecture of the host, e.g. x86_64 or aarch64 (amd64, x64 and arm64 are read
+    /// too). When set, it must match the architecture of the coordinator's ramdisk, else the
+    /// host gets a registration error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
-    /// metal3 fields Slipway does not implement yet: parsed so the error can say so.
+    /// metal3's RAID configuration. metal3 fields Slipway does not implement yet: parsed so the
+    /// error can say so. Accepted by the schema, but refused on the host with a registration
+    /// error when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::any_value"))]
     pub raid: Option<serde_json::Value>,
+    /// metal3's firmware (BIOS) configuration, deprecated there. Slipway does not implement it:
+    /// accepted by the schema, but refused on the host with a registration error when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::any_value"))]
     pub firmware: Option<serde_json::Value>,
+    /// metal3's custom deploy procedure (a deploy step of a site-specific ramdisk). Slipway does
+    /// not implement it: accepted by the schema, but refused on the host with a registration
+    /// error when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::any_value"))]
     pub custom_deploy: Option<serde_json::Value>,
-    /// Deprecated in metal3 and never implemented there; refused when non-empty.
+    /// Taints to apply to the corresponding Machine. Deprecated in metal3 and never implemented
+    /// there; refused when non-empty (accepted by the schema, but refused on the host with a
+    /// registration error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::any_value"))]
     pub taints: Option<serde_json::Value>,
-    /// metal3's switch-port configuration (`networkInterfaces`); refused when non-empty.
+    /// metal3's switch-port configuration (`networkInterfaces`); refused when non-empty
+    /// (accepted by the schema, but refused on the host with a registration error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::any_value"))]
     pub network_interfaces: Option<serde_json::Value>,
     /// metal3's `disablePowerOff`: the host is never powered off (reboots only): with
-    /// `online: false` it is refused by [`crate::validate`], and the planner skips the power
-    /// off before delete and a suffixed reboot annotation's hold.
+    /// `online: false` it is refused by [`crate::validate`] (a registration error), and the
+    /// planner skips the power off before delete and a suffixed reboot annotation's hold.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disable_power_off: bool,
 }
@@ -135,17 +197,31 @@ impl HostSpec {
     }
 }
 
+/// The information necessary to communicate with the host's BMC.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BmcDetails {
+    /// The URL for accessing the controller on the network. The scheme part designates the
+    /// driver to use with the host, as in metal3: ipmi://, redfish://,
+    /// redfish-virtualmedia://, redfish-uefihttp://, idrac-redfish://, ilo5-redfish://, ...
+    /// (an address without a scheme is IPMI); none:// is Slipway's own for a host without a
+    /// BMC (power by hand).
     pub address: String,
+    /// The name of the Secret in the host's namespace containing the BMC credentials (requires
+    /// keys `username` and `password`).
     #[serde(default)]
     pub credentials_name: String,
+    /// Disables verification of server certificates when using HTTPS to connect to the BMC.
+    /// This is required when the server certificate is self-signed, but is insecure because it
+    /// allows a man-in-the-middle to intercept the connection.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disable_certificate_verification: bool,
 }
 
+/// The boot mode of the system: UEFI, UEFISecureBoot or legacy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum BootMode {
     #[serde(rename = "UEFI")]
     Uefi,
@@ -157,24 +233,35 @@ pub enum BootMode {
 
 /// The image to write to the root disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Image {
-    /// http(s) URL of the image.
+    /// http(s) URL of the image. metal3's oci:// images are accepted by the schema, but
+    /// refused on the host with a provisioning error.
     pub url: String,
-    /// The expected digest (hex), or a URL of a checksum file (`SHA256SUMS` style).
+    /// The expected digest (hex), or a URL of a checksum file (`SHA256SUMS` style). Required:
+    /// the agent verifies what it writes.
     #[serde(default)]
     pub checksum: String,
+    /// The checksum algorithm: md5, sha256 or sha512, or auto to detect it from the checksum.
+    /// Unset reads as auto (the algorithm follows from the digest's length).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum_type: Option<ChecksumType>,
+    /// The format of the image: raw (also gzip, zstd or xz compressed; the default) or qcow2.
+    /// metal3's vdi, vmdk and live-iso are accepted by the schema, but refused on the host with
+    /// a provisioning error (convert vdi and vmdk images to qcow2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<ImageFormat>,
     /// The Secret with the registry credentials of an `oci://` image (metal3); OCI images are
-    /// refused by [`crate::validate`] for now.
+    /// refused by [`crate::validate`] for now: accepted by the schema, but a non-empty value is
+    /// refused on the host with a provisioning error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci_auth_secret_name: Option<String>,
 }
 
+/// A checksum algorithm: md5, sha256, sha512, or auto (detected from the checksum).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ChecksumType {
     Md5,
@@ -183,7 +270,9 @@ pub enum ChecksumType {
     Auto,
 }
 
+/// The format of an image: raw, qcow2, vdi, vmdk or live-iso (Slipway writes raw and qcow2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ImageFormat {
     #[serde(rename = "raw")]
     Raw,
@@ -201,26 +290,47 @@ pub enum ImageFormat {
 
 /// metal3's root device hints: every set field must match the chosen disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RootDeviceHints {
+    /// A Linux device name like /dev/vda, or a stable link to it like
+    /// /dev/disk/by-path/pci-0000:01:00.0-scsi-0:2:0:0 (by-path, by-id and wwn names match
+    /// too). The hint must match the actual value exactly; a name that is not an absolute path
+    /// is a registration error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_name: Option<String>,
+    /// A SCSI bus address (Host:Channel:Target:Lun) like 0:0:0:0. The hint must match the
+    /// actual value exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hctl: Option<String>,
+    /// A vendor-specific device identifier. The hint can be a substring of the actual value
+    /// (case-insensitive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The name of the vendor or manufacturer of the device. The hint can be a substring of the
+    /// actual value (case-insensitive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vendor: Option<String>,
+    /// Device serial number. The hint must match the actual value exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_number: Option<String>,
+    /// The minimum size of the device in Gigabytes (counted as GiB, 2^30 bytes, as Ironic
+    /// does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_size_gigabytes: Option<u64>,
+    /// Unique storage identifier. The hint must match the actual value exactly (case does not
+    /// matter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wwn: Option<String>,
+    /// Unique storage identifier with the vendor extension appended. The hint must match the
+    /// actual value exactly (case does not matter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wwn_with_extension: Option<String>,
+    /// Unique vendor storage identifier. The hint must match the actual value exactly (case
+    /// does not matter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wwn_vendor_extension: Option<String>,
+    /// True if the device should use spinning media, false otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotational: Option<bool>,
 }
@@ -255,12 +365,16 @@ pub fn full_erase(annotations: &BTreeMap<String, String>) -> bool {
 /// References to the Secrets of a config drive. Only references: a command record (persisted
 /// in `status.currentCommand`) never holds the contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigDriveRefs {
+    /// The spec's `userData` Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_data: Option<SecretRef>,
+    /// The spec's `networkData` Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_data: Option<SecretRef>,
+    /// The spec's `metaData` Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta_data: Option<SecretRef>,
 }
@@ -279,26 +393,36 @@ impl ConfigDriveRefs {
 
 /// A reference to a Secret holding userData, networkData or metaData.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretRef {
+    /// The name of the Secret; it must not be empty.
     pub name: String,
+    /// The namespace of the Secret. Absent or empty: the host's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
 }
 
+/// Whether automated cleaning runs: metadata (the default) or disabled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CleaningMode {
     /// Wipe partition tables and signatures before and after provisioning (metal3 default).
     #[default]
     Metadata,
+    /// Skip cleaning when provisioning and deprovisioning.
     Disabled,
 }
 
+/// The mode of host inspection: agent, disabled or fast.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum InspectionMode {
+    /// Boot the ramdisk and inspect with the agent (the default).
     Agent,
+    /// No inspection.
     Disabled,
     /// Out-of-band inspection through the BMC: parsed, refused by [`crate::validate`].
     Fast,
@@ -306,20 +430,29 @@ pub enum InspectionMode {
 
 /// A Kubernetes object reference (consumerRef).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectReference {
+    /// API version of the referent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
+    /// Kind of the referent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// Name of the referent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Namespace of the referent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// UID of the referent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
+    /// Specific resourceVersion to which this reference is made, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<String>,
+    /// If referring to a piece of an object instead of an entire object, a JSON/Go field
+    /// access statement, such as desiredState.manifest.containers[2].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field_path: Option<String>,
 }
@@ -329,25 +462,45 @@ pub struct ObjectReference {
 
 /// What Slipway observed of the host. Written only by [`crate::plan`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HostStatus {
+    /// The status of the host: OK, discovered, error (see errorType and errorMessage), delayed
+    /// (waiting for a provisioning slot) or detached (the detached annotation).
     #[serde(default)]
     pub operational_status: OperationalStatus,
+    /// The type of failure encountered when operationalStatus is error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_type: Option<ErrorType>,
+    /// The last error message, naming the field and the fix where the spec is at fault.
     #[serde(default)]
     pub error_message: String,
+    /// How many times the host has encountered an error since the last successful operation;
+    /// the delay before the next attempt grows with it.
     #[serde(default)]
     pub error_count: u32,
+    /// When this status was last observed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub last_updated: Option<Timestamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The hardware discovered on the host at inspection: metal3's summary. The full inventory
+    /// is in the HardwareData object of the same name.
+    ///
     /// Shared (`Arc`): the same summary is held by the status, its stored copy and the view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hardware: Option<std::sync::Arc<HardwareDetails>>,
+    /// Information tracked by the provisioner: the state, and what was provisioned.
     #[serde(default)]
     pub provisioning: ProvisionStatus,
+    /// The power state of the host as last known. It may briefly be out of sync with the
+    /// hardware while provisioning processes are running.
     #[serde(default)]
     pub powered_on: bool,
+    /// When the host's registration, inspection, provisioning and deprovisioning last started
+    /// and ended.
     #[serde(default)]
     pub operation_history: OperationHistory,
 
@@ -361,9 +514,17 @@ pub struct HostStatus {
     /// The command the host is waiting on. Persisted so a restarted coordinator asks the agent
     /// about the same command instead of starting another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::any_object")
+    )]
     pub current_command: Option<CommandRecord>,
     /// After a failure, the earliest time of the next attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub retry_after: Option<Timestamp>,
     /// The last time something tried to act as this host's agent and was refused because it
     /// could be an impostor (a second enrolment while the agent is connected, a machine whose
@@ -384,8 +545,11 @@ pub struct HostStatus {
 
 /// Something refused as a possible impostor.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ImpostorAlert {
+    /// When it was refused.
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub at: Timestamp,
     /// Its address, as the coordinator saw it.
     pub peer: String,
@@ -399,7 +563,9 @@ impl HostStatus {
     }
 }
 
+/// The state of the host, with metal3's values: OK, discovered, error, delayed, detached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum OperationalStatus {
     #[default]
     #[serde(rename = "OK")]
@@ -416,6 +582,7 @@ pub enum OperationalStatus {
 
 /// metal3's error types, as shown in the ERROR column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ErrorType {
     #[serde(rename = "registration error")]
     Registration,
@@ -457,6 +624,7 @@ impl fmt::Display for ErrorType {
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ProvisioningState {
     /// Not yet seen by the state machine.
     #[default]
@@ -527,38 +695,62 @@ impl fmt::Display for ProvisioningState {
     }
 }
 
+/// The provisioner's state of the host, and what it provisioned.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ProvisionStatus {
+    /// What the provisioner is doing with the host, with metal3's state names (registering,
+    /// inspecting, available, provisioning, provisioned, deprovisioning, ...).
     #[serde(default)]
     pub state: ProvisioningState,
     /// The image being (or last) provisioned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<Image>,
+    /// The root device hints used to provision the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_device_hints: Option<RootDeviceHints>,
+    /// The boot mode used to provision the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_mode: Option<BootMode>,
 }
 
+/// Information about operations performed on the host.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct OperationHistory {
+    /// The last registration (BMC and agent checks).
     #[serde(default)]
     pub register: OperationMetric,
+    /// The last hardware inspection.
     #[serde(default)]
     pub inspect: OperationMetric,
+    /// The last provisioning (image write).
     #[serde(default)]
     pub provision: OperationMetric,
+    /// The last deprovisioning (cleaning after the image was removed).
     #[serde(default)]
     pub deprovision: OperationMetric,
 }
 
+/// When an operation (inspection, provisioning, ...) started and ended.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OperationMetric {
+    /// When the operation started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub start: Option<Timestamp>,
+    /// When the operation ended; absent while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub end: Option<Timestamp>,
 }
 
@@ -571,13 +763,19 @@ impl OperationMetric {
 
 /// Progress of the current command.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Progress {
+    /// The id of the command that reports the progress.
     pub command_id: String,
+    /// What the command is doing, e.g. write, verify, sync; stalled while an image download
+    /// makes no progress.
     pub phase: String,
+    /// Bytes done so far.
     pub bytes_done: u64,
-    /// 0 when unknown.
+    /// Bytes to do in all. 0 when unknown.
     pub bytes_total: u64,
+    /// Bytes per second over the last interval.
     #[serde(default)]
     pub bytes_per_second: u64,
 }
@@ -592,38 +790,60 @@ impl Progress {
 
 /// The host's agent session, as last seen by the coordinator.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentStatus {
+    /// Whether the agent is connected to the coordinator now.
     pub connected: bool,
     /// When the current (or last) session started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub since: Option<Timestamp>,
     /// When the session was lost, while disconnected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(schema_with = "crate::schema::optional_timestamp")
+    )]
     pub disconnected_at: Option<Timestamp>,
+    /// The agent's network address, as the coordinator saw it.
     #[serde(default)]
     pub address: String,
+    /// The agent's version.
     #[serde(default)]
     pub version: String,
 }
 
 /// A command sent to the host's agent and not yet answered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct CommandRecord {
+    /// The command's id, unique for the host.
     pub id: String,
+    /// What the command asks the agent to do.
     pub kind: CommandKind,
+    /// When the command was issued.
+    #[cfg_attr(feature = "schema", schemars(schema_with = "crate::schema::timestamp"))]
     pub issued_at: Timestamp,
 }
 
 /// What a command asks the agent to do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum CommandKind {
+    /// Inventory the hardware.
     Inspect,
+    /// Write an image to the root disk, then the config drive.
     #[serde(rename_all = "camelCase")]
     WriteImage {
+        /// The image to write.
         image: Image,
+        /// The hints that choose the root disk.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         root_device_hints: Option<RootDeviceHints>,
         /// The Secrets of the config drive: references only, resolved by the executor when it
@@ -634,13 +854,16 @@ pub enum CommandKind {
     /// Wipe partition tables and signatures of the host's disks (metadata cleaning), or with
     /// `full`, zero every byte (the `slipway.io/erase: full` annotation).
     EraseMetadata {
+        /// Zero every byte instead of only the metadata.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         full: bool,
     },
+    /// Reboot through the firmware.
     Reboot,
     /// Boot the installed OS by kexec (the `slipway.io/reboot: kexec` annotation); the agent
     /// falls back to a firmware reboot where it cannot.
     Kexec,
+    /// Power the host off.
     PowerOff,
 }
 
@@ -681,104 +904,157 @@ impl CommandKind {
 
 /// The inventory summary metal3 keeps in `status.hardware`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HardwareDetails {
+    /// System vendor information.
     #[serde(default)]
     pub system_vendor: HardwareSystemVendor,
+    /// System firmware information.
     #[serde(default)]
     pub firmware: Firmware,
+    /// The host's amount of memory in Mebibytes.
     #[serde(default)]
     pub ram_mebibytes: u64,
+    /// List of network interfaces for the host.
     #[serde(default)]
     pub nics: Vec<Nic>,
+    /// List of storage (disk, SSD, etc.) available to the host.
     #[serde(default)]
     pub storage: Vec<Storage>,
+    /// Details of the CPU(s) in the system.
     #[serde(default)]
     pub cpu: Cpu,
+    /// Name of the host at the inspection time.
     #[serde(default)]
     pub hostname: String,
 }
 
+/// Details about the whole hardware system.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HardwareSystemVendor {
+    /// The system's manufacturer.
     #[serde(default)]
     pub manufacturer: String,
+    /// The system's product name.
     #[serde(default)]
     pub product_name: String,
+    /// The system's serial number.
     #[serde(default)]
     pub serial_number: String,
 }
 
+/// The firmware on the host.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Firmware {
+    /// The BIOS for this firmware.
     #[serde(default)]
     pub bios: Bios,
 }
 
+/// The BIOS version on the host.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Bios {
+    /// The release/build date for this BIOS.
     #[serde(default)]
     pub date: String,
+    /// The vendor name for this BIOS.
     #[serde(default)]
     pub vendor: String,
+    /// The version of the BIOS.
     #[serde(default)]
     pub version: String,
 }
 
+/// One network interface on the host.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Nic {
+    /// The name of the network interface, e.g. en0.
     pub name: String,
+    /// The vendor and product IDs of the NIC, e.g. "0x8086 0x1572" (the driver's name when
+    /// they are unknown).
     #[serde(default)]
     pub model: String,
+    /// The device MAC address.
     pub mac: String,
+    /// The (first) IP address of the interface at inspection, IPv4 or IPv6, if it had one.
     #[serde(default)]
     pub ip: String,
+    /// The speed of the device in Gigabits per second.
     #[serde(default)]
     pub speed_gbps: u32,
+    /// Whether the NIC is PXE bootable.
     #[serde(default)]
     pub pxe: bool,
 }
 
+/// One storage device (disk, SSD, etc.) on the host.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Storage {
+    /// The Linux device name of the disk, e.g. /dev/sda (which may change across reboots).
     pub name: String,
+    /// The disk's other Linux device names, stable across reboots: its by-path link first,
+    /// then by-id and wwn links. Any of them works as rootDeviceHints.deviceName.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alternate_names: Vec<String>,
+    /// Whether the disk is rotational storage (prefer type).
     #[serde(default)]
     pub rotational: bool,
+    /// Device type, one of: HDD, SSD, NVME (FILE for a plain file the agent was given as its
+    /// disk).
     #[serde(default, rename = "type")]
     pub kind: String,
+    /// The size of the disk in Bytes.
     pub size_bytes: u64,
+    /// The name of the vendor of the device.
     #[serde(default)]
     pub vendor: String,
+    /// Hardware model.
     #[serde(default)]
     pub model: String,
+    /// The serial number of the device.
     #[serde(default)]
     pub serial_number: String,
+    /// The WWN of the device.
     #[serde(default)]
     pub wwn: String,
+    /// The WWN vendor extension of the device.
     #[serde(default)]
     pub wwn_vendor_extension: String,
+    /// The WWN with the extension.
     #[serde(default)]
     pub wwn_with_extension: String,
+    /// The SCSI location of the device (Host:Channel:Target:Lun).
     #[serde(default)]
     pub hctl: String,
 }
 
+/// The processors of the host.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Cpu {
+    /// The CPU architecture, e.g. x86_64 or aarch64.
     #[serde(default)]
     pub arch: String,
+    /// The CPU model name.
     #[serde(default)]
     pub model: String,
+    /// The clock speed in MHz.
     #[serde(default)]
     pub clock_megahertz: f64,
+    /// The CPU feature flags, e.g. sse4_2, avx2.
     #[serde(default, skip_serializing_if = "SharedList::is_empty")]
     pub flags: SharedList,
+    /// The number of logical CPUs (hardware threads) online.
     #[serde(default)]
     pub count: u32,
 }

@@ -12,6 +12,8 @@
 pub mod annotations;
 pub mod host;
 pub mod plan;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod validate;
 
 pub use plan::{

@@ -690,7 +690,7 @@ fn parse_host(value: serde_yaml_ng::Value) -> Result<BareMetalHost, String> {
 /// integer, 0 or more)`, an unknown variant lists the values the field takes, and an unknown
 /// field says to check the spelling (and suggests the field meant). Messages it does not
 /// recognise are returned as they are.
-fn plain_error(message: &str) -> String {
+pub(crate) fn plain_error(message: &str) -> String {
     // Parsed from text, serde_yaml_ng adds where; the caller names the field instead.
     let message = match message.rfind(" at line ") {
         Some(i) if message[i..].contains(" column ") => &message[..i],

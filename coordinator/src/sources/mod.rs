@@ -3,11 +3,12 @@
 //! changed, the source's own problems; never whole snapshots. Secret contents stay with the
 //! source and are read through [`SecretSource`] only when a command needs them.
 //!
-//! Files mode is [`files`]; Kubernetes mode will sit beside it and send the same events.
+//! Files mode is [`files`]; Kubernetes mode is [`kube`], sending the same events.
 //! **Invariant:** no module outside `sources::files` knows the files source; `serve` only
-//! starts it.
+//! starts it. Only `sources::kube`, `state::kube` and `crd` know Kubernetes.
 
 pub mod files;
+pub mod kube;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -15,6 +15,7 @@
 //! **Invariant:** token secrets are never stored: tokens are keyed by the SHA-256 of the
 //! secret. Secret contents (userData, ...) never reach a store.
 
+pub mod kube;
 pub mod memory;
 pub mod redb;
 
@@ -108,6 +109,9 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A Kubernetes API call failed (Kubernetes mode).
+    #[error("{0}")]
+    Kube(String),
     /// Injected by [`memory::MemoryStore`] for tests.
     #[error("{0}")]
     Injected(String),

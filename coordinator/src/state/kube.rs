@@ -1,0 +1,666 @@
+//! Kubernetes mode's state: everything needed to resume lives in the cluster, nothing in a
+//! hidden database.
+//!
+//! - A host's status (the command in flight included) is its BareMetalHost's status
+//!   subresource, written by server-side apply with the field manager
+//!   [`FIELD_MANAGER`]; Slipway's record of the host (the agent certificate's fingerprint, the
+//!   machine inspected, the inventory digest, the MAC the agent booted from) is
+//!   `status.slipway`.
+//! - The full inventory is a HardwareData object of the host's name, owned by the host.
+//! - Bootstrap tokens (hashes only) are the Secret `<host>-slipway-tokens` in the host's
+//!   namespace, replaced with a resourceVersion precondition, so a token is never consumed
+//!   twice even by two writers.
+//! - Events are Kubernetes Events on the host (best effort: a failed Event never fails a
+//!   commit).
+//! - The removal of a host (after its deprovisioning) takes [`FINALIZER`] off its object, so
+//!   Kubernetes lets it go, and deletes its HardwareData and tokens.
+//!
+//! Each host is written on its own; a host whose writes fail is reported failed while the
+//! others of the batch are stored. The trait is synchronous (the engine commits on a blocking
+//! thread): the calls run on the runtime through its handle.
+//!
+//! Hosts without a BareMetalHost object (discovered machines) are kept in memory only.
+
+use std::collections::{BTreeMap, HashMap};
+
+use futures_util::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Event as KubeEvent, ObjectReference, Secret as KubeSecret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde::{Deserialize, Serialize};
+use slipway_reconcile::host::{HostKey, HostStatus};
+use tokio::runtime::Handle;
+use tracing::{debug, warn};
+
+use super::{
+    Batch, Failed, HardwareStore, HostChange, HostRecord, Loaded, StateStore, StoreError,
+    StoredHost, TokenRecord,
+};
+use crate::hardware::HardwareData;
+use crate::sources::kube::{FIELD_MANAGER, FINALIZER, ORIGIN, hardware_resource, host_resource};
+
+/// The label of the Secrets that hold a host's bootstrap tokens.
+pub const TOKENS_LABEL: &str = "slipway.io/tokens-of";
+
+/// Slipway's record of a host, kept in `status.slipway`: what it needs beyond metal3's status
+/// to resume the host after a restart or on another replica.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeRecord {
+    /// SHA-256 (hex) of the certificate the host's agent enrolled with: the only agent
+    /// certificate accepted for this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cert_sha256: Option<String>,
+    /// SHA-256 (hex) of the inventory stored in the host's HardwareData.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_sha256: Option<String>,
+    /// The machine's identity as its agent reported it (system UUID, serial, MACs), used to
+    /// recognise the same machine when it enrols again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "slipway_reconcile::schema::any_object")]
+    pub identity: Option<crate::hardware::Identity>,
+    /// MAC address the agent booted from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_boot_mac: Option<String>,
+}
+
+impl KubeRecord {
+    fn of(r: &HostRecord) -> KubeRecord {
+        KubeRecord {
+            agent_cert_sha256: r.agent_cert_sha256.clone(),
+            hardware_sha256: r.hardware_sha256.clone(),
+            identity: r.identity.clone(),
+            agent_boot_mac: r.agent_boot_mac.clone(),
+        }
+    }
+}
+
+/// Removes null and empty-string members, recursively: the CRD's schema types fields
+/// (`errorMessage` is a string) and the API server refuses a null, and server-side apply on
+/// kube-apiserver 1.20 turns an applied `""` into a null it then refuses. With server-side
+/// apply an absent field is one Slipway no longer sets, so it goes from the object, which is
+/// what None (or an empty message) means; reading back gives the same defaults.
+fn drop_nulls(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            map.retain(|_, v| !v.is_null() && v.as_str() != Some(""));
+            map.values_mut().for_each(drop_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
+/// What was last written for a host.
+#[derive(Clone, Debug, Default)]
+struct Cached {
+    record: HostRecord,
+    status: HostStatus,
+    /// The status as last applied (None: never).
+    written: Option<serde_json::Value>,
+    tokens: BTreeMap<String, TokenRecord>,
+    tokens_version: Option<String>,
+}
+
+pub struct KubeStore {
+    client: Client,
+    rt: Handle,
+    hosts: HashMap<HostKey, Cached>,
+    loaded: Option<Loaded>,
+}
+
+#[derive(Clone)]
+pub struct KubeHardware {
+    client: Client,
+    rt: Handle,
+}
+
+fn kube_error(what: &str, e: kube::Error) -> StoreError {
+    StoreError::Kube(format!("{what}: {e}"))
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+fn tokens_secret_name(host: &str) -> String {
+    format!("{host}-slipway-tokens")
+}
+
+/// A Kubernetes Event about a host.
+pub fn event_object(
+    key: &HostKey,
+    uid: Option<&str>,
+    warning: bool,
+    reason: &str,
+    message: &str,
+    time: Timestamp,
+) -> KubeEvent {
+    let suffix = format!(
+        "{:x}{:04x}",
+        time.as_nanosecond() as u64,
+        getrandom::u32().unwrap_or(0) & 0xffff
+    );
+    // k8s-openapi carries its own (older) jiff; convert through nanoseconds.
+    let k8s_time = k8s_openapi::jiff::Timestamp::from_nanosecond(time.as_nanosecond())
+        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    KubeEvent {
+        metadata: ObjectMeta {
+            name: Some(format!("{}.{suffix}", key.name)),
+            namespace: Some(key.namespace.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(slipway_reconcile::host::API_VERSION.into()),
+            kind: Some(slipway_reconcile::host::KIND.into()),
+            name: Some(key.name.clone()),
+            namespace: Some(key.namespace.clone()),
+            uid: uid.map(str::to_string),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message.chars().take(1024).collect()),
+        type_: Some(if warning { "Warning" } else { "Normal" }.into()),
+        first_timestamp: Some(Time(k8s_time)),
+        last_timestamp: Some(Time(k8s_time)),
+        event_time: Some(MicroTime(k8s_time)),
+        count: Some(1),
+        reporting_component: Some("slipway".into()),
+        reporting_instance: Some(
+            std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| "slipway".into()),
+        ),
+        action: Some(reason.into()),
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some("slipway".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl KubeStore {
+    /// Reads what the cluster holds (host statuses and records, tokens); `load` hands it to
+    /// the engine.
+    pub async fn connect(client: Client) -> Result<KubeStore, StoreError> {
+        let hosts_api: Api<DynamicObject> = Api::all_with(client.clone(), &host_resource());
+        let list = hosts_api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| kube_error("cannot list BareMetalHosts (are the CRDs installed? `slipway crd | kubectl apply -f -`)", e))?;
+        let mut hosts = HashMap::new();
+        let mut loaded = Loaded::default();
+        for obj in list.items {
+            let Ok(host) = crate::sources::kube::parse_host(&obj) else {
+                continue; // the source reports it
+            };
+            let key = HostKey::of(&host.metadata);
+            let status_json = obj.data.get("status").cloned();
+            let Some(status_json) = status_json.filter(|s| s.is_object()) else {
+                continue; // never reconciled: the source declares it
+            };
+            let status: HostStatus = match serde_json::from_value(status_json.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(host = %key, "the stored status does not parse ({e}); the host starts over");
+                    continue;
+                }
+            };
+            let extra: KubeRecord = status_json
+                .get("slipway")
+                .cloned()
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default();
+            let record = HostRecord {
+                host,
+                origin: ORIGIN.into(),
+                agent_cert_sha256: extra.agent_cert_sha256,
+                deleted: obj.metadata.deletion_timestamp.is_some(),
+                hardware_sha256: extra.hardware_sha256,
+                identity: extra.identity,
+                agent_boot_mac: extra.agent_boot_mac,
+            };
+            loaded.hosts.push((
+                key.clone(),
+                StoredHost {
+                    record: record.clone(),
+                    status: status.clone(),
+                    events: Vec::new(),
+                },
+            ));
+            hosts.insert(
+                key,
+                Cached {
+                    record,
+                    status,
+                    written: Some(status_json),
+                    ..Default::default()
+                },
+            );
+        }
+        let secrets: Api<KubeSecret> = Api::all(client.clone());
+        let tokens = secrets
+            .list(&ListParams::default().labels(TOKENS_LABEL))
+            .await
+            .map_err(|e| kube_error("cannot list the tokens' Secrets", e))?;
+        for s in tokens.items {
+            let ns = s.namespace().unwrap_or_default();
+            let Some(host) = s.labels().get(TOKENS_LABEL).cloned() else {
+                continue;
+            };
+            let key = HostKey::new(ns, host);
+            let c = hosts.entry(key).or_default();
+            c.tokens_version = s.resource_version();
+            for (hash, v) in s.data.iter().flatten() {
+                if let Ok(t) = serde_json::from_slice::<TokenRecord>(&v.0) {
+                    loaded.tokens.push((hash.clone(), t.clone()));
+                    c.tokens.insert(hash.clone(), t);
+                }
+            }
+        }
+        Ok(KubeStore {
+            client,
+            rt: Handle::current(),
+            hosts,
+            loaded: Some(loaded),
+        })
+    }
+
+    pub fn hardware_store(&self) -> KubeHardware {
+        KubeHardware {
+            client: self.client.clone(),
+            rt: self.rt.clone(),
+        }
+    }
+}
+
+/// One host's writes, in order; the first failure fails the host.
+async fn write_host(
+    client: Client,
+    key: HostKey,
+    change: HostChange,
+    mut cached: Cached,
+) -> (HostKey, Result<Cached, String>) {
+    let r = write_host_inner(&client, &key, &change, &mut cached).await;
+    (key, r.map(|()| cached))
+}
+
+async fn write_host_inner(
+    client: &Client,
+    key: &HostKey,
+    change: &HostChange,
+    cached: &mut Cached,
+) -> Result<(), String> {
+    let hosts: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &key.namespace, &host_resource());
+    let secrets: Api<KubeSecret> = Api::namespaced(client.clone(), &key.namespace);
+    let hardware: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &key.namespace, &hardware_resource());
+    if change.remove {
+        for r in [
+            secrets
+                .delete(&tokens_secret_name(&key.name), &DeleteParams::default())
+                .await
+                .map(|_| ()),
+            hardware
+                .delete(&key.name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ] {
+            if let Err(e) = r
+                && !is_not_found(&e)
+            {
+                return Err(format!(
+                    "cannot delete the host's tokens or HardwareData: {e}"
+                ));
+            }
+        }
+        remove_finalizer(&hosts, key).await?;
+        *cached = Cached::default();
+        // Gone: nothing of the rest (the tokens it drops, its last status) is written back.
+        if change.record.is_none() {
+            return Ok(());
+        }
+    }
+    if let Some(record) = &change.record {
+        cached.record = record.clone();
+    }
+    if let Some(status) = &change.status {
+        cached.status = status.clone();
+    }
+    let in_cluster = cached.record.origin == ORIGIN;
+    if in_cluster && (change.record.is_some() || change.status.is_some()) {
+        let mut status = serde_json::to_value(&cached.status).map_err(|e| e.to_string())?;
+        status["slipway"] =
+            serde_json::to_value(KubeRecord::of(&cached.record)).map_err(|e| e.to_string())?;
+        drop_nulls(&mut status);
+        if cached.written.as_ref() != Some(&status) {
+            let patch = serde_json::json!({
+                "apiVersion": slipway_reconcile::host::API_VERSION,
+                "kind": slipway_reconcile::host::KIND,
+                "metadata": {"name": key.name, "namespace": key.namespace},
+                "status": status,
+            });
+            match hosts
+                .patch_status(
+                    &key.name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+            {
+                Ok(_) => cached.written = Some(status),
+                // The object is gone (deleted without waiting for us): nothing to write to.
+                Err(e) if is_not_found(&e) && cached.record.deleted => {}
+                Err(e) => return Err(format!("cannot write the status: {e}")),
+            }
+        }
+    }
+    if let Some(hw) = &change.hardware
+        && in_cluster
+    {
+        write_hardware(
+            &hardware,
+            key,
+            cached.record.host.metadata.uid.as_deref(),
+            hw,
+        )
+        .await?;
+    }
+    if !change.tokens.is_empty() {
+        let mut tokens = cached.tokens.clone();
+        for (hash, t) in &change.tokens {
+            match t {
+                Some(t) => tokens.insert(hash.clone(), t.clone()),
+                None => tokens.remove(hash),
+            };
+        }
+        // No Secret is created only to hold nothing.
+        if !(tokens.is_empty() && cached.tokens_version.is_none()) {
+            let version =
+                write_tokens(&secrets, key, &tokens, cached.tokens_version.clone()).await?;
+            cached.tokens_version = version;
+        }
+        cached.tokens = tokens;
+    }
+    if in_cluster && !change.events.is_empty() {
+        let events: Api<KubeEvent> = Api::namespaced(client.clone(), &key.namespace);
+        let uid = cached.record.host.metadata.uid.clone();
+        for (_, e) in &change.events {
+            let ev = event_object(
+                key,
+                uid.as_deref(),
+                e.warning,
+                &e.reason,
+                &e.message,
+                e.time,
+            );
+            if let Err(err) = events.create(&PostParams::default(), &ev).await {
+                debug!(host = %key, "cannot record an event: {err}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn remove_finalizer(hosts: &Api<DynamicObject>, key: &HostKey) -> Result<(), String> {
+    for _ in 0..5 {
+        let obj = match hosts.get(&key.name).await {
+            Ok(o) => o,
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(e) => return Err(format!("cannot read the host to remove its finalizer: {e}")),
+        };
+        if !obj.finalizers().iter().any(|f| f == FINALIZER) {
+            return Ok(());
+        }
+        let rest: Vec<&String> = obj
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .collect();
+        let patch = serde_json::json!({
+            "metadata": {"finalizers": rest, "resourceVersion": obj.resource_version()}
+        });
+        match hosts
+            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if is_not_found(&e) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => return Err(format!("cannot remove the finalizer {FINALIZER}: {e}")),
+        }
+    }
+    Err(format!(
+        "cannot remove the finalizer {FINALIZER}: the host keeps changing"
+    ))
+}
+
+async fn write_hardware(
+    api: &Api<DynamicObject>,
+    key: &HostKey,
+    uid: Option<&str>,
+    hw: &HardwareData,
+) -> Result<(), String> {
+    let mut doc = serde_json::to_value(hw).map_err(|e| e.to_string())?;
+    doc["metadata"]["name"] = key.name.clone().into();
+    doc["metadata"]["namespace"] = key.namespace.clone().into();
+    if let Some(uid) = uid {
+        doc["metadata"]["ownerReferences"] = serde_json::json!([{
+            "apiVersion": slipway_reconcile::host::API_VERSION,
+            "kind": slipway_reconcile::host::KIND,
+            "name": key.name,
+            "uid": uid,
+        }]);
+    }
+    api.patch(
+        &key.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&doc),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| format!("cannot write the HardwareData: {e}"))
+}
+
+/// Writes the host's tokens Secret whole, on the resourceVersion last read: a Secret changed
+/// by another writer meanwhile makes the write fail (409), never overwrite.
+async fn write_tokens(
+    api: &Api<KubeSecret>,
+    key: &HostKey,
+    tokens: &BTreeMap<String, TokenRecord>,
+    version: Option<String>,
+) -> Result<Option<String>, String> {
+    let name = tokens_secret_name(&key.name);
+    let mut data = BTreeMap::new();
+    for (hash, t) in tokens {
+        data.insert(
+            hash.clone(),
+            ByteString(serde_json::to_vec(t).map_err(|e| e.to_string())?),
+        );
+    }
+    let secret = KubeSecret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(key.namespace.clone()),
+            labels: Some([(TOKENS_LABEL.to_string(), key.name.clone())].into()),
+            resource_version: version.clone(),
+            ..Default::default()
+        },
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    let r = match version {
+        None => api.create(&PostParams::default(), &secret).await,
+        Some(_) => api.replace(&name, &PostParams::default(), &secret).await,
+    };
+    match r {
+        Ok(s) => Ok(s.resource_version()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(format!(
+            "the tokens Secret {}/{name} was changed by another writer; read again",
+            key.namespace
+        )),
+        Err(e) => Err(format!(
+            "cannot write the tokens Secret {}/{name}: {e}",
+            key.namespace
+        )),
+    }
+}
+
+impl StateStore for KubeStore {
+    fn load(&mut self) -> Result<Loaded, StoreError> {
+        Ok(self.loaded.take().unwrap_or_default())
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), Failed> {
+        let client = self.client.clone();
+        let jobs: Vec<_> = batch
+            .hosts
+            .iter()
+            .map(|(key, change)| {
+                let cached = self.hosts.get(key).cloned().unwrap_or_default();
+                write_host(client.clone(), key.clone(), change.clone(), cached)
+            })
+            .collect();
+        let results: Vec<(HostKey, Result<Cached, String>)> = self.rt.block_on(
+            futures_util::stream::iter(jobs)
+                .buffer_unordered(16)
+                .collect(),
+        );
+        let mut failed = Vec::new();
+        for (key, r) in results {
+            match r {
+                Ok(c) => {
+                    let removed = batch
+                        .hosts
+                        .iter()
+                        .any(|(k, ch)| *k == key && ch.remove && ch.record.is_none());
+                    if removed {
+                        self.hosts.remove(&key);
+                    } else {
+                        self.hosts.insert(key, c);
+                    }
+                }
+                Err(why) => {
+                    // A conflict on the tokens: read them again for the retry.
+                    if why.contains("another writer") {
+                        let secrets: Api<KubeSecret> =
+                            Api::namespaced(self.client.clone(), &key.namespace);
+                        if let Ok(s) = self
+                            .rt
+                            .block_on(secrets.get(&tokens_secret_name(&key.name)))
+                            && let Some(c) = self.hosts.get_mut(&key)
+                        {
+                            c.tokens_version = s.resource_version();
+                            c.tokens = s
+                                .data
+                                .iter()
+                                .flatten()
+                                .filter_map(|(h, v)| {
+                                    Some((h.clone(), serde_json::from_slice(&v.0).ok()?))
+                                })
+                                .collect();
+                        }
+                    }
+                    failed.push((key, why));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed)
+        }
+    }
+}
+
+impl HardwareStore for KubeHardware {
+    fn hardware(&self, key: &HostKey) -> Result<Option<HardwareData>, StoreError> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &key.namespace, &hardware_resource());
+        match self.rt.block_on(api.get(&key.name)) {
+            Ok(o) => Ok(serde_json::to_value(&o)
+                .ok()
+                .and_then(|v| serde_json::from_value(v).ok())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(kube_error("cannot read HardwareData", e)),
+        }
+    }
+
+    fn all_hardware(&self) -> Result<Vec<HardwareData>, StoreError> {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &hardware_resource());
+        let list = self
+            .rt
+            .block_on(api.list(&ListParams::default()))
+            .map_err(|e| kube_error("cannot list HardwareData", e))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|o| serde_json::from_value(serde_json::to_value(&o).ok()?).ok())
+            .collect())
+    }
+}
+
+/// The coordinator's CA, kept in the Secret `slipway-ca` of `namespace`: written into `dir`
+/// (where [`crate::pki::Ca::load_or_create`] reads it) when the Secret exists; else the CA
+/// made there is stored in a new Secret. Two replicas starting at once agree: the one whose
+/// create loses takes the winner's.
+pub async fn sync_ca(client: Client, namespace: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let api: Api<KubeSecret> = Api::namespaced(client, namespace);
+    let write = |s: &KubeSecret| -> anyhow::Result<()> {
+        let data = s.data.clone().unwrap_or_default();
+        let (Some(crt), Some(key)) = (data.get("ca.crt"), data.get("ca.key")) else {
+            anyhow::bail!(
+                "the Secret {namespace}/slipway-ca lacks ca.crt or ca.key: delete it to make a new CA (every agent certificate is then reissued)"
+            );
+        };
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::pki::write_private(&dir.join("ca.key"), &key.0)
+            .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+        std::fs::write(dir.join("ca.crt"), &crt.0)
+            .with_context(|| format!("cannot write {}", dir.join("ca.crt").display()))?;
+        Ok(())
+    };
+    match api.get("slipway-ca").await {
+        Ok(s) => return write(&s),
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => anyhow::bail!("cannot read the Secret {namespace}/slipway-ca: {e}"),
+    }
+    crate::pki::Ca::load_or_create(dir).map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+    let read = |f: &str| {
+        std::fs::read(dir.join(f)).with_context(|| format!("cannot read {}", dir.join(f).display()))
+    };
+    let secret = KubeSecret {
+        metadata: ObjectMeta {
+            name: Some("slipway-ca".into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [
+                ("ca.crt".to_string(), ByteString(read("ca.crt")?)),
+                ("ca.key".to_string(), ByteString(read("ca.key")?)),
+            ]
+            .into(),
+        ),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let s = api
+                .get("slipway-ca")
+                .await
+                .with_context(|| format!("cannot read the Secret {namespace}/slipway-ca"))?;
+            write(&s)
+        }
+        Err(e) => anyhow::bail!("cannot store the CA in the Secret {namespace}/slipway-ca: {e}"),
+    }
+}

@@ -1,0 +1,275 @@
+//! Kubernetes mode against a real API server (our own kube-apiserver 1.20.2 and etcd, or the
+//! cluster of `KUBECONFIG`), with real coordinator and agent processes on disk files:
+//! BareMetalHosts reconciled through the same engine as files mode, status in the status
+//! subresource, inventories in HardwareData, tokens and the CA in Secrets, Events, the
+//! finalizer's deprovisioning, and a restart with nothing but the cluster to resume from.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use slipway_tests::kube::KubeCluster;
+use slipway_tests::{Agent, Coordinator, pattern, run_tool, sha256_hex, wait_until};
+
+const MIB: u64 = 1 << 20;
+
+fn crds_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds")
+}
+
+/// The CRDs applied from `deploy/crds` (what an operator applies) and established.
+fn install_crds(k: &KubeCluster) {
+    k.kubectl_ok(&["apply", "-f", crds_dir().to_str().unwrap()]);
+    for crd in ["baremetalhosts.metal3.io", "hardwaredata.metal3.io"] {
+        k.kubectl_ok(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout",
+            "60s",
+            &format!("crd/{crd}"),
+        ]);
+    }
+}
+
+/// A coordinator in Kubernetes mode against `k`, its own objects in the test's namespace.
+fn kube_coordinator(dir: &Path, k: &KubeCluster, kubeconfig: &Path) -> Coordinator {
+    Coordinator::start_with_env(
+        dir,
+        &["--kube", "--namespace", k.namespace()],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+}
+
+fn bmh(name: &str, annotations: &str, spec: &str) -> String {
+    let annotations = if annotations.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n{annotations}")
+    };
+    format!(
+        "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: {name}\n{annotations}spec:\n{spec}"
+    )
+}
+
+fn image_spec(url: &str, sha: &str, disk: &Path) -> String {
+    format!(
+        "  online: true\n  image:\n    url: {url}\n    checksum: {sha}\n    checksumType: sha256\n    format: raw\n  rootDeviceHints:\n    deviceName: {}\n",
+        disk.display()
+    )
+}
+
+fn get_json(k: &KubeCluster, args: &[&str]) -> Value {
+    let mut a = vec!["get"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["-o", "json"]);
+    serde_json::from_str(&k.kubectl_ok(&a)).expect("kubectl get -o json")
+}
+
+fn state_of(k: &KubeCluster, name: &str) -> String {
+    let out = k.kubectl(&[
+        "get",
+        "bmh",
+        name,
+        "-o",
+        "jsonpath={.status.provisioning.state}",
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_bmh_state(k: &KubeCluster, c: &Coordinator, name: &str, state: &str, timeout: Duration) {
+    let what = format!("BareMetalHost {name} in state {state}");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if state_of(k, name) == state {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let status = k.kubectl(&["get", "bmh", name, "-o", "yaml"]);
+            panic!(
+                "timed out waiting for {what}:\n{}\n{}\n{}",
+                String::from_utf8_lossy(&status.stdout),
+                c.logs(),
+                k.log_tails()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A 16 MiB image with a GPT and an ext4 in partition 1: signatures cleaning must remove.
+fn gpt_ext4_image(path: &Path) -> Vec<u8> {
+    fs::File::create(path).unwrap().set_len(16 * MIB).unwrap();
+    let p = path.display().to_string();
+    run_tool(&["sgdisk", "-o", "-n1:2048:+8M", &p]);
+    run_tool(&[
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-E",
+        &format!("offset={MIB}"),
+        &p,
+        "8M",
+    ]);
+    fs::read(path).unwrap()
+}
+
+#[test]
+fn a_bmh_is_provisioned_survives_a_restart_from_the_cluster_alone_and_is_cleaned_on_delete() {
+    let k = KubeCluster::start();
+    install_crds(&k);
+    let ns = k.namespace().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = kube_coordinator(dir.path(), &k, k.kubeconfig());
+    let image = gpt_ext4_image(&c.images.join("os.img"));
+    let disk = dir.path().join("disk.img");
+    fs::File::create(&disk).unwrap().set_len(64 * MIB).unwrap();
+    // A second host that only waits for its agent: it must be left as it is throughout.
+    let idle_disk = dir.path().join("idle.img");
+    fs::write(&idle_disk, pattern(4 * MIB as usize, 7)).unwrap();
+    k.apply_yaml(&format!(
+        "{}---\n{}",
+        bmh(
+            "w",
+            "",
+            &image_spec(&c.image_url("os.img"), &sha256_hex(&image), &disk)
+        ),
+        bmh(
+            "idle",
+            "",
+            &image_spec(&c.image_url("os.img"), &sha256_hex(&image), &idle_disk)
+        )
+    ));
+    wait_bmh_state(&k, &c, "w", "inspecting", Duration::from_secs(30));
+    // The finalizer is on before anything is done to the machine.
+    let obj = get_json(&k, &["bmh", "w"]);
+    assert!(
+        obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "baremetalhost.metal3.io")),
+        "{obj}"
+    );
+    // The CA is a Secret in the coordinator's namespace.
+    let ca = get_json(&k, &["secret", "slipway-ca"]);
+    assert!(ca["data"]["ca.crt"].is_string(), "{ca}");
+
+    let state_dir = dir.path().join("agent");
+    let token = c.token(&format!("{ns}/w"), "10m");
+    let mut agent = Agent::start(&c, &token, &disk, &state_dir, &[]);
+    wait_bmh_state(&k, &c, "w", "provisioned", Duration::from_secs(120));
+    assert!(
+        agent.wait_exit(Duration::from_secs(20)),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        fs::read(&disk).unwrap()[..image.len()],
+        image[..],
+        "the image on the disk"
+    );
+
+    // `kubectl get bmh` shows metal3's columns and Slipway's Progress.
+    let table = k.kubectl_ok(&["get", "bmh"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "STATE", "CONSUMER", "ONLINE", "ERROR", "PROGRESS", "AGE"
+        ],
+        "{table}"
+    );
+    let row = table.lines().find(|l| l.starts_with("w ")).expect(&table);
+    assert!(
+        row.contains("provisioned") && row.contains("true"),
+        "{table}"
+    );
+    let wide = k.kubectl_ok(&["get", "bmh", "-o", "wide"]);
+    assert!(wide.lines().next().unwrap().contains("STATUS"), "{wide}");
+
+    // The status subresource carries metal3's status and Slipway's record.
+    let obj = get_json(&k, &["bmh", "w"]);
+    let status = &obj["status"];
+    assert_eq!(status["operationalStatus"], "OK", "{status}");
+    assert!(
+        status["slipway"]["agentCertSha256"]
+            .as_str()
+            .is_some_and(|s| s.len() == 64),
+        "{status}"
+    );
+    // The inventory is a HardwareData of the same name, owned by the host.
+    let hd = get_json(&k, &["hardwaredata", "w"]);
+    let owner = &hd["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "BareMetalHost", "{hd}");
+    assert_eq!(owner["uid"], obj["metadata"]["uid"], "{hd}");
+    assert!(hd["spec"]["hardware"]["storage"].is_array(), "{hd}");
+    // The bootstrap token is kept as a hash only.
+    let tokens = k.kubectl_ok(&["get", "secret", "-l", "slipway.io/tokens-of", "-o", "json"]);
+    assert!(tokens.contains("w-slipway-tokens"), "{tokens}");
+    assert!(!tokens.contains(&token), "a token is stored in clear");
+    // Events tell the story.
+    let describe = k.kubectl_ok(&["describe", "bmh", "w"]);
+    assert!(
+        describe.contains("ProvisioningComplete") || describe.contains("provisioned"),
+        "{describe}"
+    );
+    assert_eq!(state_of(&k, "idle"), "inspecting");
+
+    // Nothing hidden outside the cluster: the coordinator's state directory goes, and a new
+    // process resumes from the cluster alone without sending the host a new command.
+    let ca_before = c.ca_fingerprint();
+    c.kill9();
+    fs::remove_dir_all(&c.state).unwrap();
+    let log_before = c.log_text().len();
+    c.restart();
+    wait_until(
+        Duration::from_secs(30),
+        "the host back in the coordinator",
+        || {
+            c.host(&format!("{ns}/w"))
+                .filter(|h| h["status"]["provisioning"]["state"] == "provisioned")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(state_of(&k, "w"), "provisioned");
+    let after = &c.log_text()[log_before..];
+    assert!(!after.contains("-> provisioning"), "{after}");
+    assert!(
+        !after.contains("-> inspecting") || !after.contains("w:"),
+        "{after}"
+    );
+    // Same CA: the agent's pinned fingerprint is still the coordinator's.
+    assert_eq!(c.ca_fingerprint(), ca_before, "the CA after the restart");
+
+    // Delete: the finalizer holds the object while the host is deprovisioned (cleaned).
+    k.kubectl_ok(&["delete", "bmh", "w", "--wait=false"]);
+    wait_bmh_state(&k, &c, "w", "deprovisioning", Duration::from_secs(30));
+    let mut agent = Agent::start(&c, "unused", &disk, &state_dir, &[]);
+    wait_until(Duration::from_secs(120), "the BareMetalHost gone", || {
+        let out = k.kubectl(&["get", "bmh", "w", "--ignore-not-found", "-o", "name"]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .is_empty()
+            .then_some(())
+    });
+    assert!(
+        agent.wait_exit(Duration::from_secs(20)),
+        "{}",
+        agent.log_text()
+    );
+    let d = disk.display().to_string();
+    assert_eq!(
+        run_tool(&["wipefs", "--no-act", &d]).trim(),
+        "",
+        "signatures survived the delete"
+    );
+    // Taken by the coordinator itself, not left to a garbage collector (our API server runs
+    // none).
+    let hd = k.kubectl_ok(&["get", "hardwaredata", "--ignore-not-found", "-o", "name"]);
+    assert_eq!(hd.trim(), "", "HardwareData left behind");
+    let tokens = k.kubectl_ok(&["get", "secret", "-l", "slipway.io/tokens-of", "-o", "name"]);
+    assert!(!tokens.contains("w-slipway-tokens"), "{tokens}");
+    // The other host was never touched.
+    assert_eq!(state_of(&k, "idle"), "inspecting");
+    assert_eq!(fs::read(&idle_disk).unwrap(), pattern(4 * MIB as usize, 7));
+}

@@ -100,23 +100,34 @@ pub fn hardware_crd() -> Crd {
     valid_for_api_servers(HardwareData::crd())
 }
 
-/// What the API server's validation refuses in schemars' output, taken out: a `null` among
-/// an optional enum's values ("unknown object type nil"; the property is `nullable` instead),
-/// and `default`s of `null` or of objects holding nulls ("must be of type string"). No
-/// defaults at all: the API server stores what the owner wrote, and Slipway's parser applies
-/// its own defaults, the same in files mode.
+/// What the API server's validation refuses in schemars' output, taken out, and what
+/// `kubectl explain` needs, put in:
+/// - a `null` among an optional enum's values ("unknown object type nil");
+/// - `default`s of `null` or of objects holding nulls ("must be of type string"). No defaults
+///   at all: the API server stores what the owner wrote, and Slipway's parser applies its own
+///   defaults, the same in files mode;
+/// - `nullable`: the API server's OpenAPI v2 drops the type of a nullable field, and `kubectl
+///   explain` then shows none of its fields. metal3's CRD has none either; Slipway never
+///   writes a null (absent is None);
+/// - the `type` of optional objects, which schemars leaves out.
 fn valid_for_api_servers(crd: Crd) -> Crd {
     fn walk(v: &mut serde_json::Value, property_names: bool) {
         match v {
             serde_json::Value::Object(map) => {
                 if !property_names {
                     map.remove("default");
-                    if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
-                        let before = values.len();
-                        values.retain(|v| !v.is_null());
-                        if values.len() != before {
-                            map.insert("nullable".into(), serde_json::Value::Bool(true));
+                    // An optional struct comes out of schemars without its type; `kubectl
+                    // explain` then shows no fields.
+                    if !map.contains_key("type") {
+                        if map.contains_key("properties") {
+                            map.insert("type".into(), "object".into());
+                        } else if map.contains_key("items") {
+                            map.insert("type".into(), "array".into());
                         }
+                    }
+                    map.remove("nullable");
+                    if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
+                        values.retain(|v| !v.is_null());
                     }
                 }
                 for (key, child) in map.iter_mut() {
@@ -168,7 +179,7 @@ mod tests {
     /// No `null` among an enum's values (the API server refuses it), and optional enums say
     /// they are nullable.
     #[test]
-    fn optional_enums_are_nullable_not_null_valued() {
+    fn no_nulls_defaults_or_nullables_and_optional_objects_typed() {
         let crd = serde_json::to_value(host_crd()).unwrap();
         let text = serde_json::to_string(&crd).unwrap();
         assert!(
@@ -177,8 +188,13 @@ mod tests {
         );
         assert!(!text.contains("\"default\""), "a default in the schema");
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let hints = &schema["properties"]["spec"]["properties"]["rootDeviceHints"];
+        assert_eq!(hints["type"], "object", "{hints}");
+        assert!(
+            !text.contains("\"nullable\""),
+            "nullable hides types from kubectl explain"
+        );
         let boot_mode = &schema["properties"]["spec"]["properties"]["bootMode"];
-        assert_eq!(boot_mode["nullable"], true, "{boot_mode}");
         assert!(
             boot_mode["enum"]
                 .as_array()

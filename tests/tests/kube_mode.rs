@@ -273,3 +273,276 @@ fn a_bmh_is_provisioned_survives_a_restart_from_the_cluster_alone_and_is_cleaned
     assert_eq!(state_of(&k, "idle"), "inspecting");
     assert_eq!(fs::read(&idle_disk).unwrap(), pattern(4 * MIB as usize, 7));
 }
+
+fn jsonpath(k: &KubeCluster, ns: &str, name: &str, path: &str) -> String {
+    let out = k.kubectl(&[
+        "get",
+        "bmh",
+        name,
+        "-n",
+        ns,
+        "-o",
+        &format!("jsonpath={{{path}}}"),
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_jsonpath(
+    k: &KubeCluster,
+    c: &Coordinator,
+    ns: &str,
+    name: &str,
+    path: &str,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = jsonpath(k, ns, name, path);
+        if pred(&v) {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            let status = k.kubectl(&["get", "bmh", name, "-n", ns, "-o", "yaml"]);
+            panic!(
+                "timed out waiting for {ns}/{name} {path} (last {v:?}):\n{}\n{}",
+                String::from_utf8_lossy(&status.stdout),
+                c.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn broken_specs_are_errors_on_their_host_paused_and_detached_hosts_are_left_alone() {
+    let k = KubeCluster::start();
+    install_crds(&k);
+    let ns = k.namespace().to_string();
+    // `kubectl explain` helps: the CRD's fields carry descriptions (published in the API
+    // server's OpenAPI a few seconds after the CRD is established).
+    let explain = wait_until(Duration::from_secs(60), "kubectl explain bmh", || {
+        let out = k.kubectl(&["explain", "bmh.spec.rootDeviceHints"]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    assert!(explain.contains("deviceName"), "{explain}");
+    assert!(
+        explain.lines().filter(|l| l.trim().len() > 20).count() > 5,
+        "{explain}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = kube_coordinator(dir.path(), &k, k.kubeconfig());
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, pattern(MIB as usize, 3)).unwrap();
+    let spec = image_spec(&c.image_url("none.img"), &"ab".repeat(32), &disk);
+    k.apply_yaml(&[
+        // A vendor BMC scheme Slipway has no driver for: refused by name.
+        bmh(
+            "vendor",
+            "",
+            &format!("{spec}  bmc:\n    address: irmc://127.0.0.1\n    credentialsName: creds\n"),
+        ),
+        // Its credentials Secret does not exist yet.
+        bmh(
+            "nocreds",
+            "",
+            &format!("{spec}  bmc:\n    address: ipmi://127.0.0.1:6230\n    credentialsName: late-creds\n"),
+        ),
+        bmh("paused", "    baremetalhost.metal3.io/paused: \"\"\n", &spec),
+        // Detached takes effect in a steady state, as in metal3: an externally provisioned
+        // host is one from the start.
+        bmh(
+            "detached",
+            "    baremetalhost.metal3.io/detached: \"\"\n",
+            "  online: true\n  externallyProvisioned: true\n",
+        ),
+        bmh("good", "", &spec),
+    ]
+    .join("---\n"));
+    wait_bmh_state(&k, &c, "good", "inspecting", Duration::from_secs(30));
+    let msg = wait_jsonpath(&k, &c, &ns, "vendor", ".status.errorMessage", |m| {
+        !m.is_empty()
+    });
+    assert!(msg.contains("irmc"), "{msg}");
+    assert_eq!(
+        jsonpath(&k, &ns, "vendor", ".status.errorType"),
+        "registration error"
+    );
+    assert_eq!(
+        jsonpath(&k, &ns, "vendor", ".status.operationalStatus"),
+        "error"
+    );
+    let msg = wait_jsonpath(&k, &c, &ns, "nocreds", ".status.errorMessage", |m| {
+        !m.is_empty()
+    });
+    assert!(msg.contains("late-creds"), "{msg}");
+    // The errors are Events on their objects: `kubectl describe` tells the story.
+    wait_until(Duration::from_secs(20), "a Warning event on vendor", || {
+        let d = k.kubectl_ok(&["describe", "bmh", "vendor"]);
+        (d.contains("Warning") && d.contains("irmc")).then_some(())
+    });
+    // The table shows the error type.
+    let table = k.kubectl_ok(&["get", "bmh"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("vendor "))
+        .expect(&table);
+    assert!(row.contains("registration error"), "{table}");
+
+    // A fixed Secret clears the error by itself (the Secrets are watched).
+    k.apply_yaml(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: late-creds\nstringData:\n  username: admin\n  password: secret\n",
+    );
+    wait_jsonpath(
+        &k,
+        &c,
+        &ns,
+        "nocreds",
+        ".status.errorMessage",
+        str::is_empty,
+    );
+    assert_ne!(
+        jsonpath(&k, &ns, "nocreds", ".status.operationalStatus"),
+        "error"
+    );
+
+    // Paused: nothing done, status says so; detached: metal3's operational status.
+    wait_jsonpath(&k, &c, &ns, "paused", ".status.paused", |v| v == "true");
+    wait_jsonpath(&k, &c, &ns, "detached", ".status.operationalStatus", |v| {
+        v == "detached"
+    });
+    assert_ne!(state_of(&k, "paused"), "inspecting");
+    let log = c.log_text();
+    assert!(!log.contains(&format!("{ns}/paused}}: slipway_coordinator::engine::host: StateChanged: registering -> inspecting")), "{log}");
+    // Nothing touched the disk.
+    assert_eq!(fs::read(&disk).unwrap(), pattern(MIB as usize, 3));
+}
+
+/// What Cluster API's metal3 provider does to a host, on same-named hosts of two namespaces:
+/// claim an available host (consumerRef, image, userData, online) and it is provisioned with
+/// its own namespace's user data; release it (clear them) and it is cleaned back to available.
+#[test]
+fn capm3_claims_and_releases_same_named_hosts_in_two_namespaces() {
+    let k = KubeCluster::start();
+    install_crds(&k);
+    let ns_a = k.namespace().to_string();
+    let ns_b = format!("{ns_a}-b");
+    k.kubectl_ok(&["create", "namespace", &ns_b]);
+    let dir = tempfile::tempdir().unwrap();
+    let c = kube_coordinator(dir.path(), &k, k.kubeconfig());
+    let image = gpt_ext4_image(&c.images.join("os.img"));
+    let sha = sha256_hex(&image);
+    let disk = |ns: &str| dir.path().join(format!("{ns}.img"));
+    let mut agents = Vec::new();
+    for ns in [&ns_a, &ns_b] {
+        fs::File::create(disk(ns))
+            .unwrap()
+            .set_len(64 * MIB)
+            .unwrap();
+        k.apply_yaml(&format!(
+            "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: node\n  namespace: {ns}\nspec:\n  online: true\n  rootDeviceHints:\n    deviceName: {}\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: ud\n  namespace: {ns}\nstringData:\n  userData: \"#cloud-config\\nhostname: marker-of-{ns}\\n\"\n",
+            disk(ns).display()
+        ));
+        wait_jsonpath(&k, &c, ns, "node", ".status.provisioning.state", |s| {
+            s == "inspecting"
+        });
+        let token = c.token(&format!("{ns}/node"), "10m");
+        agents.push(Agent::start(
+            &c,
+            &token,
+            &disk(ns),
+            &dir.path().join(ns.as_str()),
+            &[],
+        ));
+    }
+    for ns in [&ns_a, &ns_b] {
+        wait_jsonpath(&k, &c, ns, "node", ".status.provisioning.state", |s| {
+            s == "available"
+        });
+        assert_eq!(
+            jsonpath(&k, ns, "node", ".status.hardware.storage[0].name").is_empty(),
+            false
+        );
+    }
+    // Claim, as CAPM3's Metal3Machine controller does.
+    for ns in [&ns_a, &ns_b] {
+        let patch = serde_json::json!({"spec": {
+            "consumerRef": {"apiVersion": "infrastructure.cluster.x-k8s.io/v1beta1",
+                            "kind": "Metal3Machine", "name": format!("m-{ns}"), "namespace": ns},
+            "image": {"url": c.image_url("os.img"), "checksum": sha, "checksumType": "sha256",
+                      "format": "raw"},
+            "userData": {"name": "ud", "namespace": ns},
+            "online": true,
+        }});
+        k.kubectl_ok(&[
+            "patch",
+            "bmh",
+            "node",
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ]);
+    }
+    for ns in [&ns_a, &ns_b] {
+        wait_jsonpath(&k, &c, ns, "node", ".status.provisioning.state", |s| {
+            s == "provisioned"
+        });
+        let table = k.kubectl_ok(&["get", "bmh", "-n", ns]);
+        assert!(
+            table.contains(&format!("m-{ns}")),
+            "Consumer column: {table}"
+        );
+    }
+    for mut a in agents.drain(..) {
+        assert!(a.wait_exit(Duration::from_secs(20)), "{}", a.log_text());
+    }
+    for (ns, other) in [(&ns_a, &ns_b), (&ns_b, &ns_a)] {
+        let bytes = fs::read(disk(ns)).unwrap();
+        let has = |m: &str| bytes.windows(m.len()).any(|w| w == m.as_bytes());
+        assert!(
+            has(&format!("marker-of-{ns}\n")),
+            "{ns} lacks its own user data"
+        );
+        assert!(
+            !has(&format!("marker-of-{other}\n")),
+            "{ns} got {other}'s user data"
+        );
+    }
+    // Release: CAPM3 clears what it set; the host is cleaned and available again.
+    for ns in [&ns_a, &ns_b] {
+        k.kubectl_ok(&[
+            "patch", "bmh", "node", "-n", ns, "--type", "json", "-p",
+            r#"[{"op":"remove","path":"/spec/consumerRef"},{"op":"remove","path":"/spec/image"},{"op":"remove","path":"/spec/userData"}]"#,
+        ]);
+        wait_jsonpath(&k, &c, ns, "node", ".status.provisioning.state", |s| {
+            s == "deprovisioning"
+        });
+        agents.push(Agent::start(
+            &c,
+            "unused",
+            &disk(ns),
+            &dir.path().join(ns.as_str()),
+            &[],
+        ));
+    }
+    for ns in [&ns_a, &ns_b] {
+        wait_jsonpath(&k, &c, ns, "node", ".status.provisioning.state", |s| {
+            s == "available"
+        });
+        let d = disk(ns).display().to_string();
+        assert_eq!(
+            run_tool(&["wipefs", "--no-act", &d]).trim(),
+            "",
+            "{ns}: signatures survived"
+        );
+        let table = k.kubectl_ok(&["get", "bmh", "-n", ns]);
+        assert!(
+            !table.contains("m-"),
+            "Consumer column after release: {table}"
+        );
+    }
+}

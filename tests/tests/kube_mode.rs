@@ -460,9 +460,9 @@ fn capm3_claims_and_releases_same_named_hosts_in_two_namespaces() {
         wait_jsonpath(&k, &c, ns, "node", ".status.provisioning.state", |s| {
             s == "available"
         });
-        assert_eq!(
-            jsonpath(&k, ns, "node", ".status.hardware.storage[0].name").is_empty(),
-            false
+        assert!(
+            !jsonpath(&k, ns, "node", ".status.hardware.storage[0].name").is_empty(),
+            "{ns}: no inventory in the status"
         );
     }
     // Claim, as CAPM3's Metal3Machine controller does.

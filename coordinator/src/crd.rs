@@ -106,12 +106,14 @@ pub fn hardware_crd() -> Crd {
 /// - `default`s of `null` or of objects holding nulls ("must be of type string"). No defaults
 ///   at all: the API server stores what the owner wrote, and Slipway's parser applies its own
 ///   defaults, the same in files mode;
-/// - `nullable`: the API server's OpenAPI v2 drops the type of a nullable field, and `kubectl
-///   explain` then shows none of its fields. metal3's CRD has none either; Slipway never
-///   writes a null (absent is None);
+/// - `nullable` in the spec: the API server's OpenAPI v2 drops the type of a nullable field,
+///   and `kubectl explain` then shows none of its fields. metal3's CRD has none either. The
+///   status keeps them: Slipway never writes a null (absent is None), but kube-apiserver 1.20's
+///   server-side apply leaves a null where an applied object field was dropped (the command
+///   in flight, once done), and would then refuse its own result;
 /// - the `type` of optional objects, which schemars leaves out.
 fn valid_for_api_servers(crd: Crd) -> Crd {
-    fn walk(v: &mut serde_json::Value, property_names: bool) {
+    fn walk(v: &mut serde_json::Value, property_names: bool, keep_nullable: bool) {
         match v {
             serde_json::Value::Object(map) => {
                 if !property_names {
@@ -125,23 +127,41 @@ fn valid_for_api_servers(crd: Crd) -> Crd {
                             map.insert("type".into(), "array".into());
                         }
                     }
-                    map.remove("nullable");
+                    if !keep_nullable {
+                        map.remove("nullable");
+                    }
                     if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
                         values.retain(|v| !v.is_null());
                     }
                 }
                 for (key, child) in map.iter_mut() {
-                    walk(child, !property_names && key == "properties");
+                    walk(child, !property_names && key == "properties", keep_nullable);
                 }
             }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(|i| walk(i, false)),
+            serde_json::Value::Array(items) => {
+                items.iter_mut().for_each(|i| walk(i, false, keep_nullable))
+            }
             _ => {}
         }
     }
     let Ok(mut value) = serde_json::to_value(&crd) else {
         return crd;
     };
-    walk(&mut value, false);
+    if let Some(versions) = value["spec"]["versions"].as_array_mut() {
+        for v in versions {
+            let schema = &mut v["schema"]["openAPIV3Schema"];
+            // The status keeps its nullables (see above), taken out of the walk.
+            let status = schema
+                .get_mut("properties")
+                .and_then(|p| p.as_object_mut())
+                .and_then(|p| p.remove("status"));
+            walk(schema, false, false);
+            if let Some(mut status) = status {
+                walk(&mut status, false, true);
+                schema["properties"]["status"] = status;
+            }
+        }
+    }
     serde_json::from_value(value).unwrap_or(crd)
 }
 
@@ -177,7 +197,7 @@ mod tests {
     }
 
     /// No `null` among an enum's values (the API server refuses it), and optional enums say
-    /// they are nullable.
+    /// they are nullable in the status only.
     #[test]
     fn no_nulls_defaults_or_nullables_and_optional_objects_typed() {
         let crd = serde_json::to_value(host_crd()).unwrap();
@@ -190,10 +210,14 @@ mod tests {
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         let hints = &schema["properties"]["spec"]["properties"]["rootDeviceHints"];
         assert_eq!(hints["type"], "object", "{hints}");
+        let spec = serde_json::to_string(&schema["properties"]["spec"]).unwrap();
         assert!(
-            !text.contains("\"nullable\""),
+            !spec.contains("\"nullable\""),
             "nullable hides types from kubectl explain"
         );
+        let status = &schema["properties"]["status"]["properties"];
+        assert_eq!(status["currentCommand"]["nullable"], true);
+        assert_eq!(status["progress"]["nullable"], true);
         let boot_mode = &schema["properties"]["spec"]["properties"]["bootMode"];
         assert!(
             boot_mode["enum"]

@@ -29,6 +29,7 @@ pub mod failpoint;
 pub mod hardware;
 pub mod http;
 pub mod iso;
+pub mod leader;
 pub mod limits;
 pub mod log;
 pub mod metrics;

@@ -56,6 +56,11 @@ pub struct ServeArgs {
         default_value = "slipway-system"
     )]
     pub namespace: String,
+    /// Kubernetes mode: how long the leader's Lease (`slipway-coordinator` in --namespace)
+    /// lasts without renewal. Several replicas may run; one leads, the others wait (no port,
+    /// no writes) and one takes over within this time of the leader's last renewal.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_lease: SignedDuration,
     /// Address for agents (gRPC over mutual TLS).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9443")]
     pub listen: SocketAddr,
@@ -221,6 +226,8 @@ pub async fn serve(args: ServeArgs, state: PathBuf) -> anyhow::Result<()> {
         false => None,
     };
     if let Some(client) = &kube {
+        let lease = Duration::try_from(args.leader_lease).unwrap_or(Duration::from_secs(15));
+        crate::leader::lead(client.clone(), &args.namespace, lease).await?;
         crate::state::kube::sync_ca(client.clone(), &args.namespace, &state.join("pki")).await?;
     }
     let ca = Arc::new(

@@ -190,6 +190,17 @@ impl Coordinator {
         Coordinator::start_full(dir, extra_args, netns, listen_ip, &[], None)
     }
 
+    /// Starts a coordinator that is not expected to be ready (a replica waiting for the leader
+    /// Lease): returns once its log has `line`. [`Coordinator::wait_ready`] waits for the rest.
+    pub fn start_until_log(
+        dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        line: &str,
+    ) -> Coordinator {
+        Coordinator::start_inner(dir, extra_args, None, "127.0.0.1", env, None, Some(line))
+    }
+
     fn start_full(
         dir: &Path,
         extra_args: &[&str],
@@ -197,6 +208,18 @@ impl Coordinator {
         listen_ip: &str,
         env: &[(&str, &str)],
         open_files: Option<u64>,
+    ) -> Coordinator {
+        Coordinator::start_inner(dir, extra_args, netns, listen_ip, env, open_files, None)
+    }
+
+    fn start_inner(
+        dir: &Path,
+        extra_args: &[&str],
+        netns: Option<&str>,
+        listen_ip: &str,
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
+        until_log: Option<&str>,
     ) -> Coordinator {
         let hosts = dir.join("hosts");
         let state = dir.join("state");
@@ -226,7 +249,7 @@ impl Coordinator {
         // A port free_port() found can be taken (by another test's server or an outgoing
         // connection) before the coordinator binds it: then pick new ports and start again.
         for attempt in 1.. {
-            match c.try_spawn() {
+            match c.try_spawn_until(until_log) {
                 Ok(()) => break,
                 Err(log) if attempt < 5 && log.contains("Address already in use") => {
                     c.grpc_port = free_port();
@@ -244,8 +267,38 @@ impl Coordinator {
         }
     }
 
-    /// Starts `slipway serve` and waits for its admin socket; Err(what it said) if it exited.
     fn try_spawn(&mut self) -> Result<(), String> {
+        self.try_spawn_until(None)
+    }
+
+    /// Waits (up to `timeout`) for the admin socket of a coordinator started by
+    /// [`Coordinator::start_until_log`]: it is ready (the leader, for a replica).
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let socket = self.state.join("admin.sock");
+        let r = wait_until(timeout, "the coordinator's admin socket", || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Some(Err(format!(
+                    "slipway serve exited with {status}:\n{}",
+                    self.log_text()
+                )));
+            }
+            std::os::unix::net::UnixStream::connect(&socket)
+                .ok()
+                .map(|_| Ok(()))
+        });
+        if let Err(log) = r {
+            panic!("{log}");
+        }
+    }
+
+    /// Starts `slipway serve` and waits for its admin socket (or for `until_log` in its log);
+    /// Err(what it said) if it exited.
+    fn try_spawn_until(&mut self, until_log: Option<&str>) -> Result<(), String> {
+        let log_start = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0) as usize;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -315,6 +368,14 @@ impl Coordinator {
                         self.log_text()
                     )));
                 }
+                if let Some(line) = until_log {
+                    let log = self.log_text();
+                    return log
+                        .get(log_start..)
+                        .unwrap_or("")
+                        .contains(line)
+                        .then_some(Ok(()));
+                }
                 std::os::unix::net::UnixStream::connect(&socket)
                     .ok()
                     .map(|_| Ok(()))
@@ -331,6 +392,11 @@ impl Coordinator {
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// The coordinator's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn kill9(&mut self) {
@@ -792,13 +858,20 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(target: std::net::SocketAddr) -> Proxy {
+        Proxy::start_failover(vec![target])
+    }
+
+    /// A proxy that connects each client to the first of `targets` accepting a connection,
+    /// as a Service does with the one ready replica: a coordinator replica that does not
+    /// lead listens on nothing.
+    pub fn start_failover(targets: Vec<std::net::SocketAddr>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("proxy addr").port();
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
         let kept = conns.clone();
         thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(target) else {
+                let Some(server) = targets.iter().find_map(|t| TcpStream::connect(t).ok()) else {
                     continue;
                 };
                 if let Ok(mut c) = kept.lock() {

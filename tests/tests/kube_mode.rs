@@ -546,3 +546,99 @@ fn capm3_claims_and_releases_same_named_hosts_in_two_namespaces() {
         );
     }
 }
+
+fn lease_holder(k: &KubeCluster) -> String {
+    let out = k.kubectl(&[
+        "get",
+        "lease",
+        "slipway-coordinator",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two replicas, one leading: the other listens on nothing and writes nothing; killed
+/// mid-provisioning, the leader is replaced within the Lease's duration, the agent reconnects
+/// (through a proxy that, like a Service, reaches whichever replica listens) and the new
+/// leader finishes the host from what the cluster holds.
+#[test]
+fn a_second_replica_takes_over_mid_provisioning_within_the_lease() {
+    let k = KubeCluster::start();
+    install_crds(&k);
+    let ns = k.namespace().to_string();
+    let kubeconfig = k.kubeconfig().to_str().unwrap().to_string();
+    let args = ["--kube", "--namespace", &ns, "--leader-lease", "4s"];
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Coordinator::start_with_env(&dir.path().join("a"), &args, &env);
+    let holder_a = lease_holder(&k);
+    assert!(
+        holder_a.ends_with(&format!("-{}", a.pid().unwrap())),
+        "{holder_a}"
+    );
+    let mut b = Coordinator::start_until_log(
+        &dir.path().join("b"),
+        &args,
+        &env,
+        "waiting to become the leader",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", b.grpc_port)).is_err(),
+        "a follower listens for agents"
+    );
+    assert!(!b.state.join("admin.sock").exists());
+
+    // 24 MiB served at 3 MiB/s by a server of its own: the write takes about 8 s.
+    let image = pattern(24 * MIB as usize, 11);
+    let url = slipway_tests::throttled_server(image.clone(), 3 * MIB as usize);
+    let disk = dir.path().join("disk.img");
+    fs::File::create(&disk).unwrap().set_len(64 * MIB).unwrap();
+    k.apply_yaml(&bmh("w", "", &image_spec(&url, &sha256_hex(&image), &disk)));
+    wait_bmh_state(&k, &a, "w", "inspecting", Duration::from_secs(30));
+    let proxy = slipway_tests::Proxy::start_failover(vec![
+        format!("127.0.0.1:{}", a.grpc_port).parse().unwrap(),
+        format!("127.0.0.1:{}", b.grpc_port).parse().unwrap(),
+    ]);
+    let token = a.token(&format!("{ns}/w"), "10m");
+    let state_dir = dir.path().join("agent");
+    let mut agent = Agent::start_at(&a, &proxy.url(), &token, &disk, &state_dir, &[]);
+    wait_bmh_state(&k, &a, "w", "provisioning", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+
+    let killed = std::time::Instant::now();
+    a.kill9();
+    b.wait_ready(Duration::from_secs(30));
+    let failover = killed.elapsed();
+    eprintln!("failover in {:.1} s", failover.as_secs_f64());
+    assert!(
+        failover < Duration::from_secs(4 + 4),
+        "failover took {failover:?} with a 4 s Lease"
+    );
+    let holder_b = lease_holder(&k);
+    assert!(
+        holder_b.ends_with(&format!("-{}", b.pid().unwrap())),
+        "{holder_b}"
+    );
+    wait_bmh_state(&k, &b, "w", "provisioned", Duration::from_secs(120));
+    assert!(
+        agent.wait_exit(Duration::from_secs(30)),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(fs::read(&disk).unwrap()[..image.len()], image[..]);
+    // The new leader took the command in flight from the host's status: it sent no second
+    // write.
+    let b_log = b.log_text();
+    assert!(b_log.contains("this replica is the leader"), "{b_log}");
+    assert_eq!(
+        agent
+            .log_text()
+            .matches(&format!("writing {url} to"))
+            .count(),
+        1,
+        "{}",
+        agent.log_text()
+    );
+}

@@ -200,9 +200,11 @@ impl KubeStore {
             };
             let key = HostKey::of(&host.metadata);
             let status_json = obj.data.get("status").cloned();
-            let Some(status_json) = status_json.filter(|s| s.is_object()) else {
+            let Some(mut status_json) = status_json.filter(|s| s.is_object()) else {
                 continue; // never reconciled: the source declares it
             };
+            // A null is what 1.20's server-side apply leaves of a dropped field: absent.
+            drop_nulls(&mut status_json);
             let status: HostStatus = match serde_json::from_value(status_json.clone()) {
                 Ok(s) => s,
                 Err(e) => {

@@ -72,6 +72,24 @@ pub enum Command {
     /// hardwaredata.metal3.io) as YAML, generated from Slipway's types: `slipway crd | kubectl
     /// apply -f -`. The same files are in deploy/crds/.
     Crd,
+    /// Move the hosts of a stopped files-mode coordinator (--state, and its --hosts
+    /// directory) into the Kubernetes cluster of KUBECONFIG (or the in-cluster service
+    /// account): BareMetalHosts with their status in metal3's `baremetalhost.metal3.io/status`
+    /// annotation, HardwareData, the Secrets they reference and the CA. A coordinator in
+    /// Kubernetes mode adopts them as they are: provisioned hosts are neither inspected nor
+    /// imaged again. Objects that exist already are left alone and reported.
+    Move {
+        /// The files-mode coordinator's hosts directory (for the Secrets).
+        #[arg(long, value_name = "DIR")]
+        hosts: PathBuf,
+        /// Where the coordinator in the cluster keeps its own objects (the CA's Secret).
+        #[arg(
+            long = "to-namespace",
+            value_name = "NAMESPACE",
+            default_value = "slipway-system"
+        )]
+        to_namespace: String,
+    },
     /// Show how agents reach this coordinator: URLs and the CA fingerprint.
     Info {
         #[arg(short, long, value_enum, default_value_t = Format::Text)]
@@ -227,6 +245,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::serve(args, cli.state).await,
         Command::Crd => print(&crate::crd::all_yaml()?),
+        Command::Move {
+            hosts,
+            to_namespace,
+        } => {
+            let client = kube::Client::try_default().await.context(
+                "cannot reach the Kubernetes API server: set KUBECONFIG (or run in the cluster)",
+            )?;
+            let moved = crate::transfer::to_kube(client, &cli.state, &hosts, &to_namespace).await?;
+            let mut out = String::new();
+            for (key, state) in &moved.hosts {
+                out.push_str(&format!("moved   {key} ({state})\n"));
+            }
+            for (key, why) in &moved.skipped {
+                out.push_str(&format!("skipped {key}: {why}\n"));
+            }
+            out.push_str(&format!(
+                "{} host(s) moved, {} skipped, {} Secret(s) created; {}\n",
+                moved.hosts.len(),
+                moved.skipped.len(),
+                moved.secrets,
+                moved.ca
+            ));
+            print(&out)
+        }
         Command::Get {
             what: GetWhat::Hosts { names, output },
         } => {

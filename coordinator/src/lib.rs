@@ -41,6 +41,7 @@ pub mod serve;
 pub mod sources;
 pub mod state;
 pub mod tokens;
+pub mod transfer;
 pub mod view;
 
 /// An error and all its causes on one line: "a: b: c".

@@ -93,8 +93,14 @@ pub fn bins() -> &'static Bins {
 
 /// Runs `slipway ARGS` (no coordinator needed, e.g. a `serve` expected to refuse to start).
 pub fn slipway(args: &[&std::ffi::OsStr]) -> Output {
+    slipway_with_env(args, &[])
+}
+
+/// [`slipway`] with extra environment (`KUBECONFIG` for `slipway move`).
+pub fn slipway_with_env(args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]) -> Output {
     Command::new(&bins().slipway)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run slipway")
 }

@@ -642,3 +642,109 @@ fn a_second_replica_takes_over_mid_provisioning_within_the_lease() {
         agent.log_text()
     );
 }
+
+/// The seed's flow: a files-mode coordinator provisions a host; `slipway move` writes it into
+/// the cluster; the coordinator in the cluster adopts it provisioned, with no inspection or
+/// command again, the same CA, and its inventory and user data Secret moved along.
+#[test]
+fn move_from_files_mode_adopts_a_provisioned_host_as_it_is() {
+    let k = KubeCluster::start();
+    install_crds(&k);
+    let ns = k.namespace().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = Coordinator::start(&dir.path().join("files"), &[]);
+    let image = gpt_ext4_image(&f.images.join("os.img"));
+    let disk = dir.path().join("disk.img");
+    fs::File::create(&disk).unwrap().set_len(64 * MIB).unwrap();
+    let doc = format!(
+        "apiVersion: metal3.io/v1alpha1\nkind: BareMetalHost\nmetadata:\n  name: w\n  namespace: {ns}\n  labels:\n    rack: r1\nspec:\n{}  userData:\n    name: ud\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: ud\n  namespace: {ns}\nstringData:\n  userData: \"#cloud-config\\nhostname: seeded\\n\"\n",
+        image_spec(&f.image_url("os.img"), &sha256_hex(&image), &disk)
+    );
+    slipway_tests::write_doc(&f.hosts, "w.yaml", &doc);
+    let key = format!("{ns}/w");
+    f.wait_state(&key, "inspecting", Duration::from_secs(20));
+    let mut agent = Agent::start(
+        &f,
+        &f.token(&key, "10m"),
+        &disk,
+        &dir.path().join("agent"),
+        &[],
+    );
+    f.wait_state(&key, "provisioned", Duration::from_secs(120));
+    assert!(
+        agent.wait_exit(Duration::from_secs(20)),
+        "{}",
+        agent.log_text()
+    );
+    let ca = f.ca_fingerprint();
+    let (hosts_dir, state_dir) = (f.hosts.clone(), f.state.clone());
+    let move_to_kube = || {
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "move".as_ref(),
+            "--hosts".as_ref(),
+            hosts_dir.as_os_str(),
+            "--to-namespace".as_ref(),
+            ns.as_ref(),
+            "--state".as_ref(),
+            state_dir.as_os_str(),
+        ];
+        slipway_tests::slipway_with_env(&args, &[("KUBECONFIG", k.kubeconfig().as_os_str())])
+    };
+    let disk_before = fs::read(&disk).unwrap();
+    f.kill9();
+
+    let out = move_to_kube();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!("moved   {key} (provisioned)")),
+        "{said}"
+    );
+    assert!(said.contains("1 Secret(s) created"), "{said}");
+    let obj = get_json(&k, &["bmh", "w"]);
+    assert_eq!(obj["metadata"]["labels"]["rack"], "r1", "{obj}");
+    assert!(obj["status"].is_null(), "{obj}");
+    k.kubectl_ok(&["get", "secret", "ud"]);
+    let hd = get_json(&k, &["hardwaredata", "w"]);
+    assert_eq!(
+        hd["metadata"]["ownerReferences"][0]["uid"],
+        obj["metadata"]["uid"]
+    );
+    // Moving again changes nothing and says so.
+    let again = move_to_kube();
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        said.contains(&format!(
+            "skipped {key}: a BareMetalHost of this name exists"
+        )),
+        "{said}"
+    );
+
+    let c = kube_coordinator(&dir.path().join("kube"), &k, k.kubeconfig());
+    wait_bmh_state(&k, &c, "w", "provisioned", Duration::from_secs(30));
+    wait_jsonpath(&k, &c, &ns, "w", ".status.operationalStatus", |s| s == "OK");
+    std::thread::sleep(Duration::from_secs(2));
+    let log = c.log_text();
+    assert!(log.contains("with a status to adopt"), "{log}");
+    assert!(
+        !log.contains("StateChanged"),
+        "the adopted host changed state:\n{log}"
+    );
+    assert!(
+        !log.contains("-> inspecting") && !log.contains("-> provisioning"),
+        "{log}"
+    );
+    assert_eq!(c.ca_fingerprint(), ca, "the CA did not move");
+    assert_eq!(jsonpath(&k, &ns, "w", ".status.currentCommand"), "");
+    assert_eq!(
+        fs::read(&disk).unwrap(),
+        disk_before,
+        "the disk was touched"
+    );
+    // The status now lives in the status subresource; the annotation is no longer read.
+    assert!(!jsonpath(&k, &ns, "w", ".status.hardware.cpu.arch").is_empty());
+}

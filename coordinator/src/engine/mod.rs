@@ -42,6 +42,18 @@ use tracing::{debug, error, info, info_span, warn};
 
 use self::host::{Act, Entry, Held};
 pub use self::msg::*;
+
+/// The Secrets a host's spec references, resolved in the host's namespace (as the engine
+/// resolves them).
+pub fn secret_refs_of(
+    key: &slipway_reconcile::host::HostKey,
+    spec: &slipway_reconcile::host::HostSpec,
+) -> Vec<crate::sources::SecretKey> {
+    host::secret_refs(key, spec)
+        .into_iter()
+        .map(|(_, k)| k)
+        .collect()
+}
 use self::slots::Slots;
 use crate::hardware::{Hardware, HardwareData};
 use crate::metrics::{Metrics, StateLabel};

@@ -84,7 +84,7 @@ impl Engine {
         if !self.synced {
             self.declared.insert(key.clone());
         }
-        host.status = None;
+        let adopted = host.status.take();
         let existing = self.hosts.get(&key).is_some_and(|e| !e.forgotten);
         if existing {
             let Some(entry) = self.hosts.get_mut(&key) else {
@@ -152,14 +152,27 @@ impl Engine {
                 self.secret_users.entry(sk).or_default().insert(key.clone());
             }
         } else {
-            info!(host = %key, "new host declared in {origin}");
             host.metadata.creation_timestamp.get_or_insert(now);
             let record = HostRecord {
                 host,
                 origin,
                 ..Default::default()
             };
-            let mut entry = Entry::new(record, HostStatus::default(), now);
+            let status = match adopted {
+                Some(status) => {
+                    info!(
+                        host = %key,
+                        state = %status.provisioning.state,
+                        "new host declared in {} with a status to adopt (moved from another                          coordinator): it goes on from there", record.origin
+                    );
+                    status
+                }
+                None => {
+                    info!(host = %key, "new host declared in {}", record.origin);
+                    HostStatus::default()
+                }
+            };
+            let mut entry = Entry::new(record, status, now);
             // Declared again before its removal was stored: the store drops the old one first.
             entry.pending.remove = self.hosts.contains_key(&key);
             entry.pending.record = true;

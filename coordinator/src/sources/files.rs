@@ -326,9 +326,12 @@ impl Differ {
             let d = digest(sourced.host, &origin);
             if self.hosts.get(key) != Some(&d) {
                 self.hosts.insert(key.clone(), d);
+                // A document's status is ignored, as the API server ignores one on create.
+                let mut host = sourced.host.clone();
+                host.status = None;
                 out.push(SourceEvent::Declared {
                     key: key.clone(),
-                    host: Box::new(sourced.host.clone()),
+                    host: Box::new(host),
                     origin,
                 });
             }

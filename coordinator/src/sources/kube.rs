@@ -24,7 +24,8 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
-use slipway_reconcile::host::{BareMetalHost, HostKey};
+use slipway_reconcile::annotations;
+use slipway_reconcile::host::{BareMetalHost, HostKey, HostStatus};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -76,7 +77,7 @@ pub fn parse_host(obj: &DynamicObject) -> Result<BareMetalHost, String> {
         map.entry("kind")
             .or_insert_with(|| slipway_reconcile::host::KIND.into());
     }
-    let host: BareMetalHost = serde_path_to_error::deserialize(value).map_err(|e| {
+    let mut host: BareMetalHost = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = super::files::plain_error(&e.into_inner().to_string());
         if path == "." || path.is_empty() {
@@ -85,7 +86,42 @@ pub fn parse_host(obj: &DynamicObject) -> Result<BareMetalHost, String> {
             format!("{path}: {inner}")
         }
     })?;
+    host.status = adopted_status(obj)?;
     Ok(host)
+}
+
+/// The status to adopt of a host moved into the cluster: metal3's
+/// `baremetalhost.metal3.io/status` annotation (JSON of the status, as `clusterctl move` and
+/// `slipway move` write it), used only while the object has no status of its own.
+fn adopted_status(obj: &DynamicObject) -> Result<Option<HostStatus>, String> {
+    let has_status = obj
+        .data
+        .get("status")
+        .and_then(|s| s.as_object())
+        .is_some_and(|s| !s.is_empty());
+    let Some(text) = obj.annotations().get(annotations::STATUS) else {
+        return Ok(None);
+    };
+    if has_status {
+        return Ok(None);
+    }
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "metadata.annotations[{}]: not JSON ({e}); fix or remove the annotation",
+            annotations::STATUS
+        )
+    })?;
+    crate::state::kube::drop_nulls(&mut value);
+    serde_path_to_error::deserialize(value)
+        .map(Some)
+        .map_err(|e| {
+            let path = e.path().to_string();
+            format!(
+                "metadata.annotations[{}]: {path}: {}; fix or remove the annotation",
+                annotations::STATUS,
+                super::files::plain_error(&e.into_inner().to_string())
+            )
+        })
 }
 
 fn key_of(obj: &impl ResourceExt) -> HostKey {
@@ -434,6 +470,41 @@ mod tests {
             matches!(&out[..], [SourceEvent::Undeclared { .. }]),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn the_status_annotation_is_adopted_only_without_a_status_and_named_when_bad() {
+        let mut a = host("a", serde_json::json!({}));
+        a.metadata.annotations = Some(
+            [(
+                annotations::STATUS.to_string(),
+                r#"{"provisioning":{"state":"provisioned"},"operationalStatus":"OK","errorMessage":null}"#
+                    .to_string(),
+            )]
+            .into(),
+        );
+        let status = parse_host(&a).unwrap().status.expect("adopted");
+        assert_eq!(status.provisioning.state.to_string(), "provisioned");
+        // Once the object has a status of its own, the annotation is history.
+        let mut with_status = a.clone();
+        with_status.data["status"] = serde_json::json!({"operationalStatus": "OK"});
+        assert!(parse_host(&with_status).unwrap().status.is_none());
+        // A broken annotation is an error naming it, not a host that starts over.
+        let mut bad = a.clone();
+        bad.metadata.annotations =
+            Some([(annotations::STATUS.to_string(), "{not json".to_string())].into());
+        let e = parse_host(&bad).unwrap_err();
+        assert!(e.contains(annotations::STATUS), "{e}");
+        let mut wrong = a;
+        wrong.metadata.annotations = Some(
+            [(
+                annotations::STATUS.to_string(),
+                r#"{"provisioning":{"state":"flying"}}"#.to_string(),
+            )]
+            .into(),
+        );
+        let e = parse_host(&wrong).unwrap_err();
+        assert!(e.contains("provisioning.state"), "{e}");
     }
 
     #[test]

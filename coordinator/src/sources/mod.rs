@@ -22,6 +22,9 @@ pub type SecretKey = HostKey;
 #[derive(Clone, Debug, PartialEq)]
 pub enum SourceEvent {
     /// A host is declared, or its declaration changed. `origin` says where (a file path).
+    /// `host.status`, when set, is a status to adopt if the host is new to Slipway (metal3's
+    /// `baremetalhost.metal3.io/status` annotation of a host moved into a cluster); it is
+    /// ignored for a host Slipway already has.
     Declared {
         key: HostKey,
         host: Box<BareMetalHost>,

@@ -83,7 +83,7 @@ impl KubeRecord {
 /// kube-apiserver 1.20 turns an applied `""` into a null it then refuses. With server-side
 /// apply an absent field is one Slipway no longer sets, so it goes from the object, which is
 /// what None (or an empty message) means; reading back gives the same defaults.
-fn drop_nulls(v: &mut serde_json::Value) {
+pub(crate) fn drop_nulls(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(map) => {
             map.retain(|_, v| !v.is_null() && v.as_str() != Some(""));
@@ -122,7 +122,7 @@ fn kube_error(what: &str, e: kube::Error) -> StoreError {
     StoreError::Kube(format!("{what}: {e}"))
 }
 
-fn is_not_found(e: &kube::Error) -> bool {
+pub(crate) fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
@@ -442,7 +442,7 @@ async fn remove_finalizer(hosts: &Api<DynamicObject>, key: &HostKey) -> Result<(
     ))
 }
 
-async fn write_hardware(
+pub(crate) async fn write_hardware(
     api: &Api<DynamicObject>,
     key: &HostKey,
     uid: Option<&str>,

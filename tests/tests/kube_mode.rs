@@ -748,3 +748,98 @@ fn move_from_files_mode_adopts_a_provisioned_host_as_it_is() {
     // The status now lives in the status subresource; the annotation is no longer read.
     assert!(!jsonpath(&k, &ns, "w", ".status.hardware.cpu.arch").is_empty());
 }
+
+/// A machine that boots undeclared (`--unknown-hosts discover`) becomes a BareMetalHost
+/// labelled as discovered, kept across restarts; deleting the object forgets the machine,
+/// and declaring a host with its MAC claims it.
+#[test]
+fn discovered_machines_are_labelled_bmhs_forgotten_or_claimed_through_the_cluster() {
+    let k = KubeCluster::start();
+    install_crds(&k);
+    let ns = k.namespace().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::start_with_env(
+        dir.path(),
+        &["--kube", "--namespace", &ns, "--unknown-hosts", "discover"],
+        &[("KUBECONFIG", k.kubeconfig().to_str().unwrap())],
+    );
+    let low = std::process::id() & 0xffff;
+    let mac = format!("52:54:00:7e:{:02x}:{:02x}", low >> 8, low & 0xff);
+    let name = format!("discovered-{}", mac.replace(':', ""));
+    let boot_url = format!("{}/boot/ipxe?mac={mac}", c.http_url());
+    let boot = || {
+        let (code, _) = slipway_tests::http_get(&boot_url);
+        assert_eq!(code, 200);
+    };
+    boot();
+    let label = wait_jsonpath(
+        &k,
+        &c,
+        "default",
+        &name,
+        ".metadata.labels.slipway\\.io/discovered",
+        |v| !v.is_empty(),
+    );
+    assert_eq!(label, "true");
+    wait_jsonpath(
+        &k,
+        &c,
+        "default",
+        &name,
+        ".status.provisioning.state",
+        |s| s == "unmanaged",
+    );
+    assert_eq!(
+        jsonpath(&k, "default", &name, ".status.operationalStatus"),
+        "discovered"
+    );
+    assert_eq!(jsonpath(&k, "default", &name, ".spec.bootMACAddress"), mac);
+    assert_eq!(jsonpath(&k, "default", &name, ".metadata.finalizers"), "");
+    // Kept across a restart: the coordinator still knows it as discovered.
+    c.restart();
+    let key = format!("default/{name}");
+    let h = wait_until(
+        Duration::from_secs(30),
+        "the discovered host after a restart",
+        || c.host(&key),
+    );
+    assert_eq!(h["status"]["operationalStatus"], "discovered", "{h}");
+    // Deleting the object forgets the machine.
+    k.kubectl_ok(&["delete", "bmh", "-n", "default", &name]);
+    wait_until(
+        Duration::from_secs(20),
+        "the discovered host forgotten",
+        || c.host(&key).is_none().then_some(()),
+    );
+
+    // It boots again; then a host is declared with its MAC: the discovered object goes.
+    boot();
+    wait_jsonpath(&k, &c, "default", &name, ".status.operationalStatus", |s| {
+        s == "discovered"
+    });
+    k.apply_yaml(&bmh(
+        "claimed",
+        "",
+        &format!("  online: true\n  bootMACAddress: \"{mac}\"\n"),
+    ));
+    wait_until(
+        Duration::from_secs(30),
+        "the discovered object deleted",
+        || {
+            let out = k.kubectl(&[
+                "get",
+                "bmh",
+                "-n",
+                "default",
+                &name,
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ]);
+            out.stdout.is_empty().then_some(())
+        },
+    );
+    wait_jsonpath(&k, &c, &ns, "claimed", ".status.provisioning.state", |s| {
+        s == "inspecting"
+    });
+}

@@ -245,7 +245,7 @@ impl Engine {
     }
 
     /// Removes a discovered host, with its record, tokens and certificate.
-    fn drop_discovered(&mut self, key: &HostKey, why: &str) {
+    pub(super) fn drop_discovered(&mut self, key: &HostKey, why: &str) {
         let Some(e) = self.hosts.get_mut(key) else {
             return;
         };

@@ -214,7 +214,13 @@ impl Engine {
         let Some(entry) = self.hosts.get_mut(key) else {
             return;
         };
-        if entry.forgotten || entry.record.deleted || entry.record.origin == DISCOVERED {
+        if entry.forgotten || entry.record.deleted {
+            return;
+        }
+        if entry.record.origin == DISCOVERED {
+            // A source that shows discovered hosts (Kubernetes mode's labelled objects) lost
+            // one: the operator deleted it.
+            self.drop_discovered(key, "its object was deleted");
             return;
         }
         info!(host = %key, "host no longer declared: deleting it");

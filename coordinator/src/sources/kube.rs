@@ -147,12 +147,27 @@ fn secret_of(obj: &KubeSecret) -> Secret {
     }
 }
 
+/// The label of the BareMetalHosts Slipway writes for machines that booted undeclared
+/// (`--unknown-hosts discover`): state unmanaged, operational status discovered. They are
+/// Slipway's own records, shown in the cluster: not declarations. Deleting one forgets the
+/// machine; declaring a BareMetalHost with its MAC claims it (the discovered one goes).
+pub const DISCOVERED_LABEL: &str = "slipway.io/discovered";
+
+/// Whether the object is one of Slipway's discovered hosts.
+pub fn is_discovered(obj: &impl ResourceExt) -> bool {
+    obj.labels()
+        .get(DISCOVERED_LABEL)
+        .is_some_and(|v| v == "true")
+}
+
 /// The per-host state of the watch: what was last sent for each host, and the objects that do
 /// not parse.
 #[derive(Default)]
 struct Hosts {
     sent: HashMap<HostKey, BareMetalHost>,
     deleting: HashSet<HostKey>,
+    /// Discovered hosts' objects seen (never declared).
+    discovered: HashSet<HostKey>,
     problems: BTreeMap<HostKey, Problem>,
     /// Keys listed since the watch (re)started, until its listing is done.
     listing: Option<HashSet<HostKey>>,
@@ -165,6 +180,10 @@ impl Hosts {
         let key = key_of(obj);
         if let Some(l) = &mut self.listing {
             l.insert(key.clone());
+        }
+        if is_discovered(obj) {
+            self.discovered.insert(key);
+            return;
         }
         let problems_before = self.problems.len();
         let problem_changed;
@@ -210,7 +229,8 @@ impl Hosts {
     fn deleted(&mut self, key: &HostKey, out: &mut Vec<SourceEvent>) {
         let was_problem = self.problems.remove(key).is_some();
         self.deleting.remove(key);
-        if self.sent.remove(key).is_some() {
+        // A discovered host's object deleted: the operator forgets the machine.
+        if self.sent.remove(key).is_some() || self.discovered.remove(key) {
             out.push(SourceEvent::Undeclared { key: key.clone() });
         }
         if was_problem {
@@ -230,6 +250,7 @@ impl Hosts {
                 .keys()
                 .chain(self.problems.keys())
                 .chain(self.deleting.iter())
+                .chain(self.discovered.iter())
                 .filter(|k| !seen.contains(*k))
                 .cloned()
                 .collect();
@@ -328,6 +349,7 @@ pub fn spawn(client: Client, tx: mpsc::Sender<SourceEvent>) -> Arc<KubeSecrets> 
                                 let message = hosts.problems[&key_of(&obj)].message.clone();
                                 tokio::spawn(warn_event(client.clone(), obj.clone(), message));
                             } else if obj.metadata.deletion_timestamp.is_none()
+                                && !is_discovered(&obj)
                                 && !obj.finalizers().iter().any(|f| f == FINALIZER)
                             {
                                 tokio::spawn(add_finalizer(client.clone(), obj));

@@ -39,6 +39,7 @@ use super::{
     Batch, Failed, HardwareStore, HostChange, HostRecord, Loaded, StateStore, StoreError,
     StoredHost, TokenRecord,
 };
+use crate::engine::DISCOVERED;
 use crate::hardware::HardwareData;
 use crate::sources::kube::{FIELD_MANAGER, FINALIZER, ORIGIN, hardware_resource, host_resource};
 
@@ -217,9 +218,14 @@ impl KubeStore {
                 .cloned()
                 .and_then(|v| serde_json::from_value(v).ok())
                 .unwrap_or_default();
+            let origin = if crate::sources::kube::is_discovered(&obj) {
+                DISCOVERED
+            } else {
+                ORIGIN
+            };
             let record = HostRecord {
                 host,
-                origin: ORIGIN.into(),
+                origin: origin.into(),
                 agent_cert_sha256: extra.agent_cert_sha256,
                 deleted: obj.metadata.deletion_timestamp.is_some(),
                 hardware_sha256: extra.hardware_sha256,
@@ -321,6 +327,14 @@ async fn write_host_inner(
                 ));
             }
         }
+        if cached.record.origin == DISCOVERED {
+            // Slipway's own object: it goes with the record.
+            match hosts.delete(&key.name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(format!("cannot delete the discovered host's object: {e}")),
+            }
+        }
         remove_finalizer(&hosts, key).await?;
         *cached = Cached::default();
         // Gone: nothing of the rest (the tokens it drops, its last status) is written back.
@@ -334,7 +348,11 @@ async fn write_host_inner(
     if let Some(status) = &change.status {
         cached.status = status.clone();
     }
-    let in_cluster = cached.record.origin == ORIGIN;
+    let discovered = cached.record.origin == DISCOVERED;
+    let in_cluster = cached.record.origin == ORIGIN || discovered;
+    if discovered && !cached.record.deleted && cached.written.is_none() {
+        create_discovered(&hosts, key, &cached.record).await?;
+    }
     if in_cluster && (change.record.is_some() || change.status.is_some()) {
         let mut status = serde_json::to_value(&cached.status).map_err(|e| e.to_string())?;
         status["slipway"] =
@@ -407,6 +425,32 @@ async fn write_host_inner(
         }
     }
     Ok(())
+}
+
+/// The BareMetalHost of a machine that booted undeclared, labelled as discovered.
+async fn create_discovered(
+    hosts: &Api<DynamicObject>,
+    key: &HostKey,
+    record: &HostRecord,
+) -> Result<(), String> {
+    let mut doc = serde_json::to_value(&record.host).map_err(|e| e.to_string())?;
+    if let Some(map) = doc.as_object_mut() {
+        map.remove("status");
+    }
+    drop_nulls(&mut doc);
+    doc["metadata"] = serde_json::json!({
+        "name": key.name,
+        "namespace": key.namespace,
+        "labels": {crate::sources::kube::DISCOVERED_LABEL: "true"},
+    });
+    let obj: DynamicObject = serde_json::from_value(doc).map_err(|e| e.to_string())?;
+    match hosts.create(&PostParams::default(), &obj).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(format!(
+            "cannot create the discovered host's BareMetalHost: {e}"
+        )),
+    }
 }
 
 async fn remove_finalizer(hosts: &Api<DynamicObject>, key: &HostKey) -> Result<(), String> {

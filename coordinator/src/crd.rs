@@ -111,7 +111,10 @@ pub fn hardware_crd() -> Crd {
 ///   status keeps them: Slipway never writes a null (absent is None), but kube-apiserver 1.20's
 ///   server-side apply leaves a null where an applied object field was dropped (the command
 ///   in flight, once done), and would then refuse its own result;
-/// - the `type` of optional objects, which schemars leaves out.
+/// - the `type` of optional objects, which schemars leaves out;
+/// - the spec's place among the required fields (metal3 requires none);
+/// - on the spec, `x-kubernetes-preserve-unknown-fields`, so that an unknown field is an
+///   error Slipway names on its host rather than one the API server prunes silently.
 fn valid_for_api_servers(crd: Crd) -> Crd {
     fn walk(v: &mut serde_json::Value, property_names: bool, keep_nullable: bool) {
         match v {
@@ -150,6 +153,21 @@ fn valid_for_api_servers(crd: Crd) -> Crd {
     if let Some(versions) = value["spec"]["versions"].as_array_mut() {
         for v in versions {
             let schema = &mut v["schema"]["openAPIV3Schema"];
+            // metal3 does not require a spec (its demo's discovered host has none).
+            if let Some(required) = schema.get_mut("required").and_then(|r| r.as_array_mut()) {
+                required.retain(|r| r != "spec");
+                if required.is_empty() {
+                    schema.as_object_mut().map(|m| m.remove("required"));
+                }
+            }
+            // Fields the schema does not know reach Slipway, which refuses them by name on
+            // their host (a typo, or a metal3 field newer than this Slipway), instead of the
+            // API server dropping them without a word.
+            if let Some(spec) = schema["properties"].get_mut("spec")
+                && spec.get("properties").is_some()
+            {
+                spec["x-kubernetes-preserve-unknown-fields"] = true.into();
+            }
             // The status keeps its nullables (see above), taken out of the walk.
             let status = schema
                 .get_mut("properties")

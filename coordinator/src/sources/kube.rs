@@ -426,9 +426,44 @@ async fn warn_event(client: Client, obj: DynamicObject, message: String) {
         &message,
         jiff::Timestamp::now(),
     );
-    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, &key.namespace);
+    let api: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(client.clone(), &key.namespace);
     if let Err(e) = api.create(&Default::default(), &event).await {
         debug!(host = %key, "cannot record an event: {e}");
+    }
+    // A host Slipway never had (no status yet) shows the error in its status too, as
+    // metal3 shows a registration error; a known host keeps the status of its last good
+    // spec, which the engine writes.
+    let has_status = obj
+        .data
+        .get("status")
+        .and_then(|s| s.as_object())
+        .is_some_and(|s| !s.is_empty());
+    if !has_status {
+        let hosts: Api<DynamicObject> =
+            Api::namespaced_with(client, &key.namespace, &host_resource());
+        let patch = serde_json::json!({
+            "apiVersion": slipway_reconcile::host::API_VERSION,
+            "kind": slipway_reconcile::host::KIND,
+            "metadata": {"name": key.name, "namespace": key.namespace},
+            "status": {
+                "operationalStatus": "error",
+                "errorType": "registration error",
+                "errorMessage": message,
+                "errorCount": 1,
+                "provisioning": {"state": "registering"},
+            },
+        });
+        if let Err(e) = hosts
+            .patch_status(
+                &key.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            warn!(host = %key, "cannot write the error to the status: {e}");
+        }
     }
 }
 

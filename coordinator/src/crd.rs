@@ -112,9 +112,12 @@ pub fn hardware_crd() -> Crd {
 ///   server-side apply leaves a null where an applied object field was dropped (the command
 ///   in flight, once done), and would then refuse its own result;
 /// - the `type` of optional objects, which schemars leaves out;
-/// - the spec's place among the required fields (metal3 requires none);
-/// - on the spec, `x-kubernetes-preserve-unknown-fields`, so that an unknown field is an
-///   error Slipway names on its host rather than one the API server prunes silently.
+/// - the spec's place among the required fields (metal3 requires none).
+///
+/// The spec does not preserve unknown fields: the API server would then publish it without
+/// its fields, and `kubectl explain` would show none. Every field of metal3's API is in the
+/// schema; a field that is not (a typo) is refused by kubectl's validation (server-side from
+/// 1.25, from the published schema before), naming it.
 fn valid_for_api_servers(crd: Crd) -> Crd {
     fn walk(v: &mut serde_json::Value, property_names: bool, keep_nullable: bool) {
         match v {
@@ -159,14 +162,6 @@ fn valid_for_api_servers(crd: Crd) -> Crd {
                 if required.is_empty() {
                     schema.as_object_mut().map(|m| m.remove("required"));
                 }
-            }
-            // Fields the schema does not know reach Slipway, which refuses them by name on
-            // their host (a typo, or a metal3 field newer than this Slipway), instead of the
-            // API server dropping them without a word.
-            if let Some(spec) = schema["properties"].get_mut("spec")
-                && spec.get("properties").is_some()
-            {
-                spec["x-kubernetes-preserve-unknown-fields"] = true.into();
             }
             // The status keeps its nullables (see above), taken out of the walk.
             let status = schema

@@ -411,6 +411,11 @@ async fn add_finalizer(client: Client, obj: DynamicObject) {
         .await
     {
         Ok(_) => debug!(host = %key, "finalizer added"),
+        // Changed meanwhile (often by Slipway's own status write): the watch brings the new
+        // version, and the finalizer is added to that.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            debug!(host = %key, "finalizer not added to an old version; retried on the next")
+        }
         Err(e) => warn!(host = %key, "cannot add the finalizer {FINALIZER}: {e}"),
     }
 }

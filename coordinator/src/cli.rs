@@ -40,7 +40,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the coordinator in files mode: hosts from a directory, state in an embedded store.
+    /// Run the coordinator: files mode (--hosts DIR: hosts from a directory, state in an
+    /// embedded store) or Kubernetes mode (--kube: BareMetalHosts, status and state in the
+    /// cluster).
     Serve(ServeArgs),
     /// List hosts (like `kubectl get bmh`).
     Get {

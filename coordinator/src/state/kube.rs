@@ -19,7 +19,9 @@
 //! others of the batch are stored. The trait is synchronous (the engine commits on a blocking
 //! thread): the calls run on the runtime through its handle.
 //!
-//! Hosts without a BareMetalHost object (discovered machines) are kept in memory only.
+//! A discovered machine (one that booted undeclared) gets a BareMetalHost of its own,
+//! labelled `slipway.io/discovered=true`, created on its first write and deleted with its
+//! record; `connect` loads it back as discovered.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -268,9 +268,11 @@ pub trait StateStore: Send + 'static {
     /// Everything needed to resume: hosts (record, status, events) and tokens.
     fn load(&mut self) -> Result<Loaded, StoreError>;
 
-    /// Stores a batch. Each host's change is stored whole or not at all; the hosts whose
-    /// change was not stored are returned with the reason (a redb transaction fails them
-    /// all).
+    /// Stores a batch; the hosts whose change was not stored are returned with the reason.
+    /// redb stores the batch in one transaction (a failure fails every host); Kubernetes
+    /// writes each host's objects in order (status, HardwareData, tokens, Events), so a
+    /// failed host may have some of them written: writing the same change again is safe, and
+    /// the engine sends nothing for the host until it is stored.
     fn commit(&mut self, batch: &Batch) -> Result<(), Failed>;
 }
 

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 mod boot;
 mod image;
 mod inventory;
+mod kube;
 mod scale;
 
 /// One measured comparison.
@@ -56,6 +57,7 @@ pub const BENCHES: &[Bench] = &[
     ("boot", boot::run),
     ("image", image::bench),
     ("inventory", inventory::run),
+    ("kube", kube::bench),
     ("scale", scale::bench),
 ];
 

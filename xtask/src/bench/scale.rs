@@ -38,13 +38,13 @@ use crate::cmd;
 
 const MIB: u64 = 1 << 20;
 
-struct Bins {
-    slipway: PathBuf,
-    agent: PathBuf,
+pub(super) struct Bins {
+    pub(super) slipway: PathBuf,
+    pub(super) agent: PathBuf,
 }
 
 /// A process killed when dropped.
-struct Proc(Child);
+pub(super) struct Proc(pub(super) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -54,7 +54,7 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.0.id()
     }
 
@@ -77,13 +77,13 @@ impl Proc {
 }
 
 /// A running coordinator.
-struct Coordinator {
-    proc: Proc,
-    http: String,
-    grpc: String,
-    state: PathBuf,
-    hosts: PathBuf,
-    log: PathBuf,
+pub(super) struct Coordinator {
+    pub(super) proc: Proc,
+    pub(super) http: String,
+    pub(super) grpc: String,
+    pub(super) state: PathBuf,
+    pub(super) hosts: PathBuf,
+    pub(super) log: PathBuf,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -92,23 +92,50 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn p(path: &Path) -> String {
+pub(super) fn p(path: &Path) -> String {
     path.display().to_string()
 }
 
 impl Coordinator {
-    fn start(bins: &Bins, work: &Path, images: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+    pub(super) fn start(
+        bins: &Bins,
+        work: &Path,
+        images: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Coordinator::start_mode(bins, work, images, extra, None)
+    }
+
+    /// In Kubernetes mode against the cluster of `kubeconfig`, its own objects in `namespace`.
+    pub(super) fn start_kube(
+        bins: &Bins,
+        work: &Path,
+        images: &Path,
+        kubeconfig: &Path,
+        namespace: &str,
+    ) -> anyhow::Result<Self> {
+        Coordinator::start_mode(bins, work, images, &[], Some((kubeconfig, namespace)))
+    }
+
+    fn start_mode(
+        bins: &Bins,
+        work: &Path,
+        images: &Path,
+        extra: &[&str],
+        kube: Option<(&Path, &str)>,
+    ) -> anyhow::Result<Self> {
         let hosts = work.join("hosts");
         let state = work.join("state");
         std::fs::create_dir_all(&hosts)?;
         let http = format!("127.0.0.1:{}", free_port()?);
         let grpc = format!("127.0.0.1:{}", free_port()?);
-        let mut args: Vec<String> = vec![
-            "--state".into(),
-            p(&state),
-            "serve".into(),
-            "--hosts".into(),
-            p(&hosts),
+        let source: Vec<String> = match kube {
+            Some((_, ns)) => vec!["--kube".into(), "--namespace".into(), ns.into()],
+            None => vec!["--hosts".into(), p(&hosts)],
+        };
+        let mut args: Vec<String> = vec!["--state".into(), p(&state), "serve".into()];
+        args.extend(source);
+        args.extend([
             "--images".into(),
             p(images),
             "--listen".into(),
@@ -118,16 +145,15 @@ impl Coordinator {
             // Every simulated machine asks for its boot script from 127.0.0.1.
             "--boot-rate".into(),
             "0".into(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let a: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
         let log = work.join("coordinator.log");
-        let proc = Proc(cmd::spawn(
-            &bins.slipway,
-            &a,
-            &[("RUST_LOG", OsStr::new("warn"))],
-            &log,
-        )?);
+        let mut env = vec![("RUST_LOG", OsStr::new("warn"))];
+        if let Some((kubeconfig, _)) = kube {
+            env.push(("KUBECONFIG", kubeconfig.as_os_str()));
+        }
+        let proc = Proc(cmd::spawn(&bins.slipway, &a, &env, &log)?);
         let c = Coordinator {
             proc,
             http,
@@ -147,7 +173,7 @@ impl Coordinator {
     }
 
     /// A metric's value (the first line that starts with `name `), 0 when absent.
-    fn metric(&self, name: &str) -> anyhow::Result<f64> {
+    pub(super) fn metric(&self, name: &str) -> anyhow::Result<f64> {
         Ok(metric(&self.metrics()?, name))
     }
 
@@ -161,7 +187,7 @@ impl Coordinator {
         Ok(v["caFingerprint"].as_str().unwrap_or_default().to_string())
     }
 
-    fn wait_for(
+    pub(super) fn wait_for(
         &self,
         timeout: Duration,
         what: &str,
@@ -202,7 +228,7 @@ fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
 }
 
 /// VmRSS and VmHWM of a process, MiB.
-fn rss_mib(pid: u32) -> (f64, f64) {
+pub(super) fn rss_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -216,7 +242,12 @@ fn rss_mib(pid: u32) -> (f64, f64) {
 }
 
 /// Writes `n` hosts (with an image when given) into `dir`.
-fn hosts(bins: &Bins, dir: &Path, n: usize, image: Option<(&str, &str)>) -> anyhow::Result<()> {
+pub(super) fn hosts(
+    bins: &Bins,
+    dir: &Path,
+    n: usize,
+    image: Option<(&str, &str)>,
+) -> anyhow::Result<()> {
     let count = n.to_string();
     let out = p(dir);
     let mut args = vec!["simulate-hosts", "--count", &count, "--out", &out];
@@ -227,7 +258,7 @@ fn hosts(bins: &Bins, dir: &Path, n: usize, image: Option<(&str, &str)>) -> anyh
 }
 
 /// Starts `n` simulated agents against `c`.
-fn simulate(
+pub(super) fn simulate(
     bins: &Bins,
     c: &Coordinator,
     n: usize,
@@ -263,14 +294,14 @@ fn simulate(
     )?))
 }
 
-fn read_report(path: &Path) -> anyhow::Result<Value> {
+pub(super) fn read_report(path: &Path) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("the load generator wrote no report at {}", path.display()))?;
     Ok(serde_json::from_str(&text)?)
 }
 
 /// Random bytes (incompressible), deterministic.
-fn image(path: &Path, size: u64) -> anyhow::Result<String> {
+pub(super) fn image(path: &Path, size: u64) -> anyhow::Result<String> {
     use sha2::Digest;
     let mut data = vec![0u8; size as usize];
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -284,7 +315,7 @@ fn image(path: &Path, size: u64) -> anyhow::Result<String> {
     Ok(hex::encode(sha2::Sha256::digest(&data)))
 }
 
-fn machine() -> Value {
+pub(super) fn machine() -> Value {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()

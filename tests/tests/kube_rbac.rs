@@ -45,6 +45,12 @@ fn wait_state(k: &KubeCluster, c: &Coordinator, name: &str, want: &str) {
 #[test]
 fn the_coordinator_runs_with_exactly_the_rbac_of_deploy() {
     let k = KubeCluster::start();
+    if k.is_external() {
+        // deploy/ names cluster-wide objects (ClusterRole slipway, namespace slipway-system):
+        // applying them to a cluster that may run Slipway already would change it.
+        eprintln!("skipped on an existing cluster (KUBECONFIG): deploy/'s RBAC is cluster-wide");
+        return;
+    }
     // Everything but the workload (this API server runs no pods): the namespace, the CRDs,
     // the service account and its roles, as `kubectl apply -k deploy/` makes them.
     let rendered = k.kubectl_ok(&["kustomize", &deploy_dir()]);

@@ -214,7 +214,8 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
     let status_writes: f64 = reqs
         .iter()
         .filter(|((verb, resource, sub), _)| {
-            verb == "PATCH" && resource == "baremetalhosts" && sub == "status"
+            // Server-side apply counts as APPLY (a merge patch as PATCH).
+            (verb == "APPLY" || verb == "PATCH") && resource == "baremetalhosts" && sub == "status"
         })
         .map(|(_, v)| v)
         .sum();

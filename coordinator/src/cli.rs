@@ -80,17 +80,32 @@ pub enum Command {
     /// annotation, HardwareData, the Secrets they reference and the CA. A coordinator in
     /// Kubernetes mode adopts them as they are: provisioned hosts are neither inspected nor
     /// imaged again. Objects that exist already are left alone and reported.
+    ///
+    /// With --to-files, the other way: the BareMetalHosts of the cluster (of -n NAMESPACE, or
+    /// all; not discovered ones) go to a files-mode coordinator that is not running (--state,
+    /// documents and Secrets written to --hosts). The coordinator in the cluster must be
+    /// running: each host is detached first and moved once it has let go (an operation in
+    /// flight finishes first), then deleted from the cluster without deprovisioning.
     Move {
-        /// The files-mode coordinator's hosts directory (for the Secrets).
+        /// The files-mode coordinator's hosts directory (Secrets are read from it; with
+        /// --to-files, documents and Secrets are written to it).
         #[arg(long, value_name = "DIR")]
         hosts: PathBuf,
         /// Where the coordinator in the cluster keeps its own objects (the CA's Secret).
         #[arg(
             long = "to-namespace",
+            alias = "coordinator-namespace",
             value_name = "NAMESPACE",
             default_value = "slipway-system"
         )]
         to_namespace: String,
+        /// Move from the cluster to files mode.
+        #[arg(long)]
+        to_files: bool,
+        /// With --to-files: how long to wait for the cluster's coordinator to detach a host
+        /// (and then to let it go).
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        timeout: SignedDuration,
     },
     /// Show how agents reach this coordinator: URLs and the CA fingerprint.
     Info {
@@ -250,12 +265,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Move {
             hosts,
             to_namespace,
+            to_files,
+            timeout,
         } => {
             let client = kube::Client::try_default().await.context(
                 "cannot reach the Kubernetes API server: set KUBECONFIG (or run in the cluster)",
             )?;
-            let moved = crate::transfer::to_kube(client, &cli.state, &hosts, &to_namespace).await?;
             let mut out = String::new();
+            if to_files {
+                let moved = crate::transfer::to_files(
+                    client,
+                    &cli.state,
+                    &hosts,
+                    ns,
+                    &to_namespace,
+                    timeout.unsigned_abs(),
+                )
+                .await?;
+                for (key, state) in &moved.hosts {
+                    out.push_str(&format!("moved   {key} ({state})\n"));
+                }
+                for (key, why) in &moved.skipped {
+                    out.push_str(&format!("skipped {key}: {why}\n"));
+                }
+                for (key, why) in &moved.left {
+                    out.push_str(&format!("left    {key}: {why}\n"));
+                }
+                out.push_str(&format!(
+                    "{} host(s) moved to {}, {} skipped, {} Secret(s) written; {}\n",
+                    moved.hosts.len(),
+                    hosts.display(),
+                    moved.skipped.len(),
+                    moved.secrets,
+                    moved.ca
+                ));
+                return print(&out);
+            }
+            let moved = crate::transfer::to_kube(client, &cli.state, &hosts, &to_namespace).await?;
             for (key, state) in &moved.hosts {
                 out.push_str(&format!("moved   {key} ({state})\n"));
             }

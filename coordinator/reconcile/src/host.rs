@@ -503,6 +503,11 @@ pub struct HostStatus {
     /// and ended.
     #[serde(default)]
     pub operation_history: OperationHistory,
+    /// metal3's conditions (Manageable, AvailableForProvisioning, Provisioned, Ready,
+    /// Progressing, Healthy), derived from the state as baremetal-operator derives them:
+    /// `kubectl wait --for=condition=Ready bmh/NAME` waits for a provisioned host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<crate::conditions::Condition>,
 
     // ----- Slipway additions -----
     /// Progress of the running command (image write), for `slipway get hosts`.

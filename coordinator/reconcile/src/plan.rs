@@ -1108,6 +1108,7 @@ impl Planner<'_> {
             // Whatever waited for a slot no longer does (a spec change, a deletion).
             self.undelay();
         }
+        crate::conditions::update(&mut self.status, self.now);
         if self.status != *self.o.status {
             self.status.last_updated = Some(self.now);
         }

@@ -173,9 +173,10 @@ pub(super) struct Entry {
     /// When the machine was last heard of (a boot request, a session; memory only, so a
     /// restart counts as seen), for the expiry of discovered hosts.
     pub seen_at: Timestamp,
-    /// The source declares the host more than once (two files): why, naming each. The host
-    /// keeps its last good declaration and shows this as a registration error.
-    pub source_conflict: Option<String>,
+    /// The source declares the host more than once (two files), or its declaration no longer
+    /// parses: the field, and why. The host keeps its last good declaration and shows this as
+    /// a registration error.
+    pub source_conflict: Option<(&'static str, String)>,
 }
 
 impl Entry {
@@ -289,6 +290,7 @@ pub(super) fn significant(new: &HostStatus, saved: &HostStatus) -> bool {
         provisioning,
         powered_on,
         operation_history,
+        conditions,
         progress,
         agent,
         current_command,
@@ -313,6 +315,7 @@ pub(super) fn significant(new: &HostStatus, saved: &HostStatus) -> bool {
         && *provisioning == saved.provisioning
         && *powered_on == saved.powered_on
         && *operation_history == saved.operation_history
+        && *conditions == saved.conditions
         && *agent == saved.agent
         && *current_command == saved.current_command
         && *retry_after == saved.retry_after
@@ -402,9 +405,9 @@ impl Engine {
                 });
             }
         }
-        if let Some(why) = &entry.source_conflict {
+        if let Some((field, why)) = &entry.source_conflict {
             out.push(Problem {
-                field: "metadata.name",
+                field,
                 message: why.clone(),
             });
         }

@@ -15,10 +15,11 @@ impl Engine {
         match event {
             SourceEvent::Declared { key, host, origin } => self.declared(key, *host, origin, now),
             SourceEvent::Undeclared { key } => self.undeclared(&key),
-            SourceEvent::Conflict { key, why } => {
+            SourceEvent::Conflict { key, field, why } => {
                 if !self.synced && why.is_some() {
                     self.declared.insert(key.clone());
                 }
+                let why = why.map(|w| (field, w));
                 if let Some(entry) = self.hosts.get_mut(&key)
                     && entry.source_conflict != why
                 {

@@ -307,6 +307,7 @@ impl Differ {
                 self.hosts.remove(key);
                 out.push(SourceEvent::Conflict {
                     key: key.clone(),
+                    field: "metadata.name",
                     why: Some(message),
                 });
             }
@@ -319,7 +320,11 @@ impl Differ {
             .collect();
         for key in resolved {
             self.conflicts.remove(&key);
-            out.push(SourceEvent::Conflict { key, why: None });
+            out.push(SourceEvent::Conflict {
+                key,
+                field: "metadata.name",
+                why: None,
+            });
         }
         for (key, sourced) in &snap.hosts {
             let origin = sourced.path.display().to_string();
@@ -1249,7 +1254,9 @@ mod tests {
                 SourceEvent::Secret { key, keys } => format!("secret {key} {keys:?}"),
                 SourceEvent::Problems(p) => format!("problems {}", p.len()),
                 SourceEvent::Synced => "synced".into(),
-                SourceEvent::Conflict { key, why } => format!("conflict {key} {}", why.is_some()),
+                SourceEvent::Conflict { key, why, .. } => {
+                    format!("conflict {key} {}", why.is_some())
+                }
             })
             .collect();
         assert_eq!(
@@ -1427,7 +1434,7 @@ mod tests {
         let events = differ.diff(&snap);
         assert!(
             events.iter().any(
-                |e| matches!(e, SourceEvent::Conflict { key, why: Some(_) } if *key == k("a"))
+                |e| matches!(e, SourceEvent::Conflict { key, why: Some(_), .. } if *key == k("a"))
             ),
             "{events:?}"
         );

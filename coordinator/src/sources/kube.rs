@@ -90,21 +90,24 @@ pub fn parse_host(obj: &DynamicObject) -> Result<BareMetalHost, String> {
     Ok(host)
 }
 
-/// The status to adopt of a host moved into the cluster: metal3's
-/// `baremetalhost.metal3.io/status` annotation (JSON of the status, as `clusterctl move` and
-/// `slipway move` write it), used only while the object has no status of its own.
+/// The status to adopt if the host is new to the engine: the object's own status (a host
+/// whose object did not parse when the coordinator started, an object restored from a
+/// backup), else metal3's `baremetalhost.metal3.io/status` annotation (JSON of the status,
+/// as `clusterctl move` and `slipway move` write it) of a host moved into the cluster.
 fn adopted_status(obj: &DynamicObject) -> Result<Option<HostStatus>, String> {
-    let has_status = obj
+    if let Some(status) = obj
         .data
         .get("status")
-        .and_then(|s| s.as_object())
-        .is_some_and(|s| !s.is_empty());
+        .filter(|s| s.as_object().is_some_and(|s| !s.is_empty()))
+    {
+        let mut status = status.clone();
+        crate::state::kube::drop_nulls(&mut status);
+        // One that does not parse is no declaration error: the host starts over.
+        return Ok(serde_json::from_value(status).ok());
+    }
     let Some(text) = obj.annotations().get(annotations::STATUS) else {
         return Ok(None);
     };
-    if has_status {
-        return Ok(None);
-    }
     let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         format!(
             "metadata.annotations[{}]: not JSON ({e}); fix or remove the annotation",
@@ -200,9 +203,28 @@ impl Hosts {
                 };
                 problem_changed = self.problems.get(&key) != Some(&p);
                 self.problems.insert(key.clone(), p);
+                // A host declared before: held, with the error in its status, on its last
+                // good spec.
+                if problem_changed && self.sent.contains_key(&key) {
+                    out.push(SourceEvent::Conflict {
+                        key: key.clone(),
+                        field: "spec",
+                        why: Some(format!(
+                            "the object no longer parses ({message}): Slipway holds the host on \
+                             its last good spec until the object is fixed"
+                        )),
+                    });
+                }
             }
-            Ok(host) => {
+            Ok(mut host) => {
                 problem_changed = self.problems.remove(&key).is_some();
+                if problem_changed {
+                    out.push(SourceEvent::Conflict {
+                        key: key.clone(),
+                        field: "spec",
+                        why: None,
+                    });
+                }
                 if obj.metadata.deletion_timestamp.is_some() {
                     if self.deleting.insert(key.clone()) {
                         self.sent.remove(&key);
@@ -210,8 +232,12 @@ impl Hosts {
                     }
                 } else {
                     self.deleting.remove(&key);
+                    // The status to adopt is not part of the declaration: a status written
+                    // is no change.
+                    let adopted = host.status.take();
                     if self.sent.get(&key) != Some(&host) {
                         self.sent.insert(key.clone(), host.clone());
+                        host.status = adopted;
                         out.push(SourceEvent::Declared {
                             key: key.clone(),
                             host: Box::new(host),
@@ -347,7 +373,13 @@ pub fn spawn(client: Client, tx: mpsc::Sender<SourceEvent>) -> Arc<KubeSecrets> 
                             hosts.applied(&obj, &mut out);
                             if hosts.problems.contains_key(&key_of(&obj)) {
                                 let message = hosts.problems[&key_of(&obj)].message.clone();
-                                tokio::spawn(warn_event(client.clone(), obj.clone(), message));
+                                let declared = hosts.sent.contains_key(&key_of(&obj));
+                                tokio::spawn(warn_event(
+                                    client.clone(),
+                                    obj.clone(),
+                                    message,
+                                    declared,
+                                ));
                             } else if obj.metadata.deletion_timestamp.is_none()
                                 && !is_discovered(&obj)
                                 && !obj.finalizers().iter().any(|f| f == FINALIZER)
@@ -421,7 +453,10 @@ async fn add_finalizer(client: Client, obj: DynamicObject) {
 }
 
 /// A Warning Event on an object that does not parse (best effort).
-async fn warn_event(client: Client, obj: DynamicObject, message: String) {
+/// An object that does not parse: a Warning Event on it, and the error in its status unless
+/// the engine writes it (`declared`: the host was declared in this run, and is held with the
+/// error as a registration problem).
+async fn warn_event(client: Client, obj: DynamicObject, message: String, declared: bool) {
     let key = key_of(&obj);
     let event = crate::state::kube::event_object(
         &key,
@@ -437,38 +472,50 @@ async fn warn_event(client: Client, obj: DynamicObject, message: String) {
         debug!(host = %key, "cannot record an event: {e}");
     }
     // A host Slipway never had (no status yet) shows the error in its status too, as
-    // metal3 shows a registration error; a known host keeps the status of its last good
-    // spec, which the engine writes.
+    // metal3 shows a registration error. One with a status that the engine does not hold
+    // (its object broke while no coordinator ran) gets the error fields merged into that
+    // status, which is kept: once the object is fixed, the engine adopts it and goes on.
     let has_status = obj
         .data
         .get("status")
         .and_then(|s| s.as_object())
         .is_some_and(|s| !s.is_empty());
-    if !has_status {
-        let hosts: Api<DynamicObject> =
-            Api::namespaced_with(client, &key.namespace, &host_resource());
-        let patch = serde_json::json!({
-            "apiVersion": slipway_reconcile::host::API_VERSION,
-            "kind": slipway_reconcile::host::KIND,
-            "metadata": {"name": key.name, "namespace": key.namespace},
-            "status": {
-                "operationalStatus": "error",
-                "errorType": "registration error",
-                "errorMessage": message,
-                "errorCount": 1,
-                "provisioning": {"state": "registering"},
-            },
-        });
-        if let Err(e) = hosts
-            .patch_status(
-                &key.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
-            warn!(host = %key, "cannot write the error to the status: {e}");
-        }
+    let status = if has_status && !declared {
+        // The whole status, applied by Slipway's field manager, so the engine's next apply
+        // (without the error) takes the error off again.
+        let mut status = obj.data["status"].clone();
+        crate::state::kube::drop_nulls(&mut status);
+        status["operationalStatus"] = "error".into();
+        status["errorType"] = "registration error".into();
+        status["errorMessage"] = message.into();
+        status
+    } else if !has_status {
+        serde_json::json!({
+            "operationalStatus": "error",
+            "errorType": "registration error",
+            "errorMessage": message,
+            "errorCount": 1,
+            "provisioning": {"state": "registering"},
+        })
+    } else {
+        return;
+    };
+    let hosts: Api<DynamicObject> = Api::namespaced_with(client, &key.namespace, &host_resource());
+    let patch = serde_json::json!({
+        "apiVersion": slipway_reconcile::host::API_VERSION,
+        "kind": slipway_reconcile::host::KIND,
+        "metadata": {"name": key.name, "namespace": key.namespace},
+        "status": status,
+    });
+    if let Err(e) = hosts
+        .patch_status(
+            &key.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        warn!(host = %key, "cannot write the error to the status: {e}");
     }
 }
 
@@ -506,19 +553,36 @@ mod tests {
         out.clear();
         hosts.applied(&host("a", serde_json::json!({"online": "yes"})), &mut out);
         match &out[..] {
-            [SourceEvent::Problems(p)] => {
+            [
+                SourceEvent::Conflict {
+                    why: Some(why),
+                    field: "spec",
+                    ..
+                },
+                SourceEvent::Problems(p),
+            ] => {
                 assert!(p[0].to_string().contains("team-a/a"), "{}", p[0]);
                 assert!(p[0].message.contains("spec.online"), "{}", p[0].message);
+                // The host, declared before, is held with the error in its status.
+                assert!(why.contains("spec.online"), "{why}");
             }
             other => panic!("{other:?}"),
         }
-        // Fixed: the problem goes, the new spec is declared.
+        // The same again: nothing new.
+        out.clear();
+        hosts.applied(&host("a", serde_json::json!({"online": "yes"})), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        // Fixed: the problem and the hold go, the new spec is declared.
         out.clear();
         hosts.applied(&host("a", serde_json::json!({"online": false})), &mut out);
         assert!(
-            matches!(&out[..], [SourceEvent::Declared { .. }, SourceEvent::Problems(p)] if p.is_empty()),
+            matches!(&out[..], [SourceEvent::Conflict { why: None, .. }, SourceEvent::Declared { .. }, SourceEvent::Problems(p)] if p.is_empty()),
             "{out:?}"
         );
+        // An object never declared (bad from the start) is a problem only.
+        out.clear();
+        hosts.applied(&host("b", serde_json::json!({"online": "yes"})), &mut out);
+        assert!(matches!(&out[..], [SourceEvent::Problems(_)]), "{out:?}");
         // Deletion timestamp: undeclared once.
         let mut deleting = host("a", serde_json::json!({"online": false}));
         deleting.metadata.deletion_timestamp =
@@ -547,10 +611,12 @@ mod tests {
         );
         let status = parse_host(&a).unwrap().status.expect("adopted");
         assert_eq!(status.provisioning.state.to_string(), "provisioned");
-        // Once the object has a status of its own, the annotation is history.
+        // Once the object has a status of its own, the annotation is history: the object's
+        // own status is the one to adopt (for a host new to the engine).
         let mut with_status = a.clone();
         with_status.data["status"] = serde_json::json!({"operationalStatus": "OK"});
-        assert!(parse_host(&with_status).unwrap().status.is_none());
+        let own = parse_host(&with_status).unwrap().status.expect("its own");
+        assert_eq!(own.provisioning.state.to_string(), "");
         // A broken annotation is an error naming it, not a host that starts over.
         let mut bad = a.clone();
         bad.metadata.annotations =

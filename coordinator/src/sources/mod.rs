@@ -32,10 +32,15 @@ pub enum SourceEvent {
     },
     /// A host the source declared before is no longer declared.
     Undeclared { key: HostKey },
-    /// The host is declared more than once (`why` names each place), or (`None`) no longer
-    /// is. While it is, the host keeps its last declaration and is held with a registration
-    /// error; it counts as declared.
-    Conflict { key: HostKey, why: Option<String> },
+    /// The host is declared more than once (`why` names each place; `field`
+    /// `metadata.name`), or its declaration no longer parses (Kubernetes mode: `why` names the
+    /// field; `field` `spec`), or (`None`) no longer is. While it is, the host keeps its last
+    /// declaration and is held with a registration error; it counts as declared.
+    Conflict {
+        key: HostKey,
+        field: &'static str,
+        why: Option<String>,
+    },
     /// A Secret appeared, changed, or (`keys: None`) disappeared; with its key names only.
     Secret {
         key: SecretKey,

@@ -186,6 +186,47 @@ pub fn event_object(
     }
 }
 
+/// A BareMetalHost's record and status as Slipway stored them (its status subresource and
+/// `status.slipway`), with the status as JSON; None for an object that does not parse (the
+/// source reports it), was never reconciled, or whose status does not parse (logged).
+pub(crate) fn stored_of(
+    obj: &DynamicObject,
+) -> Option<(HostKey, HostRecord, HostStatus, serde_json::Value)> {
+    let host = crate::sources::kube::parse_host(obj).ok()?;
+    let key = HostKey::of(&host.metadata);
+    // Never reconciled: the source declares it.
+    let mut status_json = obj.data.get("status").cloned().filter(|s| s.is_object())?;
+    // A null is what 1.20's server-side apply leaves of a dropped field: absent.
+    drop_nulls(&mut status_json);
+    let status: HostStatus = match serde_json::from_value(status_json.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(host = %key, "the stored status does not parse ({e}); the host starts over");
+            return None;
+        }
+    };
+    let extra: KubeRecord = status_json
+        .get("slipway")
+        .cloned()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    let origin = if crate::sources::kube::is_discovered(obj) {
+        DISCOVERED
+    } else {
+        ORIGIN
+    };
+    let record = HostRecord {
+        host,
+        origin: origin.into(),
+        agent_cert_sha256: extra.agent_cert_sha256,
+        deleted: obj.metadata.deletion_timestamp.is_some(),
+        hardware_sha256: extra.hardware_sha256,
+        identity: extra.identity,
+        agent_boot_mac: extra.agent_boot_mac,
+    };
+    Some((key, record, status, status_json))
+}
+
 impl KubeStore {
     /// Reads what the cluster holds (host statuses and records, tokens); `load` hands it to
     /// the engine.
@@ -198,41 +239,8 @@ impl KubeStore {
         let mut hosts = HashMap::new();
         let mut loaded = Loaded::default();
         for obj in list.items {
-            let Ok(host) = crate::sources::kube::parse_host(&obj) else {
-                continue; // the source reports it
-            };
-            let key = HostKey::of(&host.metadata);
-            let status_json = obj.data.get("status").cloned();
-            let Some(mut status_json) = status_json.filter(|s| s.is_object()) else {
-                continue; // never reconciled: the source declares it
-            };
-            // A null is what 1.20's server-side apply leaves of a dropped field: absent.
-            drop_nulls(&mut status_json);
-            let status: HostStatus = match serde_json::from_value(status_json.clone()) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(host = %key, "the stored status does not parse ({e}); the host starts over");
-                    continue;
-                }
-            };
-            let extra: KubeRecord = status_json
-                .get("slipway")
-                .cloned()
-                .and_then(|v| serde_json::from_value(v).ok())
-                .unwrap_or_default();
-            let origin = if crate::sources::kube::is_discovered(&obj) {
-                DISCOVERED
-            } else {
-                ORIGIN
-            };
-            let record = HostRecord {
-                host,
-                origin: origin.into(),
-                agent_cert_sha256: extra.agent_cert_sha256,
-                deleted: obj.metadata.deletion_timestamp.is_some(),
-                hardware_sha256: extra.hardware_sha256,
-                identity: extra.identity,
-                agent_boot_mac: extra.agent_boot_mac,
+            let Some((key, record, status, status_json)) = stored_of(&obj) else {
+                continue;
             };
             loaded.hosts.push((
                 key.clone(),
@@ -382,6 +390,9 @@ async fn write_host_inner(
             }
         }
     }
+    if in_cluster && !discovered && cached.written.is_some() {
+        remove_done_annotations(&hosts, key, &cached.record, &cached.status).await;
+    }
     if let Some(hw) = &change.hardware
         && in_cluster
     {
@@ -427,6 +438,56 @@ async fn write_host_inner(
         }
     }
     Ok(())
+}
+
+/// Takes off the host's object what metal3 removes once done: one-shot requests carried out
+/// (`reboot.metal3.io`, `inspect.metal3.io`, recorded in `status.handledAnnotations` with the
+/// value acted on) and an adopted `baremetalhost.metal3.io/status` (the status is in the
+/// subresource now). Each removal is a JSON patch that first tests the value, so a request
+/// made again in the meantime (a new value) stays. Best effort: an annotation left in place
+/// is still carried out once per value, as in files mode.
+async fn remove_done_annotations(
+    hosts: &Api<DynamicObject>,
+    key: &HostKey,
+    record: &HostRecord,
+    status: &HostStatus,
+) {
+    let present = &record.host.metadata.annotations;
+    let mut done: Vec<(&str, &str)> = status
+        .handled_annotations
+        .iter()
+        .filter(|(k, v)| present.get(*k) == Some(*v))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if let Some(v) = present.get(slipway_reconcile::annotations::STATUS) {
+        done.push((slipway_reconcile::annotations::STATUS, v));
+    }
+    for (name, value) in done {
+        let path = format!(
+            "/metadata/annotations/{}",
+            name.replace('~', "~0").replace('/', "~1")
+        );
+        let ops = serde_json::json!([
+            {"op": "test", "path": path, "value": value},
+            {"op": "remove", "path": path},
+        ]);
+        let patch = match serde_json::from_value(ops) {
+            Ok(p) => Patch::Json::<()>(p),
+            Err(e) => {
+                warn!(host = %key, "cannot make the patch removing {name}: {e}");
+                continue;
+            }
+        };
+        match hosts
+            .patch(&key.name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => debug!(host = %key, "{name} done: removed from the object"),
+            // Changed or gone since: the engine sees the new value.
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 404 => {}
+            Err(e) => debug!(host = %key, "cannot remove {name} from the object: {e}"),
+        }
+    }
 }
 
 /// The BareMetalHost of a machine that booted undeclared, labelled as discovered.
@@ -654,6 +715,24 @@ impl HardwareStore for KubeHardware {
     }
 }
 
+/// Writes the CA of the Secret `s` (`namespace/slipway-ca`) into `dir` (`ca.crt`, and
+/// `ca.key` readable by its owner only).
+pub fn write_ca(s: &KubeSecret, namespace: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let data = s.data.clone().unwrap_or_default();
+    let (Some(crt), Some(key)) = (data.get("ca.crt"), data.get("ca.key")) else {
+        anyhow::bail!(
+            "the Secret {namespace}/slipway-ca lacks ca.crt or ca.key: delete it to make a new CA (every agent certificate is then reissued)"
+        );
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::pki::write_private(&dir.join("ca.key"), &key.0)
+        .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
+    std::fs::write(dir.join("ca.crt"), &crt.0)
+        .with_context(|| format!("cannot write {}", dir.join("ca.crt").display()))?;
+    Ok(())
+}
+
 /// The coordinator's CA, kept in the Secret `slipway-ca` of `namespace`: written into `dir`
 /// (where [`crate::pki::Ca::load_or_create`] reads it) when the Secret exists; else the CA
 /// made there is stored in a new Secret. Two replicas starting at once agree: the one whose
@@ -661,20 +740,7 @@ impl HardwareStore for KubeHardware {
 pub async fn sync_ca(client: Client, namespace: &str, dir: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let api: Api<KubeSecret> = Api::namespaced(client, namespace);
-    let write = |s: &KubeSecret| -> anyhow::Result<()> {
-        let data = s.data.clone().unwrap_or_default();
-        let (Some(crt), Some(key)) = (data.get("ca.crt"), data.get("ca.key")) else {
-            anyhow::bail!(
-                "the Secret {namespace}/slipway-ca lacks ca.crt or ca.key: delete it to make a new CA (every agent certificate is then reissued)"
-            );
-        };
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        crate::pki::write_private(&dir.join("ca.key"), &key.0)
-            .map_err(|e| anyhow::anyhow!(crate::error_chain(&e)))?;
-        std::fs::write(dir.join("ca.crt"), &crt.0)
-            .with_context(|| format!("cannot write {}", dir.join("ca.crt").display()))?;
-        Ok(())
-    };
+    let write = |s: &KubeSecret| write_ca(s, namespace, dir);
     match api.get("slipway-ca").await {
         Ok(s) => return write(&s),
         Err(e) if is_not_found(&e) => {}

@@ -11,8 +11,10 @@
 //! - A host with a deletion timestamp is no longer declared: the engine deprovisions it and,
 //!   once its removal is stored, the store takes off the finalizer ([`FINALIZER`], metal3's
 //!   own, which this source puts on every host it sees without one).
-//! - Secrets' key names go to the engine; their contents stay in [`KubeSecrets`], read when a
-//!   command needs them.
+//! - Secrets are watched by their metadata only; a Secret some declared host references is
+//!   read (GET) when it appears or changes: its key names go to the engine, its contents
+//!   stay in [`KubeSecrets`], read when a command needs them. The cluster's other Secrets
+//!   cost a name and a version each.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -21,6 +23,7 @@ use std::sync::{Arc, RwLock};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt};
@@ -264,6 +267,14 @@ impl Hosts {
         }
     }
 
+    /// The Secrets host `key` references as declared now (none when it is not declared).
+    fn refs_of(&self, key: &HostKey) -> Vec<SecretKey> {
+        self.sent
+            .get(key)
+            .map(|h| crate::engine::secret_refs_of(key, &h.spec))
+            .unwrap_or_default()
+    }
+
     fn problems_event(&self) -> SourceEvent {
         SourceEvent::Problems(self.problems.values().cloned().collect())
     }
@@ -287,42 +298,76 @@ impl Hosts {
     }
 }
 
-/// The Secrets' key names as last sent.
+/// The Secrets, from a metadata-only watch of every namespace: the resourceVersion of each,
+/// and the contents of those a declared host references, read (GET) when they appear or
+/// change. Nothing of the other Secrets of the cluster (Helm releases, service account
+/// tokens, ...) is read or kept beyond its name and version.
 #[derive(Default)]
 struct Secrets {
-    keys: HashMap<SecretKey, BTreeSet<String>>,
+    /// The resourceVersion of every Secret seen.
+    versions: HashMap<SecretKey, String>,
+    /// How many declared hosts reference each Secret.
+    wanted: HashMap<SecretKey, usize>,
+    /// The Secrets each declared host references.
+    refs: HashMap<HostKey, Vec<SecretKey>>,
+    /// The key names sent to the engine, and the version they were read at.
+    sent: HashMap<SecretKey, (String, BTreeSet<String>)>,
+    /// Reads in flight, with the version asked for.
+    reading: HashMap<SecretKey, String>,
     listing: Option<HashSet<SecretKey>>,
     synced: bool,
 }
 
+/// The outcome of reading one Secret.
+enum Read {
+    /// Found (or, `None`, gone).
+    Done(SecretKey, Option<Box<KubeSecret>>),
+    /// The read failed; it is tried again.
+    Failed(SecretKey, String),
+    /// Time to try a failed read again.
+    Retry(SecretKey),
+}
+
 impl Secrets {
-    fn applied(&mut self, shared: &KubeSecrets, obj: &KubeSecret, out: &mut Vec<SourceEvent>) {
-        let secret = secret_of(obj);
-        let key = secret.key();
+    /// A Secret appeared or changed (its metadata). Returns the reads to start.
+    fn seen(&mut self, key: SecretKey, version: String) -> Option<SecretKey> {
         if let Some(l) = &mut self.listing {
             l.insert(key.clone());
         }
-        let names = secret.key_names();
-        {
-            let mut m = shared.0.write().unwrap_or_else(|p| p.into_inner());
-            m.insert(key.clone(), secret);
-        }
-        if self.keys.get(&key) != Some(&names) {
-            self.keys.insert(key.clone(), names.clone());
-            out.push(SourceEvent::Secret {
-                key,
-                keys: Some(names),
-            });
-        }
+        self.versions.insert(key.clone(), version);
+        self.read_if_needed(&key)
     }
 
-    fn deleted(&mut self, shared: &KubeSecrets, key: &SecretKey, out: &mut Vec<SourceEvent>) {
+    /// Whether `key` must be read: wanted, and its contents older than its version (and not
+    /// being read at that version already). Marks it being read.
+    fn read_if_needed(&mut self, key: &SecretKey) -> Option<SecretKey> {
+        if !self.wanted.contains_key(key) {
+            return None;
+        }
+        let version = self.versions.get(key)?;
+        if self.sent.get(key).is_some_and(|(v, _)| v == version)
+            || self.reading.get(key) == Some(version)
+        {
+            return None;
+        }
+        self.reading.insert(key.clone(), version.clone());
+        Some(key.clone())
+    }
+
+    /// A Secret is gone.
+    fn gone(&mut self, shared: &KubeSecrets, key: &SecretKey, out: &mut Vec<SourceEvent>) {
+        self.versions.remove(key);
+        self.forget(shared, key, out);
+    }
+
+    /// Drops what is kept of a Secret's contents, telling the engine.
+    fn forget(&mut self, shared: &KubeSecrets, key: &SecretKey, out: &mut Vec<SourceEvent>) {
         shared
             .0
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
-        if self.keys.remove(key).is_some() {
+        if self.sent.remove(key).is_some() {
             out.push(SourceEvent::Secret {
                 key: key.clone(),
                 keys: None,
@@ -330,19 +375,128 @@ impl Secrets {
         }
     }
 
+    /// The Secrets `host` references now (none once it is no longer declared). Returns the
+    /// reads to start.
+    fn host_refs(
+        &mut self,
+        shared: &KubeSecrets,
+        host: &HostKey,
+        refs: Vec<SecretKey>,
+        out: &mut Vec<SourceEvent>,
+    ) -> Vec<SecretKey> {
+        let old = if refs.is_empty() {
+            self.refs.remove(host).unwrap_or_default()
+        } else {
+            self.refs
+                .insert(host.clone(), refs.clone())
+                .unwrap_or_default()
+        };
+        if old == refs {
+            return Vec::new();
+        }
+        for k in &old {
+            if let Some(n) = self.wanted.get_mut(k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.wanted.remove(k);
+                    self.forget(shared, k, out);
+                }
+            }
+        }
+        let mut reads = Vec::new();
+        for k in refs {
+            *self.wanted.entry(k.clone()).or_default() += 1;
+            reads.extend(self.read_if_needed(&k));
+        }
+        reads
+    }
+
+    /// A read is done. Returns a read to start if the Secret changed meanwhile.
+    fn read(
+        &mut self,
+        shared: &KubeSecrets,
+        key: SecretKey,
+        found: Option<Box<KubeSecret>>,
+        out: &mut Vec<SourceEvent>,
+    ) -> Option<SecretKey> {
+        self.reading.remove(&key);
+        if !self.wanted.contains_key(&key) {
+            return None;
+        }
+        let Some(obj) = found else {
+            self.gone(shared, &key, out);
+            return None;
+        };
+        let version = obj.resource_version().unwrap_or_default();
+        let secret = secret_of(&obj);
+        let names = secret.key_names();
+        shared
+            .0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), secret);
+        let changed = self.sent.get(&key).map(|(_, n)| n) != Some(&names);
+        self.sent
+            .insert(key.clone(), (version.clone(), names.clone()));
+        if changed {
+            out.push(SourceEvent::Secret {
+                key: key.clone(),
+                keys: Some(names),
+            });
+        }
+        // Read at an older version than the watch has seen since: read again.
+        if self.versions.get(&key).is_some_and(|v| *v != version) {
+            return self.read_if_needed(&key);
+        }
+        None
+    }
+
+    /// The listing of a (re)started watch is complete: Secrets not in it are gone.
     fn listed(&mut self, shared: &KubeSecrets, out: &mut Vec<SourceEvent>) {
         if let Some(seen) = self.listing.take() {
             let gone: Vec<SecretKey> = self
-                .keys
+                .versions
                 .keys()
                 .filter(|k| !seen.contains(*k))
                 .cloned()
                 .collect();
             for key in gone {
-                self.deleted(shared, &key, out);
+                self.gone(shared, &key, out);
             }
         }
     }
+}
+
+/// Reads Secrets `keys` at once (at most 5 s; one not read by then is read in the
+/// background).
+async fn read_now(
+    client: &Client,
+    keys: Vec<SecretKey>,
+) -> Vec<(SecretKey, Result<Option<Box<KubeSecret>>, ()>)> {
+    futures_util::future::join_all(keys.into_iter().map(|key| async move {
+        let api: Api<KubeSecret> = Api::namespaced(client.clone(), &key.namespace);
+        let r =
+            tokio::time::timeout(std::time::Duration::from_secs(5), api.get_opt(&key.name)).await;
+        let r = match r {
+            Ok(Ok(found)) => Ok(found.map(Box::new)),
+            _ => Err(()),
+        };
+        (key, r)
+    }))
+    .await
+}
+
+/// Reads Secret `key` for the watch loop.
+fn start_read(client: &Client, key: SecretKey, done: &mpsc::UnboundedSender<Read>) {
+    let api: Api<KubeSecret> = Api::namespaced(client.clone(), &key.namespace);
+    let done = done.clone();
+    tokio::spawn(async move {
+        let r = match api.get_opt(&key.name).await {
+            Ok(found) => Read::Done(key, found.map(Box::new)),
+            Err(e) => Read::Failed(key, e.to_string()),
+        };
+        let _ = done.send(r);
+    });
 }
 
 /// Starts watching; events go to `tx`. Returns the Secrets' contents.
@@ -351,18 +505,20 @@ pub fn spawn(client: Client, tx: mpsc::Sender<SourceEvent>) -> Arc<KubeSecrets> 
     let secrets_shared = shared.clone();
     tokio::spawn(async move {
         let hosts_api: Api<DynamicObject> = Api::all_with(client.clone(), &host_resource());
-        let secrets_api: Api<KubeSecret> = Api::all(client.clone());
+        let secrets_api: Api<PartialObjectMeta<KubeSecret>> = Api::all(client.clone());
         let mut host_events = watcher::watcher(hosts_api, watcher::Config::default())
             .default_backoff()
             .boxed();
         let mut secret_events = watcher::watcher(secrets_api, watcher::Config::default())
             .default_backoff()
             .boxed();
+        let (read_tx, mut read_rx) = mpsc::unbounded_channel::<Read>();
         let mut hosts = Hosts::default();
         let mut secrets = Secrets::default();
         let mut sent_synced = false;
         loop {
             let mut out = Vec::new();
+            let mut reads = Vec::new();
             tokio::select! {
                 e = host_events.next() => match e {
                     None => return,
@@ -370,7 +526,20 @@ pub fn spawn(client: Client, tx: mpsc::Sender<SourceEvent>) -> Arc<KubeSecrets> 
                     Some(Ok(event)) => match event {
                         Event::Init => hosts.listing = Some(HashSet::new()),
                         Event::InitApply(obj) | Event::Apply(obj) => {
-                            hosts.applied(&obj, &mut out);
+                            let mut declared = Vec::new();
+                            hosts.applied(&obj, &mut declared);
+                            let key = key_of(&obj);
+                            let refs = hosts.refs_of(&key);
+                            // The Secrets a host now references are read before it is
+                            // declared, so it is never planned without them.
+                            let now = secrets.host_refs(&secrets_shared, &key, refs, &mut out);
+                            for (k, r) in read_now(&client, now).await {
+                                match r {
+                                    Ok(found) => reads.extend(secrets.read(&secrets_shared, k, found, &mut out)),
+                                    Err(_) => reads.push(k),
+                                }
+                            }
+                            out.extend(declared);
                             if hosts.problems.contains_key(&key_of(&obj)) {
                                 let message = hosts.problems[&key_of(&obj)].message.clone();
                                 let declared = hosts.sent.contains_key(&key_of(&obj));
@@ -387,9 +556,17 @@ pub fn spawn(client: Client, tx: mpsc::Sender<SourceEvent>) -> Arc<KubeSecrets> 
                                 tokio::spawn(add_finalizer(client.clone(), obj));
                             }
                         }
-                        Event::Delete(obj) => hosts.deleted(&key_of(&obj), &mut out),
+                        Event::Delete(obj) => {
+                            let key = key_of(&obj);
+                            hosts.deleted(&key, &mut out);
+                            secrets.host_refs(&secrets_shared, &key, Vec::new(), &mut out);
+                        }
                         Event::InitDone => {
+                            let before: Vec<HostKey> = hosts.sent.keys().cloned().collect();
                             hosts.listed(&mut out);
+                            for key in before.iter().filter(|k| !hosts.sent.contains_key(*k)) {
+                                secrets.host_refs(&secrets_shared, key, Vec::new(), &mut out);
+                            }
                             hosts.synced = true;
                         }
                     },
@@ -400,11 +577,12 @@ pub fn spawn(client: Client, tx: mpsc::Sender<SourceEvent>) -> Arc<KubeSecrets> 
                     Some(Ok(event)) => match event {
                         Event::Init => secrets.listing = Some(HashSet::new()),
                         Event::InitApply(obj) | Event::Apply(obj) => {
-                            secrets.applied(&secrets_shared, &obj, &mut out)
+                            let key = HostKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
+                            reads.extend(secrets.seen(key, obj.resource_version().unwrap_or_default()));
                         }
                         Event::Delete(obj) => {
-                            let key = secret_of(&obj).key();
-                            secrets.deleted(&secrets_shared, &key, &mut out)
+                            let key = HostKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
+                            secrets.gone(&secrets_shared, &key, &mut out)
                         }
                         Event::InitDone => {
                             secrets.listed(&secrets_shared, &mut out);
@@ -412,9 +590,28 @@ pub fn spawn(client: Client, tx: mpsc::Sender<SourceEvent>) -> Arc<KubeSecrets> 
                         }
                     },
                 },
+                Some(r) = read_rx.recv() => match r {
+                    Read::Done(key, found) => {
+                        reads.extend(secrets.read(&secrets_shared, key, found, &mut out));
+                    }
+                    Read::Failed(key, why) => {
+                        warn!("cannot read the Secret {key}: {why} (retrying in 5 s)");
+                        secrets.reading.remove(&key);
+                        let retry = read_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                            let _ = retry.send(Read::Retry(key));
+                        });
+                    }
+                    Read::Retry(key) => reads.extend(secrets.read_if_needed(&key)),
+                },
             }
-            // Synced once both listings are done: hosts never flash a missing-Secret error.
-            if !sent_synced && hosts.synced && secrets.synced {
+            for key in reads {
+                start_read(&client, key, &read_tx);
+            }
+            // Synced once both listings are done and the Secrets the hosts reference are
+            // read: hosts never flash a missing-Secret error.
+            if !sent_synced && hosts.synced && secrets.synced && secrets.reading.is_empty() {
                 sent_synced = true;
                 out.push(SourceEvent::Synced);
             }
@@ -633,6 +830,76 @@ mod tests {
         );
         let e = parse_host(&wrong).unwrap_err();
         assert!(e.contains("provisioning.state"), "{e}");
+    }
+
+    fn kube_secret(ns: &str, name: &str, version: &str, keys: &[&str]) -> Box<KubeSecret> {
+        Box::new(KubeSecret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            string_data: Some(keys.iter().map(|k| (k.to_string(), "v".into())).collect()),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn only_the_secrets_hosts_reference_are_read_and_kept() {
+        let shared = KubeSecrets::default();
+        let mut s = Secrets::default();
+        let mut out = Vec::new();
+        let (creds, other) = (
+            HostKey::new("a", "creds"),
+            HostKey::new("a", "helm-release"),
+        );
+        // Secrets nobody references: a version each, never read.
+        assert_eq!(s.seen(creds.clone(), "1".into()), None);
+        assert_eq!(s.seen(other.clone(), "1".into()), None);
+        // A host references one: it is read, once.
+        let h = HostKey::new("a", "h");
+        let reads = s.host_refs(&shared, &h, vec![creds.clone()], &mut out);
+        assert_eq!(reads, vec![creds.clone()]);
+        assert_eq!(s.read_if_needed(&creds), None, "already being read");
+        let again = s.read(
+            &shared,
+            creds.clone(),
+            Some(kube_secret("a", "creds", "1", &["username", "password"])),
+            &mut out,
+        );
+        assert_eq!(again, None);
+        assert!(matches!(&out[..], [SourceEvent::Secret { keys: Some(k), .. }] if k.len() == 2));
+        assert!(shared.get(&creds).is_some() && shared.get(&other).is_none());
+        // Changed: read again; a read that returns an older version than the watch has seen
+        // since reads again.
+        out.clear();
+        assert_eq!(s.seen(creds.clone(), "2".into()), Some(creds.clone()));
+        assert_eq!(s.seen(creds.clone(), "3".into()), Some(creds.clone()));
+        let reread = s.read(
+            &shared,
+            creds.clone(),
+            Some(kube_secret("a", "creds", "2", &["username", "password"])),
+            &mut out,
+        );
+        assert_eq!(reread, Some(creds.clone()));
+        assert!(out.is_empty(), "same key names: nothing new for the engine");
+        // The host no longer references it: its contents go.
+        let reads = s.host_refs(&shared, &h, Vec::new(), &mut out);
+        assert!(reads.is_empty());
+        assert!(shared.get(&creds).is_none());
+        assert!(matches!(&out[..], [SourceEvent::Secret { keys: None, .. }]));
+        // A referenced Secret that does not exist yet is read when it appears.
+        out.clear();
+        let late = HostKey::new("a", "late");
+        assert!(
+            s.host_refs(&shared, &h, vec![late.clone()], &mut out)
+                .is_empty()
+        );
+        assert_eq!(s.seen(late.clone(), "7".into()), Some(late.clone()));
+        // Deleted while being read: gone.
+        s.read(&shared, late.clone(), None, &mut out);
+        assert!(shared.get(&late).is_none());
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //!   namespace, replaced with a resourceVersion precondition, so a token is never consumed
 //!   twice even by two writers.
 //! - Events are Kubernetes Events on the host (best effort: a failed Event never fails a
-//!   commit).
+//!   commit), written by a task of their own after the commit, so no command waits for them;
+//!   at most [`EVENTS_QUEUED`] hosts' Events wait, the rest are dropped.
 //! - The removal of a host (after its deprovisioning) takes [`FINALIZER`] off its object, so
 //!   Kubernetes lets it go, and deletes its HardwareData and tokens.
 //!
@@ -111,6 +112,8 @@ struct Cached {
 pub struct KubeStore {
     client: Client,
     rt: Handle,
+    /// Events to record, written apart from the commits (see [`event_writer`]).
+    events: tokio::sync::mpsc::Sender<HostEvents>,
     hosts: HashMap<HostKey, Cached>,
     loaded: Option<Loaded>,
 }
@@ -192,7 +195,9 @@ pub fn event_object(
 pub(crate) fn stored_of(
     obj: &DynamicObject,
 ) -> Option<(HostKey, HostRecord, HostStatus, serde_json::Value)> {
-    let host = crate::sources::kube::parse_host(obj).ok()?;
+    let mut host = crate::sources::kube::parse_host(obj).ok()?;
+    // The record is the declaration; the status is kept apart.
+    host.status = None;
     let key = HostKey::of(&host.metadata);
     // Never reconciled: the source declares it.
     let mut status_json = obj.data.get("status").cloned().filter(|s| s.is_object())?;
@@ -280,9 +285,12 @@ impl KubeStore {
                 }
             }
         }
+        let (events, rx) = tokio::sync::mpsc::channel(EVENTS_QUEUED);
+        tokio::spawn(event_writer(client.clone(), rx));
         Ok(KubeStore {
             client,
             rt: Handle::current(),
+            events,
             hosts,
             loaded: Some(loaded),
         })
@@ -296,19 +304,53 @@ impl KubeStore {
     }
 }
 
+/// One host's Events of one commit: the host, its object's uid, the events.
+type HostEvents = (HostKey, Option<String>, Vec<super::EventRecord>);
+
+/// How many hosts' Events may wait for the writer; past that, Events are dropped (and
+/// counted in the log): they are best effort, and a flood must not grow memory.
+const EVENTS_QUEUED: usize = 4096;
+
+/// Records Events, 8 at a time, apart from the commits: a host's next command waits for its
+/// status, HardwareData and tokens to be stored, not for the story of how it got there.
+async fn event_writer(client: Client, rx: tokio::sync::mpsc::Receiver<HostEvents>) {
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+        .for_each_concurrent(8, |(key, uid, records)| {
+            let events: Api<KubeEvent> = Api::namespaced(client.clone(), &key.namespace);
+            async move {
+                for e in &records {
+                    let ev = event_object(
+                        &key,
+                        uid.as_deref(),
+                        e.warning,
+                        &e.reason,
+                        &e.message,
+                        e.time,
+                    );
+                    if let Err(err) = events.create(&PostParams::default(), &ev).await {
+                        debug!(host = %key, "cannot record an event: {err}");
+                    }
+                }
+            }
+        })
+        .await;
+}
+
 /// One host's writes, in order; the first failure fails the host.
 async fn write_host(
     client: Client,
+    events: tokio::sync::mpsc::Sender<HostEvents>,
     key: HostKey,
     change: HostChange,
     mut cached: Cached,
 ) -> (HostKey, Result<Cached, String>) {
-    let r = write_host_inner(&client, &key, &change, &mut cached).await;
+    let r = write_host_inner(&client, &events, &key, &change, &mut cached).await;
     (key, r.map(|()| cached))
 }
 
 async fn write_host_inner(
     client: &Client,
+    event_queue: &tokio::sync::mpsc::Sender<HostEvents>,
     key: &HostKey,
     change: &HostChange,
     cached: &mut Cached,
@@ -421,20 +463,10 @@ async fn write_host_inner(
         cached.tokens = tokens;
     }
     if in_cluster && !change.events.is_empty() {
-        let events: Api<KubeEvent> = Api::namespaced(client.clone(), &key.namespace);
         let uid = cached.record.host.metadata.uid.clone();
-        for (_, e) in &change.events {
-            let ev = event_object(
-                key,
-                uid.as_deref(),
-                e.warning,
-                &e.reason,
-                &e.message,
-                e.time,
-            );
-            if let Err(err) = events.create(&PostParams::default(), &ev).await {
-                debug!(host = %key, "cannot record an event: {err}");
-            }
+        let records = change.events.iter().map(|(_, e)| e.clone()).collect();
+        if event_queue.try_send((key.clone(), uid, records)).is_err() {
+            debug!(host = %key, "the Event writer is behind: {} event(s) not recorded", change.events.len());
         }
     }
     Ok(())
@@ -633,7 +665,13 @@ impl StateStore for KubeStore {
             .iter()
             .map(|(key, change)| {
                 let cached = self.hosts.get(key).cloned().unwrap_or_default();
-                write_host(client.clone(), key.clone(), change.clone(), cached)
+                write_host(
+                    client.clone(),
+                    self.events.clone(),
+                    key.clone(),
+                    change.clone(),
+                    cached,
+                )
             })
             .collect();
         let results: Vec<(HostKey, Result<Cached, String>)> = self.rt.block_on(

@@ -309,7 +309,10 @@ type HostEvents = (HostKey, Option<String>, Vec<super::EventRecord>);
 
 /// How many hosts' Events may wait for the writer; past that, Events are dropped (and
 /// counted in the log): they are best effort, and a flood must not grow memory.
-const EVENTS_QUEUED: usize = 4096;
+const EVENTS_QUEUED: usize = 16384;
+
+/// Events dropped because the writer was behind, for the log.
+static EVENTS_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Records Events, 8 at a time, apart from the commits: a host's next command waits for its
 /// status, HardwareData and tokens to be stored, not for the story of how it got there.
@@ -466,7 +469,10 @@ async fn write_host_inner(
         let uid = cached.record.host.metadata.uid.clone();
         let records = change.events.iter().map(|(_, e)| e.clone()).collect();
         if event_queue.try_send((key.clone(), uid, records)).is_err() {
-            debug!(host = %key, "the Event writer is behind: {} event(s) not recorded", change.events.len());
+            let n = EVENTS_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n % 1000 == 0 {
+                warn!(host = %key, "the API server is too slow for the Events: {} host(s)' Events not recorded so far (the statuses are)", n + 1);
+            }
         }
     }
     Ok(())

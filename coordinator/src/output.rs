@@ -412,6 +412,25 @@ pub fn describe(v: &HostView, full: Option<&HardwareData>, now: Timestamp) -> St
         }
     }
 
+    if !st.conditions.is_empty() {
+        let _ = writeln!(o, "Conditions:");
+        let mut rows = vec![vec![
+            "  TYPE".to_string(),
+            "STATUS".into(),
+            "REASON".into(),
+            "SINCE".into(),
+        ]];
+        for c in &st.conditions {
+            rows.push(vec![
+                format!("  {}", c.type_),
+                c.status.clone(),
+                c.reason.clone(),
+                age(Some(c.last_transition_time), now),
+            ]);
+        }
+        o.push_str(&columns(&rows));
+    }
+
     let _ = writeln!(o, "Events:");
     if v.events.is_empty() {
         let _ = writeln!(o, "  <none>");
@@ -794,6 +813,7 @@ mod tests {
             }));
             st.operation_history.register.start = Some(now() - SignedDuration::from_secs(100));
             st.operation_history.register.end = Some(now() - SignedDuration::from_secs(99));
+            slipway_reconcile::conditions::update(st, now() - SignedDuration::from_secs(60));
         }
         v.events.push(std::sync::Arc::new(EventRecord {
             time: now() - SignedDuration::from_secs(10),
@@ -824,6 +844,14 @@ mod tests {
               NICs:
             History:
               register:    2026-11-24T11:58:20Z  took 1.0s
+            Conditions:
+              TYPE                       STATUS    REASON           SINCE
+              Manageable                 True      Manageable       60s
+              AvailableForProvisioning   False     NotAvailable     60s
+              Provisioned                False     NotProvisioned   60s
+              Ready                      False     NotProvisioned   60s
+              Progressing                True      Provisioning     60s
+              Healthy                    Unknown   Unknown          60s
             Events:
               AGE   TYPE      REASON   MESSAGE
               10s   Warning   Error    provisioning error: checksum mismatch

@@ -470,7 +470,7 @@ async fn write_host_inner(
         let records = change.events.iter().map(|(_, e)| e.clone()).collect();
         if event_queue.try_send((key.clone(), uid, records)).is_err() {
             let n = EVENTS_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if n % 1000 == 0 {
+            if n.is_multiple_of(1000) {
                 warn!(host = %key, "the API server is too slow for the Events: {} host(s)' Events not recorded so far (the statuses are)", n + 1);
             }
         }

@@ -282,12 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     timeout.unsigned_abs(),
                 )
                 .await?;
-                for (key, state) in &moved.hosts {
-                    out.push_str(&format!("moved   {key} ({state})\n"));
-                }
-                for (key, why) in &moved.skipped {
-                    out.push_str(&format!("skipped {key}: {why}\n"));
-                }
+                out.push_str(&moved_lines(&moved.hosts, &moved.skipped));
                 for (key, why) in &moved.left {
                     out.push_str(&format!("left    {key}: {why}\n"));
                 }
@@ -302,12 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return print(&out);
             }
             let moved = crate::transfer::to_kube(client, &cli.state, &hosts, &to_namespace).await?;
-            for (key, state) in &moved.hosts {
-                out.push_str(&format!("moved   {key} ({state})\n"));
-            }
-            for (key, why) in &moved.skipped {
-                out.push_str(&format!("skipped {key}: {why}\n"));
-            }
+            out.push_str(&moved_lines(&moved.hosts, &moved.skipped));
             out.push_str(&format!(
                 "{} host(s) moved, {} skipped, {} Secret(s) created; {}\n",
                 moved.hosts.len(),
@@ -545,6 +535,21 @@ fn encode<T: Serialize>(value: &T, yaml: bool) -> anyhow::Result<String> {
 }
 
 /// Prints to stdout; a closed pipe (`| head`) is not an error.
+/// A move's report, a line per host: moved (with its state) or skipped (with why).
+fn moved_lines(
+    moved: &[(slipway_reconcile::host::HostKey, String)],
+    skipped: &[(slipway_reconcile::host::HostKey, String)],
+) -> String {
+    let mut out = String::new();
+    for (key, state) in moved {
+        out.push_str(&format!("moved   {key} ({state})\n"));
+    }
+    for (key, why) in skipped {
+        out.push_str(&format!("skipped {key}: {why}\n"));
+    }
+    out
+}
+
 fn print(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {

@@ -283,7 +283,11 @@ pub async fn to_files(
         .list(&ListParams::default())
         .await
         .context("cannot list BareMetalHosts (are the CRDs installed?)")?;
-    let mut out = MovedOut::default();
+    // The CA first: a wrong --to-namespace stops the move before any host is touched.
+    let mut out = MovedOut {
+        ca: pull_ca(client.clone(), ca_namespace, &state.join("pki")).await?,
+        ..Default::default()
+    };
     let mut candidates = Vec::new();
     for obj in list.items {
         let key = HostKey::new(obj.namespace().unwrap_or_default(), obj.name_any());
@@ -476,7 +480,6 @@ pub async fn to_files(
             }
         }
     }
-    out.ca = pull_ca(client, ca_namespace, &state.join("pki")).await?;
     Ok(out)
 }
 
@@ -537,7 +540,9 @@ async fn write_secret_file(
     Ok(true)
 }
 
-/// The cluster's CA into the files-mode `pki` directory, unless it has a CA already.
+/// The cluster's CA into the files-mode `pki` directory, unless it has a CA already; an
+/// error if the cluster has none in `namespace` (a wrong namespace: its coordinator always
+/// makes one).
 async fn pull_ca(client: Client, namespace: &str, pki: &Path) -> anyhow::Result<&'static str> {
     if pki.join("ca.crt").exists() {
         return Ok("the files-mode CA kept (agents enrolled in the cluster enrol again)");
@@ -548,8 +553,10 @@ async fn pull_ca(client: Client, namespace: &str, pki: &Path) -> anyhow::Result<
             crate::state::kube::write_ca(&s, namespace, pki)?;
             Ok("the cluster's CA moved")
         }
-        Err(e) if is_not_found(&e) => Ok(
-            "the cluster has no CA (Secret slipway-ca): the files-mode coordinator makes its own",
+        Err(e) if is_not_found(&e) => bail!(
+            "there is no Secret {namespace}/slipway-ca, the CA of the cluster's coordinator: give \
+             --to-namespace the namespace that coordinator runs in (its --namespace); nothing \
+             was moved"
         ),
         Err(e) => Err(e).with_context(|| format!("cannot read the Secret {namespace}/slipway-ca")),
     }

@@ -793,19 +793,31 @@ fn move_from_files_mode_adopts_a_provisioned_host_as_it_is() {
     // detached first, so the coordinator in the cluster lets it go without deprovisioning.
     let back = dir.path().join("back");
     let (back_hosts, back_state) = (back.join("hosts"), back.join("state"));
-    let args: Vec<&std::ffi::OsStr> = vec![
-        "move".as_ref(),
-        "--to-files".as_ref(),
-        "-n".as_ref(),
-        ns.as_ref(),
-        "--to-namespace".as_ref(),
-        ns.as_ref(),
-        "--hosts".as_ref(),
-        back_hosts.as_os_str(),
-        "--state".as_ref(),
-        back_state.as_os_str(),
-    ];
-    let out = slipway_tests::slipway_with_env(&args, &[("KUBECONFIG", k.kubeconfig().as_os_str())]);
+    let move_out = |ca_namespace: &str| {
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "move".as_ref(),
+            "--to-files".as_ref(),
+            "-n".as_ref(),
+            ns.as_ref(),
+            "--to-namespace".as_ref(),
+            ca_namespace.as_ref(),
+            "--hosts".as_ref(),
+            back_hosts.as_os_str(),
+            "--state".as_ref(),
+            back_state.as_os_str(),
+        ];
+        slipway_tests::slipway_with_env(&args, &[("KUBECONFIG", k.kubeconfig().as_os_str())])
+    };
+    // The wrong namespace for the coordinator's CA: refused before anything is touched.
+    let wrong = move_out("nowhere");
+    let said = String::from_utf8_lossy(&wrong.stderr).into_owned();
+    assert!(!wrong.status.success(), "{said}");
+    assert!(
+        said.contains("nowhere/slipway-ca") && said.contains("nothing was moved"),
+        "{said}"
+    );
+    assert!(!jsonpath(&k, &ns, "w", ".metadata.annotations").contains("detached"));
+    let out = move_out(&ns);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

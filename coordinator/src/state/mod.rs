@@ -270,8 +270,8 @@ pub trait StateStore: Send + 'static {
 
     /// Stores a batch; the hosts whose change was not stored are returned with the reason.
     /// redb stores the batch in one transaction (a failure fails every host); Kubernetes
-    /// writes each host's objects in order (status, HardwareData, tokens, Events), so a
-    /// failed host may have some of them written: writing the same change again is safe, and
+    /// writes each host's objects in order (status, HardwareData, tokens; Events are queued
+    /// after, best effort), so a failed host may have some of them written: writing the same change again is safe, and
     /// the engine sends nothing for the host until it is stored.
     fn commit(&mut self, batch: &Batch) -> Result<(), Failed>;
 }

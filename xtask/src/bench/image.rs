@@ -169,24 +169,7 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
     crate::deps::ensure(crate::deps::TEST_TOOLS)?;
     let size = parse_size(ctx.size.as_deref().unwrap_or("4G"))?;
     let root = ctx.root;
-    eprintln!("bench image: building slipway and slipway-agent (release)");
-    cmd::run(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "slipway-agent",
-            "-p",
-            "slipway-coordinator",
-            "--bins",
-        ],
-        Some(root),
-    )?;
-    let bin = root.join("target/release");
-    let agent = bin.join("slipway-agent");
-    let slipway = bin.join("slipway");
+    let super::Bins { slipway, agent } = super::release_bins(root, "image")?;
 
     let work = root.join("target/bench/image-work");
     let _ = std::fs::remove_dir_all(&work);

@@ -28,7 +28,6 @@ use serde_json::{Value, json};
 
 use super::scale::{self, Bins, Coordinator};
 use super::{Case, Ctx};
-use crate::cmd;
 
 const MIB: u64 = 1 << 20;
 
@@ -159,25 +158,7 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
     let root = ctx.root;
     let n = n_hosts();
     crate::kube::build(root)?;
-    eprintln!("bench kube: building slipway and slipway-agent (release)");
-    cmd::run(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "slipway-agent",
-            "-p",
-            "slipway-coordinator",
-            "--bins",
-        ],
-        Some(root),
-    )?;
-    let bins = Bins {
-        slipway: root.join("target/release/slipway"),
-        agent: root.join("target/release/slipway-agent"),
-    };
+    let bins = super::release_bins(root, "kube")?;
     let work = root.join("target/bench/kube-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;

@@ -11,6 +11,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+
+use crate::cmd;
 use serde_json::{Value, json};
 
 mod boot;
@@ -50,6 +52,35 @@ impl Case {
 }
 
 /// A benchmark: its name (the argument of `cargo xtask bench`) and its function.
+/// The release binaries a benchmark runs.
+pub struct Bins {
+    pub slipway: std::path::PathBuf,
+    pub agent: std::path::PathBuf,
+}
+
+/// Builds `slipway` and `slipway-agent` in release mode (for benchmark `name`'s log).
+pub fn release_bins(root: &Path, name: &str) -> anyhow::Result<Bins> {
+    eprintln!("bench {name}: building slipway and slipway-agent (release)");
+    cmd::run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "slipway-agent",
+            "-p",
+            "slipway-coordinator",
+            "--bins",
+        ],
+        Some(root),
+    )?;
+    Ok(Bins {
+        slipway: root.join("target/release/slipway"),
+        agent: root.join("target/release/slipway-agent"),
+    })
+}
+
 pub type Bench = (&'static str, fn(&Ctx) -> anyhow::Result<Vec<Case>>);
 
 /// The registry: every benchmark, in one place.

@@ -38,10 +38,7 @@ use crate::cmd;
 
 const MIB: u64 = 1 << 20;
 
-pub(super) struct Bins {
-    pub(super) slipway: PathBuf,
-    pub(super) agent: PathBuf,
-}
+pub(super) use super::Bins;
 
 /// A process killed when dropped.
 pub(super) struct Proc(pub(super) Child);
@@ -594,25 +591,7 @@ pub fn bench(ctx: &Ctx) -> anyhow::Result<Vec<Case>> {
         bail!("the scale benchmark needs curl (apt-get install -y curl)");
     }
     let root = ctx.root;
-    eprintln!("bench scale: building slipway and slipway-agent (release)");
-    cmd::run(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "slipway-agent",
-            "-p",
-            "slipway-coordinator",
-            "--bins",
-        ],
-        Some(root),
-    )?;
-    let bins = Bins {
-        slipway: root.join("target/release/slipway"),
-        agent: root.join("target/release/slipway-agent"),
-    };
+    let bins = super::release_bins(root, "scale")?;
     let work = root.join("target/bench/scale-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
